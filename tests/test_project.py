@@ -1,0 +1,44 @@
+"""The study's house rules, checked: one source of dependencies, the two commands, notebooks."""
+import json
+import re
+import tomllib
+
+import yaml
+
+from compactify.config import REPO_ROOT
+
+
+def test_environment_yml_installs_the_package_and_cannot_drift():
+    env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
+    deps = env["dependencies"]
+    assert "python=3.11" in deps and "pip" in deps
+    pip = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
+    assert pip == ["-e ."], "environment.yml must install the package, not list its dependencies a second time"
+    conda_pkgs = {re.split(r"[=<>]", d)[0] for d in deps if isinstance(d, str)}
+    py_deps = {re.split(r"[=<>\[ ]", d)[0].lower() for d in
+               tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    assert not (conda_pkgs - {"python", "pip", "nodejs"}), "conda section may only provide the toolchain"
+    assert {"torch", "transformers", "tensorly", "lm-eval", "papermill", "nbval", "seaborn"} <= py_deps
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    commands = [line for line in ci.splitlines() if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert commands == ["make test"]
+    readme = (REPO_ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert re.findall(r"^make \w+", quick, flags=re.M) == ["make reproduce", "make test"]
+
+
+def test_notebooks_are_parameterised_chapters():
+    notebooks = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert notebooks and notebooks[0].name.startswith("00_")
+    for nb_path in notebooks:
+        nb = json.loads(nb_path.read_text())
+        assert nb["cells"][0]["cell_type"] == "markdown" and nb["cells"][0]["source"][0].startswith("# ")
+        params = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(params) == 1, f"{nb_path.name} needs exactly one cell tagged 'parameters'"
+        assert 'config = "configs/smoke.yaml"' in "".join(params[0]["source"]), nb_path.name
+        for cell in nb["cells"]:
+            for o in cell.get("outputs", []):
+                assert o.get("output_type") != "error", f"{nb_path.name} is committed with an error output"

@@ -43,3 +43,9 @@ def test_corrupt_tarball(tmp_path, monkeypatch):
     bad.write_bytes(b"not a tarball")
     with pytest.raises(corpus.CorpusError, match="sha256"):
         corpus.fetch_brown(bad)
+
+
+def test_sample_spans_documents_and_is_seeded():
+    a, b = corpus.sample("heal", 8000, seed=1), corpus.sample("heal", 8000, seed=1)
+    assert a == b and 7000 < len(a) <= 8100 and len(a.split("\n\n")) == 4
+    assert corpus.sample("heal", 8000, seed=2) != a

@@ -125,6 +125,23 @@ def text(split: str, max_chars: int | None = None) -> str:
     return joined if max_chars is None else joined[:max_chars]
 
 
+def sample(split: str, max_chars: int, seed: int = 0, chunk_chars: int = 2000) -> str:
+    """About ``max_chars`` of one split: the opening ``chunk_chars`` of samples drawn in a
+    seeded random order, so that a short text spans genres instead of being all press
+    reportage (the corpus's first samples)."""
+    import random
+
+    docs = list(documents(split))
+    random.Random(seed).shuffle(docs)
+    out, n = [], 0
+    for d in docs:
+        if n >= max_chars:
+            break
+        out.append(d[: min(chunk_chars, max_chars - n)])
+        n += len(out[-1]) + 2
+    return "\n\n".join(out)
+
+
 def stats() -> dict:
     """Samples, words and characters per split (for data/README.md and the notebooks)."""
     return {s: {"samples": len(documents(s)), "words": sum(len(d.split()) for d in documents(s)),

@@ -94,3 +94,62 @@ def baseline_bars(tasks: Mapping[str, Mapping], title: str = "dense baseline") -
     ax.set_title(f"{title}  (red dashes: chance)")
     fig.tight_layout()
     return fig
+
+
+def sensitivity_panels(records: Sequence[Mapping], dense_ppl: float, x: str = "chi", y: str = "ppl",
+                       metric_label: str = "perplexity (calibration prose)") -> plt.Figure:
+    """The paper's Fig. 5: one panel per profiled block, the metric vs the bond dimension (Dmax),
+    one curve per matrix type (L1..L7), the dense model as a reference line."""
+    apply_style()
+    recs = [r for r in records if r.get("level") == "chi" and y in r]
+    block_ids = sorted({r["block"] for r in recs})
+    fig, axes = plt.subplots(1, len(block_ids), figsize=(3.1 * len(block_ids) + 0.6, 3.2), sharey=True, squeeze=False)
+    for ax, b in zip(axes[0], block_ids):
+        for t in MATRIX_LABELS:
+            pts = sorted((r[x], r[y]) for r in recs if r["block"] == b and r["type"] == t)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, lw=1.3, color=MATRIX_COLORS[t], label=MATRIX_LABELS[t])
+        ax.axhline(dense_ppl, color="k", ls="--", lw=1, label="original")
+        ax.set_yscale("log" if y == "ppl" else "linear")
+        ax.set_title(f"block {b}")
+        ax.set_xlabel("bond dimension Dmax" if x == "chi" else x)
+    axes[0][0].set_ylabel(metric_label)
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle("Layer sensitivity: one matrix tensorized at a time (cf. paper Fig. 5)", y=1.02)
+    fig.tight_layout()
+    return fig
+
+
+def sensitivity_heatmap(records: Sequence[Mapping], ratio: float, dense_ppl: float) -> plt.Figure:
+    """Every block x every matrix type at one compression level: the increase in perplexity
+    when only that matrix is tensorized to keep ``ratio`` of its parameters."""
+    import numpy as np
+
+    apply_style()
+    recs = [r for r in records if r.get("level") == "ratio" and abs(r["value"] - ratio) < 1e-9 and "ppl" in r]
+    n_blocks = max(r["block"] for r in recs) + 1
+    types = list(MATRIX_LABELS)
+    grid = np.full((len(types), n_blocks), np.nan)
+    for r in recs:
+        grid[types.index(r["type"]), r["block"]] = 100 * (r["ppl"] / dense_ppl - 1)
+    grid = np.where(np.isfinite(grid), np.maximum(grid, 0.01), np.nan)  # a decrease shows as the floor
+    fig, ax = plt.subplots(figsize=(max(6, 0.32 * n_blocks + 2), 3.2))
+    sns.heatmap(grid, ax=ax, cmap="rocket_r", cbar_kws={"label": "perplexity increase (%)"},
+                norm=matplotlib_lognorm(grid), yticklabels=[MATRIX_LABELS[t] for t in types])
+    ax.grid(False)
+    ax.set_xticks(np.arange(n_blocks) + 0.5, range(n_blocks), fontsize=7, rotation=0)
+    ax.set_xlabel("decoder block")
+    ax.set_title(f"Tensorizing one matrix to {100 * ratio:.0f}% of its parameters (dense perplexity {dense_ppl:.2f})")
+    fig.tight_layout()
+    return fig
+
+
+def matplotlib_lognorm(grid):
+    """A log colour scale over the positive finite cells (increases span orders of magnitude)."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    pos = grid[np.isfinite(grid) & (grid > 0)]
+    if pos.size == 0:
+        return None
+    return LogNorm(vmin=max(pos.min(), 1e-2), vmax=pos.max())

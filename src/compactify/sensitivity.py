@@ -175,6 +175,18 @@ def profile(model, replay: BlockReplay, block_ids: Sequence[int], types: Sequenc
     return records
 
 
+def task_metric(model, tokenizer, task: str, limit: int, seed: int = 0, batch_size: int = 8):
+    """A ``metric(block)`` for :func:`profile` that runs one benchmark on the whole model (the
+    paper profiled with MMLU accuracy). Returns the error rate ``1 - score``: higher is worse."""
+    from .evaluate import run_tasks
+
+    def metric(block: int) -> float:
+        res = run_tasks(model, tokenizer, [task], limit=limit, batch_size=batch_size, seed=seed)[task]
+        return 1.0 - res["value"]
+
+    return metric
+
+
 # ------------------------------------------------------------------ from a profile to a plan
 
 @dataclass

@@ -1,0 +1,466 @@
+"""Healing: a short distributed retraining of a (compressed) model, resumable, on CPU or GPU.
+
+The paper retrains the MPO-compressed LLaMA for "less than a single epoch" of chat data on
+8 GPUs. Here each rank started by ``torchrun --nproc_per_node=N -m compactify.heal ...`` runs
+:func:`train`:
+
+1. load the model (:func:`compactify.models.load_model`: dense or MPO-compressed) and choose
+   what trains (:func:`select_trainable`: MPO cores, dense layers, norms, embeddings, all);
+2. pack the healing text into shuffled fixed-length rows (:mod:`compactify.heal_data`);
+3. shard the model with PyTorch-native FSDP2 (``fully_shard`` on every decoder block, then
+   on the root) or replicate it with DDP; backend gloo on CPU, NCCL on CUDA, bf16 compute on
+   GPU. FSDP2 runs on CPU with gloo in torch 2.13 (checked: its device mesh may be "cpu");
+4. AdamW with linear warmup then cosine decay, gradient clipping, the global mean loss logged
+   every step (tqdm on rank 0 shows tokens/s);
+5. every ``checkpoint_every`` steps a ``torch.distributed.checkpoint`` (DCP) checkpoint of model
+   + optimizer, each rank's RNG state and the data position, written into a temporary
+   directory, marked COMPLETE last and renamed into place, so a killed run never leaves a
+   checkpoint that looks whole; a rerun with the same ``out_dir`` resumes from the newest
+   complete one and reproduces the uninterrupted loss curve;
+6. at the end the full state dict is gathered on rank 0 and saved with ``save_pretrained``
+   to ``out_dir/model``, and ``out_dir/heal.json`` records the loss curve, tokens/s, wall time
+   and peak memory per rank, with provenance.
+
+:func:`launch` starts that under ``torchrun`` from Python (the notebook) and streams its output.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import math
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from .config import ConfigError, load_config
+from .heal_data import ShardedSampler, data_path_hint, packed_data, plan_steps
+from .results import atomic_write_bytes, read_json, save_results, write_json
+
+TRAINABLE_GROUPS = ("mpo", "dense", "norms", "embeddings", "all")
+MARKER = "COMPLETE"  # written last into a checkpoint directory
+ERROR_TAG = "HEAL-ERROR"
+
+
+class HealError(ConfigError):
+    """A healing run that cannot start as asked; the message says what to change."""
+
+
+@dataclass
+class HealConfig:
+    """The ``heal`` section of the config (defaults: ``defaults/heal.yaml``) + run seed and device."""
+    nproc: int
+    strategy: str
+    data: str
+    seq_len: int
+    batch_per_rank: int
+    tokens: int | None
+    steps: int | None
+    max_epochs: float
+    lr: float
+    min_lr_ratio: float
+    warmup: float
+    weight_decay: float
+    grad_clip: float
+    trainable: list
+    checkpoint_every: int
+    keep_checkpoints: int
+    resume: bool
+    mixed_precision: str
+    stop_after: int | None
+    seed: int
+    device: str
+
+    @classmethod
+    def from_cfg(cls, cfg: dict) -> "HealConfig":
+        hc = cls(**cfg["heal"], seed=int(cfg["seed"]), device=str(cfg["device"]))
+        if hc.strategy not in ("fsdp2", "ddp"):
+            raise HealError(f"heal.strategy '{hc.strategy}' is not one of fsdp2, ddp.")
+        if hc.mixed_precision not in ("bf16", "fp32"):
+            raise HealError(f"heal.mixed_precision '{hc.mixed_precision}' is not one of bf16, fp32.")
+        groups = [hc.trainable] if isinstance(hc.trainable, str) else list(hc.trainable)
+        bad = [g for g in groups if g not in TRAINABLE_GROUPS]
+        if bad or not groups:
+            raise HealError(f"heal.trainable {hc.trainable} must be a non-empty list of: {', '.join(TRAINABLE_GROUPS)}.")
+        hc.trainable = groups
+        for key in ("nproc", "seq_len", "batch_per_rank", "checkpoint_every", "keep_checkpoints"):
+            if int(getattr(hc, key)) < 1:
+                raise HealError(f"heal.{key} must be at least 1, got {getattr(hc, key)}.")
+        return hc
+
+
+def select_trainable(model: torch.nn.Module, groups: list[str]) -> dict:
+    """Set ``requires_grad`` by parameter group; return counts. Groups, matched generically:
+
+    ``mpo``: parameters of modules whose class is named ``MPOLinear`` (the cores);
+    ``dense``: ``nn.Linear`` layers other than the LM head (the matrices left uncompressed);
+    ``norms``: modules whose class name ends in ``Norm`` (RMSNorm / LayerNorm scales);
+    ``embeddings``: the input embedding and the output head (one tensor when tied);
+    ``all``: every floating-point parameter. Integer (quantized) weights never train.
+    """
+    emb = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+           for p in m.parameters()}
+    chosen: set[int] = set()
+    for module in model.modules():
+        cls = type(module).__name__
+        params = list(module.parameters(recurse=cls == "MPOLinear"))
+        if ("mpo" in groups and cls == "MPOLinear"
+                or "dense" in groups and isinstance(module, torch.nn.Linear) and cls != "MPOLinear"
+                or "norms" in groups and cls.endswith("Norm")):
+            chosen |= {id(p) for p in params if id(p) not in emb}
+    if "embeddings" in groups:
+        chosen |= emb
+    for p in model.parameters():
+        p.requires_grad_(p.is_floating_point() and ("all" in groups or id(p) in chosen))
+    unique = {id(p): p for p in model.parameters()}.values()
+    counts = {"trainable": sum(p.numel() for p in unique if p.requires_grad),
+              "total": sum(p.numel() for p in unique), "groups": list(groups)}
+    if counts["trainable"] == 0:
+        raise HealError(f"heal.trainable={groups} selects no parameters of this model (a dense model has no "
+                        "MPOLinear modules). For a dense fine-tune use heal.trainable=[dense, norms] or [all].")
+    return counts
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every tensor's name, shape, dtype and first 4096 values: which model this is."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def lr_at(step: int, total: int, hc: HealConfig) -> float:
+    """Learning rate for 0-based ``step``: linear warmup over ``warmup`` x total steps, then cosine
+    decay to ``min_lr_ratio`` x lr. A pure function of the step, so resuming needs no scheduler state."""
+    warm = max(1, round(hc.warmup * total)) if hc.warmup > 0 else 0
+    if step < warm:
+        return hc.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return hc.lr * (hc.min_lr_ratio + (1 - hc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def available_devices(device: torch.device) -> int:
+    """GPUs on CUDA, usable CPU cores on CPU: the most processes one node should run."""
+    return torch.cuda.device_count() if device.type == "cuda" else len(os.sched_getaffinity(0))
+
+
+def check_nproc(nproc: int, device: torch.device) -> None:
+    have = available_devices(device)
+    if nproc > have:
+        what = "CUDA GPUs" if device.type == "cuda" else "CPU cores"
+        raise HealError(f"{nproc} processes asked for but this machine has {have} {what}. Use heal.nproc <= {have} "
+                        "(one process per GPU, or per core on CPU).")
+
+
+def _init_distributed(hc: HealConfig) -> torch.device:
+    """Join the process group torchrun set up (or start a world of one); pick device and backend."""
+    from .models import resolve_device
+
+    device = resolve_device(hc.device)
+    check_nproc(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:  # plain `python -m compactify.heal` or a call from Python: a world of one
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return device
+
+
+def wrap_model(model: torch.nn.Module, hc: HealConfig, device: torch.device) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` each decoder block then the root (params become sharded DTensors,
+    moved to ``device``; bf16 compute with fp32 gradient reduction on GPU). DDP: replicate."""
+    from .models import blocks
+
+    bf16 = device.type == "cuda" and hc.mixed_precision == "bf16"
+    if hc.strategy == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+            else MixedPrecisionPolicy()
+        for block in blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        return fully_shard(model, mesh=mesh, mp_policy=mp)
+    from torch.nn.parallel import DistributedDataParallel
+
+    model.to(device)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# ---------------------------------------------------------------- checkpoints
+def find_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete ``step_N`` under ``root``, and a warning per incomplete one."""
+    complete, warnings = [], []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        m = re.fullmatch(r"step_(\d+)", p.name)
+        if m and (p / MARKER).is_file():
+            complete.append((int(m[1]), p))
+        elif m or p.name.startswith(".step_"):
+            warnings.append(f"heal: WARNING ignoring incomplete checkpoint {p} (no {MARKER} marker: the run was "
+                            "stopped while writing it)")
+    return (max(complete)[1] if complete else None), warnings
+
+
+def save_checkpoint(root: Path, step: int, model, optim, meta: dict, keep: int) -> Path:
+    """DCP model + optimizer, per-rank RNG, rank 0's meta.json; COMPLETE marker last; rename."""
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank, final, tmp = dist.get_rank(), root / f"step_{step}", root / f".step_{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optim)
+    save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        write_json(tmp / "meta.json", meta)
+        atomic_write_bytes(tmp / MARKER, f"step {step}\n".encode())
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step
+        os.rename(tmp, final)
+        done = sorted((int(p.name[5:]), p) for p in root.glob("step_*") if (p / MARKER).is_file())
+        for _, old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model, optim) -> dict:
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optim)
+    state = {"model": model_sd, "optim": optim_sd}
+    load(state, checkpoint_id=str(path))
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = torch.load(path / f"rng_rank{dist.get_rank()}.pt")
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return read_json(path / "meta.json")
+
+
+def check_resume(saved: dict, current: dict, where: Path) -> None:
+    """Refuse to resume a checkpoint written for another model, data or training plan."""
+    diff = [f"{k}: {saved.get(k)!r} in the checkpoint vs {current.get(k)!r} now"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diff:
+        raise HealError(f"Cannot resume from {where}: it was written for a different model or plan ("
+                        + "; ".join(diff) + "). Use a new out_dir, restore those settings, or delete "
+                        f"{where.parent} to start over.")
+
+
+# ---------------------------------------------------------------- training
+def _export(model_dir, full_sd: dict, dest: Path) -> None:
+    """Rebuild an unsharded model (dense or MPO) from ``model_dir``, load the healed weights, save."""
+    from .models import load_model, save_model_dir
+
+    fresh, tok = load_model(model_dir)
+    missing, unexpected = fresh.load_state_dict(full_sd, strict=False)
+    tied = {n for n, _ in fresh.named_parameters(remove_duplicate=False)} - {n for n, _ in fresh.named_parameters()}
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"healed state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+    save_model_dir(fresh, tok, dest)
+
+
+def train(model_dir, out_dir, cfg: dict) -> dict | None:
+    """Heal ``model_dir`` into ``out_dir`` (each rank runs this); rank 0 returns heal.json's data."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from tqdm.auto import tqdm
+
+    from .models import load_model
+
+    hc, out_dir, t_start = HealConfig.from_cfg(cfg), Path(out_dir), time.perf_counter()
+    device = _init_distributed(hc)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        torch.manual_seed(hc.seed)
+        model, tok = load_model(model_dir)
+        model.train()
+        counts = select_trainable(model, hc.trainable)
+        data = packed_data(tok, hc.data, hc.seq_len, hc.seed)
+        plan = plan_steps(len(data), hc.seq_len, world, hc.batch_per_rank, hc.tokens, hc.steps, hc.max_epochs)
+        fingerprint = {"model": model_fingerprint(model), "data": data_path_hint(hc.data),
+                       "data_sha": hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16], "world_size": world,
+                       "steps": plan["steps"], **{k: v for k, v in asdict(hc).items() if k in (
+                           "strategy", "seq_len", "batch_per_rank", "lr", "min_lr_ratio", "warmup", "weight_decay",
+                           "grad_clip", "trainable", "mixed_precision", "seed")}}
+        root = out_dir / "checkpoints"
+        ckpt, warnings = find_checkpoint(root)
+        if ckpt is not None:
+            if not hc.resume:
+                raise HealError(f"{root} already holds checkpoints and heal.resume is false. Set heal.resume=true "
+                                "to continue that run, or use a new out_dir.")
+            check_resume(read_json(ckpt / "meta.json")["fingerprint"], fingerprint, ckpt)
+        if rank == 0:
+            for w in warnings:
+                print(w, file=sys.stderr, flush=True)
+            (out_dir / "heal.json").unlink(missing_ok=True)  # its presence means: this run completed
+        model = wrap_model(model, hc, device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(params, lr=hc.lr, weight_decay=hc.weight_decay)
+        sampler = ShardedSampler(len(data), hc.batch_per_rank, world, rank, hc.seed)
+        curve, seconds_before = [], 0.0
+        if ckpt is not None:
+            meta = load_checkpoint(ckpt, model, optim)
+            sampler.load_state_dict(meta["sampler"])
+            curve, seconds_before = meta["curve"], meta["train_seconds"]
+            if rank == 0:
+                print(f"heal: resuming from {ckpt} at step {sampler.position}", file=sys.stderr, flush=True)
+        start, total, tps = sampler.position, plan["steps"], plan["tokens_per_step"]
+        end = total if hc.stop_after is None else min(total, hc.stop_after)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
+            hc.strategy == "ddp" and device.type == "cuda" and hc.mixed_precision == "bf16") else contextlib.nullcontext()
+        bar = tqdm(total=plan["tokens"], initial=start * tps, unit="tok", unit_scale=True, desc="heal",
+                   disable=rank != 0, mininterval=1.0, file=sys.stderr)
+        seconds = 0.0
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            lr = lr_at(step, total, hc)
+            for group in optim.param_groups:
+                group["lr"] = lr
+            batch = sampler.next_batch(data).to(device)
+            with autocast:
+                loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, hc.grad_clip)
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            mean_loss = loss.detach().float()
+            dist.all_reduce(mean_loss)  # every rank's batch has the same token count: mean of means
+            mean_loss = float(mean_loss) / world
+            seconds += time.perf_counter() - t0
+            curve.append({"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
+                          "tokens": (step + 1) * tps})
+            bar.update(tps)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+            if (step + 1) % hc.checkpoint_every == 0 or step + 1 == total:
+                path = save_checkpoint(root, step + 1, model, optim, {
+                    "step": step + 1, "sampler": sampler.state_dict(), "curve": curve, "fingerprint": fingerprint,
+                    "train_seconds": seconds_before + seconds}, hc.keep_checkpoints)
+                if rank == 0:
+                    bar.write(f"heal: saved checkpoint {path}", file=sys.stderr)
+        bar.close()
+        if end < total:
+            if rank == 0:
+                print(f"heal: stopped after step {end} of {total} (heal.stop_after); rerun to resume", flush=True)
+            return None
+        full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        peaks = [None] * world
+        gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        dist.all_gather_object(peaks, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, gpu))
+        result = None
+        if rank == 0:
+            _export(model_dir, full_sd, out_dir / "model")
+            done = end - start
+            result = {
+                "completed": True, "model_dir": str(model_dir), "healed_model": str(out_dir / "model"),
+                "world_size": world, "backend": dist.get_backend(), "strategy": hc.strategy,
+                "device": str(device), "compute_dtype": "bfloat16" if (device.type == "cuda" and hc.mixed_precision
+                                                                       == "bf16") else "float32",
+                "params": counts, "plan": plan, "resumed_from_step": start if ckpt is not None else None,
+                "steps_this_run": done, "tokens_this_run": done * tps, "train_seconds": seconds,
+                "tokens_per_s": done * tps / seconds if seconds > 0 else None,
+                "train_seconds_all_sessions": seconds_before + seconds,
+                "wall_seconds": time.perf_counter() - t_start,
+                "peak_rss_mib_per_rank": [p[0] for p in peaks], "peak_gpu_mib_per_rank": [p[1] for p in peaks],
+                "first_loss": curve[0]["loss"], "final_loss": curve[-1]["loss"], "loss_curve": curve}
+            save_results(out_dir / "heal.json", result, cfg, device=device)
+            print(f"heal: done, {done * tps:,} tokens in {seconds:.1f} s; healed model in {out_dir / 'model'}",
+                  flush=True)
+        dist.barrier()
+        return result
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- launching
+def launch(model_dir, out_dir, cfg: dict, nproc: int | None = None, stream=None) -> dict:
+    """Run :func:`train` under ``torchrun --nproc_per_node=nproc`` in a subprocess, echoing its output
+    live to ``stream`` (default stdout); return heal.json's data (or ``{"completed": False}`` after
+    ``heal.stop_after``). Errors raised in the ranks come back as :class:`HealError` / RuntimeError."""
+    from .models import resolve_device
+
+    hc = HealConfig.from_cfg(cfg)
+    nproc, stream = int(nproc or hc.nproc), stream or sys.stdout
+    device = resolve_device(hc.device)
+    check_nproc(nproc, device)
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = out_dir / "heal_config.yaml"
+    atomic_write_bytes(cfg_file, yaml.safe_dump(cfg, sort_keys=False).encode())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "compactify.heal", "--model-dir", str(model_dir), "--out-dir", str(out_dir),
+           "--config", str(cfg_file)]
+    if cfg.get("config_path"):  # keep the original config's name in heal.json's provenance
+        cmd += ["--set", f"config_path={cfg['config_path']}"]
+    env = dict(os.environ)
+    if device.type == "cpu":  # one process per core: one thread each, or they fight for the cores
+        env["OMP_NUM_THREADS"] = str(max(1, available_devices(device) // nproc))
+    text = ""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc:
+        import codecs
+
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        while chunk := proc.stdout.read1(4096):
+            piece = decoder.decode(chunk)
+            stream.write(piece)
+            stream.flush()
+            text = (text + piece)[-100_000:]
+        rc = proc.wait()
+    if rc != 0:
+        errors = [line for line in text.splitlines() if line.startswith(ERROR_TAG)]
+        if errors and " config-error " in errors[0]:
+            raise HealError(errors[0].split(" config-error ", 1)[1])
+        raise RuntimeError(f"healing failed (torchrun exit code {rc}): "
+                           f"{errors[0] if errors else text[-3000:]}")
+    result = out_dir / "heal.json"
+    return read_json(result) if result.is_file() else {"completed": False, "out_dir": str(out_dir)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m compactify.heal", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-dir", required=True, help="model to heal: a (compressed) model dir, or 'embedded'")
+    ap.add_argument("--out-dir", required=True, help="checkpoints/, model/ and heal.json go here")
+    ap.add_argument("--config", default=None, help="config YAML, e.g. configs/smoke.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. heal.steps=5")
+    args = ap.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    try:
+        overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+        train(args.model_dir, args.out_dir, load_config(args.config, overrides))
+    except ValueError as e:  # ConfigError, HealDataError, ModelLoadError: bad input, no traceback needed
+        print(f"{ERROR_TAG} rank {rank} config-error {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Exception as e:
+        print(f"{ERROR_TAG} rank {rank} {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Healing data: documents -> token ids -> fixed-length packed sequences -> per-rank batches.
+
+The paper heals on generic chat data (UltraChat, Alpaca, OpenHermes) for "less than a single
+epoch". Offline, the healing text is the ``heal`` split of :mod:`compactify.corpus` (English
+prose, disjoint from the ``heldout`` split that perplexity is measured on); a config may
+instead name a local ``.txt`` file (documents separated by blank lines) or ``.jsonl`` file
+(one record per line with a ``text`` field or a chat ``messages`` list), e.g. UltraChat
+exported where the hub is reachable.
+
+Packing: documents are tokenized, each followed by the end-of-sequence token, concatenated,
+and cut into rows of ``seq_len`` tokens (the ragged tail is dropped), and the rows are
+shuffled with the run's seed. No padding, so every token in a batch is a training token and
+tokens/s means the same thing for every model.
+
+Sharding: :class:`ShardedSampler` deals out the rows in a fixed order, ``batch_per_rank`` rows
+to each rank per step, so the batch of any (step, rank) is a pure function of the seed. Its
+only state is the step it is at, which is what a checkpoint records to resume the data
+stream exactly where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .config import ConfigError, resolve_path
+
+
+class HealDataError(ConfigError):
+    """Healing data that cannot be used as configured; the message says what to change."""
+
+
+def load_documents(source: str) -> list[str]:
+    """The healing documents: ``"heal"`` (the corpus split) or a local .txt / .jsonl file."""
+    if source == "heldout":
+        raise HealDataError("heal.data is 'heldout', the split perplexity is evaluated on: healing on it would "
+                            "leak evaluation text into training. Use heal.data=heal (the default).")
+    if source == "heal":
+        from . import corpus
+
+        return corpus.documents("heal")
+    path = resolve_path(source)
+    if not path.is_file():
+        raise HealDataError(f"heal.data '{source}' is neither 'heal' nor an existing .txt/.jsonl file.")
+    if path.suffix == ".jsonl":
+        docs = []
+        for i, line in enumerate(path.read_text().splitlines()):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if "text" in rec:
+                docs.append(rec["text"])
+            elif "messages" in rec:  # chat records: keep the turns as plain "role: content" prose
+                docs.append("\n".join(f"{m['role']}: {m['content']}" for m in rec["messages"]))
+            else:
+                raise HealDataError(f"{path}:{i + 1}: a .jsonl record needs a 'text' or 'messages' field.")
+        return docs
+    return [d.strip() for d in path.read_text().split("\n\n") if d.strip()]
+
+
+def tokenize_documents(tokenizer, docs: Sequence[str]) -> list[list[int]]:
+    """Token ids per document, each ending with the end-of-sequence token (a document boundary)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise HealDataError("The tokenizer has no eos_token; packing needs one to mark document boundaries.")
+    ids = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
+    return [list(x) + [eos] for x in ids]
+
+
+def pack_tokens(token_ids_list: Sequence[Sequence[int]], seq_len: int, seed: int) -> torch.Tensor:
+    """Concatenate the documents, cut into ``[n_seq, seq_len]`` rows, shuffle rows with ``seed``."""
+    if seq_len < 2:
+        raise HealDataError(f"heal.seq_len must be at least 2 (one input and one target token), got {seq_len}.")
+    flat = torch.tensor([t for ids in token_ids_list for t in ids], dtype=torch.long)
+    n_seq = flat.numel() // seq_len
+    if n_seq == 0:
+        raise HealDataError(f"The healing text has {flat.numel()} tokens, fewer than one sequence of "
+                            f"heal.seq_len={seq_len}. Use more text or a shorter seq_len.")
+    rows = flat[: n_seq * seq_len].view(n_seq, seq_len)
+    order = torch.randperm(n_seq, generator=torch.Generator().manual_seed(int(seed)))
+    return rows[order].contiguous()
+
+
+def plan_steps(n_seq: int, seq_len: int, world_size: int, batch_per_rank: int,
+               tokens: int | None, steps: int | None, max_epochs: float) -> dict:
+    """How many optimizer steps the budget buys, and how many passes over the data that is.
+
+    ``steps`` wins over ``tokens`` when both are set. A budget needing more than ``max_epochs``
+    passes over the packed data is refused (the paper heals for under one epoch); raise
+    ``heal.max_epochs`` to repeat the data on purpose (each pass is reshuffled).
+    """
+    global_batch = world_size * batch_per_rank
+    tokens_per_step = global_batch * seq_len
+    steps_per_epoch = n_seq // global_batch
+    if steps_per_epoch == 0:
+        raise HealDataError(f"The healing data packs into {n_seq} sequences of {seq_len} tokens, fewer than one "
+                            f"global batch ({world_size} ranks x heal.batch_per_rank={batch_per_rank}). Use more "
+                            "text, a shorter heal.seq_len, or a smaller batch.")
+    if steps is None:
+        if not tokens or tokens <= 0:
+            raise HealDataError("Set a positive heal.tokens (token budget) or heal.steps.")
+        steps = math.ceil(tokens / tokens_per_step)
+    if steps <= 0:
+        raise HealDataError(f"heal.steps must be positive, got {steps}.")
+    epochs = steps / steps_per_epoch
+    if epochs > max_epochs + 1e-9:
+        raise HealDataError(
+            f"The budget of {steps} steps x {tokens_per_step} tokens = {steps * tokens_per_step:,} tokens is "
+            f"{epochs:.2f} passes over the healing data ({steps_per_epoch * tokens_per_step:,} usable tokens), more "
+            f"than heal.max_epochs={max_epochs}. Lower heal.tokens/heal.steps, give more data, or raise "
+            "heal.max_epochs to repeat the data (each pass reshuffled).")
+    return {"steps": steps, "tokens_per_step": tokens_per_step, "steps_per_epoch": steps_per_epoch,
+            "epochs": epochs, "tokens": steps * tokens_per_step}
+
+
+class ShardedSampler:
+    """Deterministic per-rank batches over packed rows, resumable from the step it is at.
+
+    Step ``s`` of epoch ``e = s // steps_per_epoch`` takes the global batch of rows
+    ``order_e[k*G:(k+1)*G]`` (``G = world_size * batch_per_rank``, ``k = s mod steps_per_epoch``)
+    and rank ``r`` gets its slice ``[r*b:(r+1)*b]``. Epoch 0 keeps the packed (already shuffled)
+    order; later epochs reshuffle with ``seed + e``. The ragged end of an epoch is dropped so all
+    ranks always see equal batches.
+    """
+
+    def __init__(self, n_seq: int, batch_per_rank: int, world_size: int, rank: int, seed: int):
+        self.n_seq, self.b, self.world, self.rank, self.seed = n_seq, batch_per_rank, world_size, rank, seed
+        self.steps_per_epoch = n_seq // (world_size * batch_per_rank)
+        self.position = 0  # the next step to serve
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch == 0:
+            order = torch.arange(self.n_seq)
+        else:
+            order = torch.randperm(self.n_seq, generator=torch.Generator().manual_seed(self.seed + epoch))
+        start = k * self.world * self.b + self.rank * self.b
+        return order[start:start + self.b]
+
+    def next_batch(self, data: torch.Tensor) -> torch.Tensor:
+        """This rank's ``[batch_per_rank, seq_len]`` rows for the current step; advances the position."""
+        batch = data[self.indices(self.position)]
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "n_seq": self.n_seq, "batch_per_rank": self.b,
+                "world_size": self.world, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("n_seq", "batch_per_rank", "world_size", "seed"):
+            if state[key] != mine[key]:
+                raise HealDataError(f"The checkpoint's data stream has {key}={state[key]}, this run {mine[key]}: "
+                                    "it cannot resume the same sequence of batches.")
+        self.position = int(state["position"])
+
+
+def packed_data(tokenizer, source: str, seq_len: int, seed: int) -> torch.Tensor:
+    """:func:`load_documents` -> :func:`tokenize_documents` -> :func:`pack_tokens`."""
+    docs = load_documents(source)
+    if not docs:
+        raise HealDataError(f"heal.data '{source}' holds no documents.")
+    return pack_tokens(tokenize_documents(tokenizer, docs), seq_len, seed)
+
+
+def data_path_hint(source: str) -> str:
+    """A stable name for the data source in a run's fingerprint."""
+    return source if source in ("heal", "heldout") else str(Path(resolve_path(source)).resolve())

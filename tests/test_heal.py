@@ -1,0 +1,248 @@
+"""Tests of compactify.heal: packing and sharding, a real 2-process gloo FSDP2 healing run under
+torchrun, exact resume after a stop, half-written checkpoints, and refused bad input.
+
+The model is a tiny random Llama (hidden 64, 2 blocks) with a 300-token byte-level BPE
+tokenizer trained here on synthetic sentences, so the tests need no download and run fast.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from compactify.config import load_config
+from compactify.heal import (HealError, HealConfig, check_nproc, check_resume, find_checkpoint, launch, lr_at,
+                             select_trainable)
+from compactify.heal_data import HealDataError, ShardedSampler, pack_tokens, plan_steps
+from compactify.results import read_json
+
+NOUNS = "river town teacher window garden letter doctor market winter child road song".split()
+VERBS = "sees finds opens carries follows writes paints remembers".split()
+ADJS = "old quiet bright small green distant early warm".split()
+
+
+def synthetic_text(n_docs: int = 60, seed: int = 0) -> str:
+    """Documents of simple sentences from a tiny grammar: learnable, so the loss must fall."""
+    rnd = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        sents = [f"The {rnd.choice(ADJS)} {rnd.choice(NOUNS)} {rnd.choice(VERBS)} the {rnd.choice(NOUNS)}."
+                 for _ in range(rnd.randint(3, 8))]
+        docs.append(" ".join(sents))
+    return "\n\n".join(docs) + "\n"
+
+
+def make_tiny_model(path: Path, layers: int = 2, seed: int = 0) -> Path:
+    """A random LlamaForCausalLM + byte-level BPE tokenizer, saved like any HF model directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([synthetic_text(200, seed=1)], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="</s>")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def heal_cfg(text: Path, **heal) -> dict:
+    """Tiny, fast healing settings: 32-token rows, 2 rows per rank, a high lr so the loss moves."""
+    over = {"heal.data": str(text), "heal.seq_len": 32, "heal.batch_per_rank": 2, "heal.steps": 6,
+            "heal.checkpoint_every": 2, "heal.lr": 3e-3, "heal.warmup": 0.2, "device": "cpu", "seed": 0}
+    over.update({f"heal.{k}": v for k, v in heal.items()})
+    return load_config(None, over)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heal")
+    model = make_tiny_model(root / "tiny")
+    text = root / "text.txt"
+    text.write_text(synthetic_text(80))
+    return root, model, text
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny):
+    """The smoke run: 6 steps of real 2-process gloo FSDP2 healing under torchrun."""
+    root, model, text = tiny
+    result = launch(model, root / "full", heal_cfg(text), nproc=2)
+    return root / "full", result
+
+
+# ---------------------------------------------------------------- data
+def test_pack_tokens_is_a_seeded_permutation_of_full_rows():
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11]]  # 11 tokens -> 2 rows of 5, one token dropped
+    a, b, c = pack_tokens(docs, 5, seed=0), pack_tokens(docs, 5, seed=0), pack_tokens(docs, 5, seed=1)
+    assert a.shape == (2, 5) and a.dtype == torch.long
+    assert torch.equal(a, b)
+    assert sorted(map(tuple, a.tolist())) == [(1, 2, 3, 4, 5), (6, 7, 8, 9, 10)]
+    rows = pack_tokens([list(range(1000))], 10, seed=0)
+    assert not torch.equal(rows, torch.arange(1000).view(100, 10))  # shuffled
+    assert not torch.equal(rows, pack_tokens([list(range(1000))], 10, seed=1))
+    with pytest.raises(HealDataError, match="fewer than one sequence"):
+        pack_tokens(docs, 64, seed=0)
+
+
+def test_sampler_shards_disjointly_covers_an_epoch_and_resumes():
+    n, b, world = 23, 2, 3  # 3 steps per epoch of 6 rows; 5 rows of the ragged end dropped
+    samplers = [ShardedSampler(n, b, world, r, seed=0) for r in range(world)]
+    epoch0 = [torch.cat([s.indices(step) for s in samplers]) for step in range(3)]
+    seen = torch.cat(epoch0)
+    assert len(set(seen.tolist())) == 18 and all(len(s.indices(0)) == b for s in samplers)
+    assert not torch.equal(samplers[0].indices(3), samplers[0].indices(0))  # epoch 1 reshuffled
+    data = torch.arange(n * 4).view(n, 4)
+    s = samplers[1]
+    first = [s.next_batch(data) for _ in range(4)]
+    resumed = ShardedSampler(n, b, world, 1, seed=0)
+    resumed.load_state_dict({**s.state_dict(), "position": 2})
+    assert torch.equal(resumed.next_batch(data), first[2]) and resumed.position == 3
+    with pytest.raises(HealDataError, match="world_size"):
+        ShardedSampler(n, b, 2, 1, seed=0).load_state_dict(s.state_dict())
+
+
+def test_token_budget_larger_than_the_corpus_is_refused_unless_epochs_allowed():
+    plan = plan_steps(n_seq=100, seq_len=32, world_size=2, batch_per_rank=2, tokens=2000, steps=None, max_epochs=1)
+    assert plan["steps"] == 16 and plan["tokens"] == 16 * 128 and plan["epochs"] == pytest.approx(16 / 25)
+    with pytest.raises(HealDataError, match=r"2\.00 passes.*heal.max_epochs"):
+        plan_steps(100, 32, 2, 2, tokens=50 * 128, steps=None, max_epochs=1)
+    assert plan_steps(100, 32, 2, 2, tokens=50 * 128, steps=None, max_epochs=2)["epochs"] == 2
+    assert plan_steps(100, 32, 2, 2, tokens=10**9, steps=5, max_epochs=1)["steps"] == 5  # steps win
+    with pytest.raises(HealDataError, match="fewer than one global batch"):
+        plan_steps(3, 32, 2, 2, tokens=100, steps=None, max_epochs=1)
+
+
+def test_heldout_text_is_never_used_for_healing(tiny):
+    from compactify.heal_data import load_documents
+
+    with pytest.raises(HealDataError, match="heldout"):
+        load_documents("heldout")
+    docs = load_documents(str(tiny[2]))
+    assert len(docs) == 80 and all(d.startswith("The ") for d in docs)
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    hc = HealConfig.from_cfg(load_config(None, {"heal.lr": 1.0, "heal.warmup": 0.1, "heal.min_lr_ratio": 0.1}))
+    lrs = [lr_at(s, 100, hc) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+# ---------------------------------------------------------------- trainable parameters
+def test_select_trainable_by_group_on_a_model_with_mpo_layers(tiny):
+    from compactify.models import load_model
+    from compactify.mpo import MPOLinear
+
+    model, _ = load_model(tiny[1])
+    block = model.model.layers[0]
+    block.self_attn.q_proj = MPOLinear.from_linear(block.self_attn.q_proj, chi=4, cores=3)
+    default = select_trainable(model, ["mpo", "dense", "norms"])
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "model.layers.0.self_attn.q_proj.cores.0" in trained and "model.layers.1.mlp.down_proj.weight" in trained
+    assert "model.layers.0.input_layernorm.weight" in trained and "model.norm.weight" in trained
+    assert "model.embed_tokens.weight" not in trained  # tied with lm_head: neither trains
+    select_trainable(model, ["mpo"])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"model.layers.0.self_attn.q_proj.cores.{k}" for k in range(3)}
+    everything = select_trainable(model, ["all"])
+    assert everything["trainable"] == everything["total"] > default["trainable"]
+    dense, _ = load_model(tiny[1])
+    with pytest.raises(HealError, match="selects no parameters"):
+        select_trainable(dense, ["mpo"])
+    with pytest.raises(HealError, match="heal.trainable"):
+        HealConfig.from_cfg(load_config(None, {"heal.trainable": ["cores"]}))
+
+
+# ---------------------------------------------------------------- real distributed runs
+def test_two_process_gloo_fsdp2_smoke_run(tiny, uninterrupted):
+    from compactify.models import load_model
+
+    out, r = uninterrupted
+    assert r["completed"] and r["world_size"] == 2 and r["backend"] == "gloo" and r["strategy"] == "fsdp2"
+    curve = r["loss_curve"]
+    assert [c["step"] for c in curve] == [1, 2, 3, 4, 5, 6] and curve[-1]["tokens"] == 6 * 2 * 2 * 32
+    assert all(torch.isfinite(torch.tensor(c["loss"])) for c in curve)
+    assert r["final_loss"] < r["first_loss"] - 0.1  # it learns the synthetic grammar
+    assert r["tokens_per_s"] > 0 and len(r["peak_rss_mib_per_rank"]) == 2 and min(r["peak_rss_mib_per_rank"]) > 50
+    assert r["meta"]["config"]["heal"]["strategy"] == "fsdp2" and r["meta"]["git_commit"] is not None
+    # checkpoints: the last two complete ones kept, no temporary leftovers
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_4", "step_6"]
+    assert (out / "checkpoints" / "step_6" / "COMPLETE").is_file()
+    # the healed model loads with the normal API; blocks changed, the (frozen) embedding did not
+    before, _ = load_model(tiny[1])
+    after, tok = load_model(out / "model")
+    assert tok.eos_token == "</s>"
+    assert torch.equal(before.model.embed_tokens.weight, after.model.embed_tokens.weight)
+    assert not torch.allclose(before.model.layers[1].mlp.up_proj.weight, after.model.layers[1].mlp.up_proj.weight)
+
+
+def test_resume_after_a_stop_reproduces_the_uninterrupted_loss_curve(tiny, uninterrupted):
+    root, model, text = tiny
+    out = root / "resumed"
+    stopped = launch(model, out, heal_cfg(text, stop_after=3), nproc=2)  # killed after step 3
+    assert stopped == {"completed": False, "out_dir": str(out)}
+    assert not (out / "heal.json").exists() and not (out / "model").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]
+    # half-written checkpoints, as a kill during a save leaves them: newer, but no COMPLETE marker
+    (out / "checkpoints" / "step_5").mkdir()
+    (out / "checkpoints" / "step_5" / ".metadata").write_bytes(b"garbage")
+    (out / "checkpoints" / ".step_4.tmp").mkdir()
+    assert find_checkpoint(out / "checkpoints")[0].name == "step_2"
+    log = io.StringIO()
+    resumed = launch(model, out, heal_cfg(text), nproc=2, stream=log)
+    assert "ignoring incomplete checkpoint" in log.getvalue() and "step_5" in log.getvalue()
+    assert resumed["resumed_from_step"] == 2 and resumed["steps_this_run"] == 4
+    full = uninterrupted[1]["loss_curve"]
+    assert [c["step"] for c in resumed["loss_curve"]] == [c["step"] for c in full]
+    for a, b in zip(full, resumed["loss_curve"]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 and a["lr"] == b["lr"]
+
+
+# ---------------------------------------------------------------- bad input, in this process (world of one)
+def test_resume_dir_from_a_different_model_or_plan_is_refused(tiny, uninterrupted):
+    from compactify.heal import train
+
+    root, model, text = tiny
+    other = make_tiny_model(root / "other", layers=3, seed=1)
+    with pytest.raises(HealError, match=r"different model or plan.*model:.*world_size: 2 in the checkpoint vs 1"):
+        train(other, uninterrupted[0], heal_cfg(text))
+    with pytest.raises(HealError, match="lr: 0.003 in the checkpoint vs 0.001"):
+        check_resume(read_json(uninterrupted[0] / "checkpoints" / "step_6" / "meta.json")["fingerprint"] | {"lr": 0.003},
+                     read_json(uninterrupted[0] / "checkpoints" / "step_6" / "meta.json")["fingerprint"] | {"lr": 0.001},
+                     uninterrupted[0])
+
+
+def test_more_processes_than_cores_is_refused_before_starting(tiny, tmp_path):
+    n = len(os.sched_getaffinity(0))
+    with pytest.raises(HealError, match=f"{n + 1} processes asked for but this machine has {n} CPU cores"):
+        launch(tiny[1], tmp_path / "x", heal_cfg(tiny[2]), nproc=n + 1)
+    assert not (tmp_path / "x").exists()
+    check_nproc(n, torch.device("cpu"))  # exactly the cores is fine
+
+
+def test_budget_beyond_the_corpus_fails_in_train_with_a_clear_error(tiny, tmp_path):
+    from compactify.heal import train
+
+    with pytest.raises(HealDataError, match="more than heal.max_epochs"):
+        train(tiny[1], tmp_path / "big", heal_cfg(tiny[2], steps=None, tokens=10**7))
+
+
+def test_ddp_strategy_in_a_world_of_one(tiny, tmp_path):
+    """DDP instead of FSDP2, and train() called directly (no torchrun): a world of one."""
+    from compactify.heal import train
+
+    r = train(tiny[1], tmp_path / "ddp", heal_cfg(tiny[2], strategy="ddp", steps=3, checkpoint_every=10))
+    assert r["strategy"] == "ddp" and r["world_size"] == 1 and len(r["loss_curve"]) == 3
+    assert (tmp_path / "ddp" / "checkpoints" / "step_3" / "COMPLETE").is_file()
+    assert read_json(tmp_path / "ddp" / "heal.json")["final_loss"] == r["final_loss"]

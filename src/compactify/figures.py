@@ -153,3 +153,107 @@ def matplotlib_lognorm(grid):
     if pos.size == 0:
         return None
     return LogNorm(vmin=max(pos.min(), 1e-2), vmax=pos.max())
+
+
+def mpo_diagram(d: Mapping) -> plt.Figure:
+    """Fig. 1a: one real matrix as an MPO. Left: the tensor network (cores as nodes, a physical
+    output leg up and input leg down per core, bond legs labelled with their dimension). Right:
+    the singular values at each cut of the reshaped matrix, the ``chi`` kept shaded.
+
+    ``d`` holds name, shape, out_factors, in_factors, bond_dims, chi, params, dense_params,
+    rel_error and spectra (one list of singular values per cut).
+    """
+    import numpy as np
+    from matplotlib.patches import Circle
+
+    apply_style()
+    n = len(d["out_factors"])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.15, 1]})
+    a.set_xlim(-0.8, n - 0.2)
+    a.set_ylim(-1.5, 1.5)
+    a.axis("off")
+    for k in range(n):
+        a.plot([k, k], [0.25, 1.0], color="0.3", lw=2)
+        a.plot([k, k], [-0.25, -1.0], color="0.3", lw=2)
+        a.text(k, 1.08, f"o{k + 1}={d['out_factors'][k]}", ha="center", va="bottom", fontsize=9)
+        a.text(k, -1.08, f"i{k + 1}={d['in_factors'][k]}", ha="center", va="top", fontsize=9)
+        if k < n - 1:
+            a.plot([k + 0.25, k + 0.75], [0, 0], color="#d94701", lw=3)
+            a.text(k + 0.5, 0.1, f"χ{k + 1}={d['bond_dims'][k]}", ha="center", va="bottom", fontsize=9, color="#d94701")
+        a.add_patch(Circle((k, 0), 0.25, facecolor="#fdd0a2", edgecolor="#a63603", lw=1.5, zorder=3))
+        a.text(k, 0, f"G{k + 1}", ha="center", va="center", fontsize=10, zorder=4)
+    a.set_title(f"{d['name']} ({d['shape'][0]}×{d['shape'][1]}) as a {n}-core MPO, Dmax={d['chi']}\n"
+                f"{d['params']:,} of {d['dense_params']:,} parameters ({100 * d['params'] / d['dense_params']:.1f}%), "
+                f"relative error {d['rel_error']:.3f}", fontsize=9)
+    for k, s in enumerate(d["spectra"]):
+        s = np.asarray(s, dtype=float)
+        s = s / s[0]
+        line, = b.semilogy(np.arange(1, len(s) + 1), s, lw=1.4, label=f"cut {k + 1} (keeps {d['bond_dims'][k]} of {len(s)})")
+        kept = d["bond_dims"][k]
+        b.fill_between(np.arange(1, kept + 1), s[:kept], 1e-6, color=line.get_color(), alpha=0.12)
+    b.axvline(d["chi"], color="#d94701", ls="--", lw=1)
+    b.set_ylim(bottom=max(1e-4, min(min(np.asarray(s) / s[0]) for s in d["spectra"] if len(s))))
+    b.set_xscale("log")
+    b.set_xlabel("singular value index")
+    b.set_ylabel("σ / σ₁")
+    b.set_title("spectrum at each cut: shaded = kept, the rest is truncated", fontsize=9)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def block_diagram(block: Mapping[str, Mapping], block_index: int, title: str = "") -> plt.Figure:
+    """Fig. 1b: where tensorization sits in a Llama decoder block. ``block`` maps each matrix
+    type (q..down) to ``{"out", "in", "kept"}`` (fraction of parameters kept; 1.0 = dense) and
+    optionally ``"chi"``. Tensorized matrices are coloured by how much they keep."""
+    from matplotlib.colors import LinearSegmentedColormap, Normalize
+    from matplotlib.patches import FancyBboxPatch
+
+    apply_style()
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    ax.axis("off")
+    ax.set_xlim(0, 10.4)
+    ax.set_ylim(0, 4)
+    cmap, norm = LinearSegmentedColormap.from_list("kept", ["#a63603", "#fdae6b", "#fff5eb"]), Normalize(0, 1)
+
+    def box(x, y, w, h, text, kind=None):
+        info = block.get(kind) if kind else None
+        face = "0.93"
+        if info is not None:
+            face = cmap(norm(info["kept"])) if info["kept"] < 1 else "white"
+            chi = f", χ={info['chi']}" if info.get("chi") else ""
+            text = (f"{text}\n{info['out']}×{info['in']}\n"
+                    + ("dense" if info["kept"] >= 1 else f"MPO {100 * info['kept']:.0f}%{chi}"))
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.03", facecolor=face, edgecolor="0.3"))
+        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=7.5)
+
+    def arrow(x0, y0, x1, y1):
+        ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", color="0.35", lw=1))
+
+    box(0.0, 1.6, 0.7, 0.8, "x")
+    box(0.9, 1.6, 0.8, 0.8, "RMSNorm")
+    for i, t in enumerate(("v", "k", "q")):
+        box(2.0, 0.2 + 1.25 * i, 1.1, 1.05, f"L{3 - i} {t}_proj", t)
+        arrow(1.7, 2.0, 2.0, 0.72 + 1.25 * i)
+        arrow(3.1, 0.72 + 1.25 * i, 3.4, 2.0)
+    box(3.4, 1.6, 0.9, 0.8, "attention\n(RoPE)")
+    box(4.5, 1.45, 1.1, 1.1, "L4 o_proj", "o")
+    arrow(4.3, 2.0, 4.5, 2.0)
+    box(5.8, 1.6, 0.8, 0.8, "+ x\nRMSNorm")
+    arrow(5.6, 2.0, 5.8, 2.0)
+    box(6.9, 2.2, 1.1, 1.05, "L5 gate_proj", "gate")
+    box(6.9, 0.75, 1.1, 1.05, "L6 up_proj", "up")
+    arrow(6.6, 2.0, 6.9, 2.7)
+    arrow(6.6, 2.0, 6.9, 1.27)
+    box(8.2, 1.6, 0.7, 0.8, "SiLU(·)\n× ·")
+    arrow(8.0, 2.7, 8.2, 2.0)
+    arrow(8.0, 1.27, 8.2, 2.0)
+    box(9.1, 1.45, 1.2, 1.1, "L7 down_proj", "down")
+    arrow(8.9, 2.0, 9.1, 2.0)
+    arrow(0.7, 2.0, 0.9, 2.0)
+    ax.set_title(title or f"Decoder block {block_index}: the seven matrices CompactifAI replaces by MPOs", fontsize=10)
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=norm)
+    cb = fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.01)
+    cb.set_label("fraction of parameters kept", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from compactify.config import load_config
-from compactify.heal import (HealError, HealConfig, check_nproc, check_resume, find_checkpoint, launch, lr_at,
-                             select_trainable)
-from compactify.heal_data import HealDataError, ShardedSampler, pack_tokens, plan_steps
+from compactify.heal import HealConfig, check_nproc, launch, lr_at, select_trainable
+from compactify.heal_data import (HealDataError, HealError, ShardedSampler, check_resume, find_checkpoint, pack_tokens,
+                                  plan_steps)
 from compactify.results import read_json
 
 NOUNS = "river town teacher window garden letter doctor market winter child road song".split()
@@ -59,7 +59,8 @@ def make_tiny_model(path: Path, layers: int = 2, seed: int = 0) -> Path:
 def heal_cfg(text: Path, **heal) -> dict:
     """Tiny, fast healing settings: 32-token rows, 2 rows per rank, a high lr so the loss moves."""
     over = {"heal.data": str(text), "heal.seq_len": 32, "heal.batch_per_rank": 2, "heal.steps": 6,
-            "heal.checkpoint_every": 2, "heal.lr": 3e-3, "heal.warmup": 0.2, "device": "cpu", "seed": 0}
+            "heal.checkpoint_every": 2, "heal.keep_checkpoints": 2, "heal.lr": 3e-3, "heal.warmup": 0.2,
+            "device": "cpu", "seed": 0}
     over.update({f"heal.{k}": v for k, v in heal.items()})
     return load_config(None, over)
 
@@ -124,12 +125,15 @@ def test_token_budget_larger_than_the_corpus_is_refused_unless_epochs_allowed():
 
 
 def test_heldout_text_is_never_used_for_healing(tiny):
+    from compactify import corpus
     from compactify.heal_data import load_documents
 
     with pytest.raises(HealDataError, match="heldout"):
         load_documents("heldout")
     docs = load_documents(str(tiny[2]))
     assert len(docs) == 80 and all(d.startswith("The ") for d in docs)
+    heal, heldout = load_documents("heal"), corpus.documents("heldout")
+    assert len(heal) > 400 and not set(heal) & set(heldout)
 
 
 def test_lr_warms_up_then_decays_to_the_floor():
@@ -217,10 +221,10 @@ def test_resume_dir_from_a_different_model_or_plan_is_refused(tiny, uninterrupte
     other = make_tiny_model(root / "other", layers=3, seed=1)
     with pytest.raises(HealError, match=r"different model or plan.*model:.*world_size: 2 in the checkpoint vs 1"):
         train(other, uninterrupted[0], heal_cfg(text))
+    saved = read_json(uninterrupted[0] / "checkpoints" / "step_6" / "meta.json")["fingerprint"]
+    check_resume(saved, dict(saved), uninterrupted[0])  # the same plan resumes
     with pytest.raises(HealError, match="lr: 0.003 in the checkpoint vs 0.001"):
-        check_resume(read_json(uninterrupted[0] / "checkpoints" / "step_6" / "meta.json")["fingerprint"] | {"lr": 0.003},
-                     read_json(uninterrupted[0] / "checkpoints" / "step_6" / "meta.json")["fingerprint"] | {"lr": 0.001},
-                     uninterrupted[0])
+        check_resume(saved | {"lr": 0.003}, saved | {"lr": 0.001}, uninterrupted[0])
 
 
 def test_more_processes_than_cores_is_refused_before_starting(tiny, tmp_path):

@@ -2,26 +2,21 @@
 
 The paper retrains the MPO-compressed LLaMA for "less than a single epoch" of chat data on
 8 GPUs. Here each rank started by ``torchrun --nproc_per_node=N -m compactify.heal ...`` runs
-:func:`train`:
+:func:`train`: load the model (dense or MPO-compressed) and choose what trains
+(:func:`select_trainable`); pack the healing text (:mod:`compactify.heal_data`); shard the
+model with PyTorch-native FSDP2 (``fully_shard`` on each decoder block, then the root; it runs
+on CPU with gloo in torch 2.13, whose device mesh may be "cpu") or replicate it with DDP;
+gloo on CPU, NCCL on CUDA with bf16 compute; AdamW with warmup + cosine decay and gradient
+clipping, the global mean loss logged every step (tqdm on rank 0 shows tokens/s).
 
-1. load the model (:func:`compactify.models.load_model`: dense or MPO-compressed) and choose
-   what trains (:func:`select_trainable`: MPO cores, dense layers, norms, embeddings, all);
-2. pack the healing text into shuffled fixed-length rows (:mod:`compactify.heal_data`);
-3. shard the model with PyTorch-native FSDP2 (``fully_shard`` on every decoder block, then
-   on the root) or replicate it with DDP; backend gloo on CPU, NCCL on CUDA, bf16 compute on
-   GPU. FSDP2 runs on CPU with gloo in torch 2.13 (checked: its device mesh may be "cpu");
-4. AdamW with linear warmup then cosine decay, gradient clipping, the global mean loss logged
-   every step (tqdm on rank 0 shows tokens/s);
-5. every ``checkpoint_every`` steps a ``torch.distributed.checkpoint`` (DCP) checkpoint of model
-   + optimizer, each rank's RNG state and the data position, written into a temporary
-   directory, marked COMPLETE last and renamed into place, so a killed run never leaves a
-   checkpoint that looks whole; a rerun with the same ``out_dir`` resumes from the newest
-   complete one and reproduces the uninterrupted loss curve;
-6. at the end the full state dict is gathered on rank 0 and saved with ``save_pretrained``
-   to ``out_dir/model``, and ``out_dir/heal.json`` records the loss curve, tokens/s, wall time
-   and peak memory per rank, with provenance.
-
-:func:`launch` starts that under ``torchrun`` from Python (the notebook) and streams its output.
+Every ``checkpoint_every`` steps a ``torch.distributed.checkpoint`` (DCP) checkpoint holds model
++ optimizer, each rank's RNG state and the data position. It is written into a temporary
+directory, marked COMPLETE last and renamed into place, so a killed run never leaves one that
+looks whole; a rerun with the same ``out_dir`` resumes from the newest complete checkpoint and
+reproduces the uninterrupted loss curve. At the end the full state dict is gathered on rank 0
+and saved with ``save_pretrained`` to ``out_dir/model``; ``out_dir/heal.json`` records the loss
+curve, tokens/s, wall time and peak memory per rank, with provenance. :func:`launch` runs all
+that under ``torchrun`` from Python (the notebook), streaming its output.
 """
 from __future__ import annotations
 
@@ -30,9 +25,7 @@ import contextlib
 import hashlib
 import math
 import os
-import re
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -43,17 +36,13 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .config import ConfigError, load_config
-from .heal_data import ShardedSampler, data_path_hint, packed_data, plan_steps
-from .results import atomic_write_bytes, read_json, save_results, write_json
+from .config import load_config
+from .heal_data import (HealError, ShardedSampler, check_resume, data_path_hint, find_checkpoint, load_checkpoint,
+                        packed_data, plan_steps, save_checkpoint)
+from .results import atomic_write_bytes, read_json, save_results
 
 TRAINABLE_GROUPS = ("mpo", "dense", "norms", "embeddings", "all")
-MARKER = "COMPLETE"  # written last into a checkpoint directory
 ERROR_TAG = "HEAL-ERROR"
-
-
-class HealError(ConfigError):
-    """A healing run that cannot start as asked; the message says what to change."""
 
 
 @dataclass
@@ -91,7 +80,8 @@ class HealConfig:
         groups = [hc.trainable] if isinstance(hc.trainable, str) else list(hc.trainable)
         bad = [g for g in groups if g not in TRAINABLE_GROUPS]
         if bad or not groups:
-            raise HealError(f"heal.trainable {hc.trainable} must be a non-empty list of: {', '.join(TRAINABLE_GROUPS)}.")
+            raise HealError(f"heal.trainable {hc.trainable} must be a non-empty list of: "
+                            f"{', '.join(TRAINABLE_GROUPS)}.")
         hc.trainable = groups
         for key in ("nproc", "seq_len", "batch_per_rank", "checkpoint_every", "keep_checkpoints"):
             if int(getattr(hc, key)) < 1:
@@ -207,74 +197,6 @@ def wrap_model(model: torch.nn.Module, hc: HealConfig, device: torch.device) -> 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-# ---------------------------------------------------------------- checkpoints
-def find_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
-    """The newest complete ``step_N`` under ``root``, and a warning per incomplete one."""
-    complete, warnings = [], []
-    for p in sorted(root.iterdir()) if root.is_dir() else []:
-        m = re.fullmatch(r"step_(\d+)", p.name)
-        if m and (p / MARKER).is_file():
-            complete.append((int(m[1]), p))
-        elif m or p.name.startswith(".step_"):
-            warnings.append(f"heal: WARNING ignoring incomplete checkpoint {p} (no {MARKER} marker: the run was "
-                            "stopped while writing it)")
-    return (max(complete)[1] if complete else None), warnings
-
-
-def save_checkpoint(root: Path, step: int, model, optim, meta: dict, keep: int) -> Path:
-    """DCP model + optimizer, per-rank RNG, rank 0's meta.json; COMPLETE marker last; rename."""
-    from torch.distributed.checkpoint import save
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    rank, final, tmp = dist.get_rank(), root / f"step_{step}", root / f".step_{step}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optim)
-    save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng_rank{rank}.pt")
-    dist.barrier()
-    if rank == 0:
-        write_json(tmp / "meta.json", meta)
-        atomic_write_bytes(tmp / MARKER, f"step {step}\n".encode())
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step
-        os.rename(tmp, final)
-        done = sorted((int(p.name[5:]), p) for p in root.glob("step_*") if (p / MARKER).is_file())
-        for _, old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
-
-
-def load_checkpoint(path: Path, model, optim) -> dict:
-    from torch.distributed.checkpoint import load
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, optim)
-    state = {"model": model_sd, "optim": optim_sd}
-    load(state, checkpoint_id=str(path))
-    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng = torch.load(path / f"rng_rank{dist.get_rank()}.pt")
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"])
-    return read_json(path / "meta.json")
-
-
-def check_resume(saved: dict, current: dict, where: Path) -> None:
-    """Refuse to resume a checkpoint written for another model, data or training plan."""
-    diff = [f"{k}: {saved.get(k)!r} in the checkpoint vs {current.get(k)!r} now"
-            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
-    if diff:
-        raise HealError(f"Cannot resume from {where}: it was written for a different model or plan ("
-                        + "; ".join(diff) + "). Use a new out_dir, restore those settings, or delete "
-                        f"{where.parent} to start over.")
-
-
 # ---------------------------------------------------------------- training
 def _export(model_dir, full_sd: dict, dest: Path) -> None:
     """Rebuild an unsharded model (dense or MPO) from ``model_dir``, load the healed weights, save."""
@@ -334,8 +256,8 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
                 print(f"heal: resuming from {ckpt} at step {sampler.position}", file=sys.stderr, flush=True)
         start, total, tps = sampler.position, plan["steps"], plan["tokens_per_step"]
         end = total if hc.stop_after is None else min(total, hc.stop_after)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (
-            hc.strategy == "ddp" and device.type == "cuda" and hc.mixed_precision == "bf16") else contextlib.nullcontext()
+        bf16_ddp = hc.strategy == "ddp" and device.type == "cuda" and hc.mixed_precision == "bf16"
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16_ddp else contextlib.nullcontext()
         bar = tqdm(total=plan["tokens"], initial=start * tps, unit="tok", unit_scale=True, desc="heal",
                    disable=rank != 0, mininterval=1.0, file=sys.stderr)
         seconds = 0.0
@@ -370,10 +292,11 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
             if rank == 0:
                 print(f"heal: stopped after step {end} of {total} (heal.stop_after); rerun to resume", flush=True)
             return None
-        full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # peak memory of loading + training + checkpoints, before the export's extra copies on rank 0
         peaks = [None] * world
         gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         dist.all_gather_object(peaks, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, gpu))
+        full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         result = None
         if rank == 0:
             _export(model_dir, full_sd, out_dir / "model")

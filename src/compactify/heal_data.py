@@ -16,20 +16,35 @@ Sharding: :class:`ShardedSampler` deals out the rows in a fixed order, ``batch_p
 to each rank per step, so the batch of any (step, rank) is a pure function of the seed. Its
 only state is the step it is at, which is what a checkpoint records to resume the data
 stream exactly where it stopped.
+
+Checkpoints (:func:`save_checkpoint`) hold that position with the model, optimizer and RNG
+states: a directory ``step_N`` that is written under a temporary name, gets its ``COMPLETE``
+marker last and is then renamed, so a half-written one is never mistaken for a whole one.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
 from .config import ConfigError, resolve_path
+from .results import atomic_write_bytes, read_json, write_json
+
+MARKER = "COMPLETE"  # written last into a checkpoint directory
 
 
-class HealDataError(ConfigError):
+class HealError(ConfigError):
+    """A healing run that cannot start as asked; the message says what to change."""
+
+
+class HealDataError(HealError):
     """Healing data that cannot be used as configured; the message says what to change."""
 
 
@@ -170,3 +185,71 @@ def packed_data(tokenizer, source: str, seq_len: int, seed: int) -> torch.Tensor
 def data_path_hint(source: str) -> str:
     """A stable name for the data source in a run's fingerprint."""
     return source if source in ("heal", "heldout") else str(Path(resolve_path(source)).resolve())
+
+
+# ---------------------------------------------------------------- checkpoints
+def find_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete ``step_N`` under ``root``, and a warning per incomplete one."""
+    complete, warnings = [], []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        m = re.fullmatch(r"step_(\d+)", p.name)
+        if m and (p / MARKER).is_file():
+            complete.append((int(m[1]), p))
+        elif m or p.name.startswith(".step_"):
+            warnings.append(f"heal: WARNING ignoring incomplete checkpoint {p} (no {MARKER} marker: the run was "
+                            "stopped while writing it)")
+    return (max(complete)[1] if complete else None), warnings
+
+
+def save_checkpoint(root: Path, step: int, model, optim, meta: dict, keep: int) -> Path:
+    """DCP model + optimizer, per-rank RNG, rank 0's meta.json; COMPLETE marker last; rename."""
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank, final, tmp = dist.get_rank(), root / f"step_{step}", root / f".step_{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optim)
+    save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        write_json(tmp / "meta.json", meta)
+        atomic_write_bytes(tmp / MARKER, f"step {step}\n".encode())
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step
+        os.rename(tmp, final)
+        done = sorted((int(p.name[5:]), p) for p in root.glob("step_*") if (p / MARKER).is_file())
+        for _, old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model, optim) -> dict:
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optim)
+    state = {"model": model_sd, "optim": optim_sd}
+    load(state, checkpoint_id=str(path))
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = torch.load(path / f"rng_rank{dist.get_rank()}.pt")
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return read_json(path / "meta.json")
+
+
+def check_resume(saved: dict, current: dict, where: Path) -> None:
+    """Refuse to resume a checkpoint written for another model, data or training plan."""
+    diff = [f"{k}: {saved.get(k)!r} in the checkpoint vs {current.get(k)!r} now"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diff:
+        raise HealError(f"Cannot resume from {where}: it was written for a different model or plan ("
+                        + "; ".join(diff) + "). Use a new out_dir, restore those settings, or delete "
+                        f"{where.parent} to start over.")

@@ -276,9 +276,10 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
             mean_loss = loss.detach().float()
             dist.all_reduce(mean_loss)  # every rank's batch has the same token count: mean of means
             mean_loss = float(mean_loss) / world
-            seconds += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            seconds += dt
             curve.append({"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
-                          "tokens": (step + 1) * tps})
+                          "tokens": (step + 1) * tps, "seconds": dt})
             bar.update(tps)
             bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
             if (step + 1) % hc.checkpoint_every == 0 or step + 1 == total:

@@ -1,0 +1,133 @@
+"""Fig. 3 analogue: how fast each model heals, for the same token budget, side by side.
+
+The paper (Fig. 3) reports healing time on 8 A10G GPUs for the original LLaMA-2 7B, its 8-bit
+and 4-bit versions and the tensorized models, and says tensorized models heal about 2x faster.
+Here the same healing (``compactify.heal``: 2 CPU processes, gloo, FSDP2, the config's
+``heal`` section, the same packed data and number of steps) runs on
+
+* ``original``: the dense model, fine-tuned (``heal.trainable`` selects the same groups:
+  on a dense model that is every block matrix and norm);
+* ``tensorized``: the MPO-compressed model (a directory written by ``compactify.tensorize``);
+
+alternately, ``--rounds`` times, so that the load other jobs put on this shared machine hits
+both alike. Measured per run: wall time (start to healed model saved), training time (the
+optimizer steps only), tokens/s (all steps, and steady state without the first, which also
+allocates the AdamW state) and peak resident memory per process.
+
+8-bit and 4-bit (bitsandbytes) models are checked for trainability rather than timed: their
+weights are integer tensors, which cannot require gradients, so healing them would mean
+training adapters beside them (QLoRA), a different method. The check records what really
+happens when one tries.
+
+Usage::
+
+    .venv/bin/python benchmarks/heal_speed.py --tensorized runs/default/tensorized [--steps 8 --rounds 1]
+
+writes ``data/results/benchmarks/heal_speed.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+from compactify.config import REPO_ROOT, load_config, run_dir
+from compactify.heal import HealConfig, launch, select_trainable
+from compactify.results import save_results
+
+OUT = REPO_ROOT / "data" / "results" / "benchmarks" / "heal_speed.json"
+
+
+def summarize(r: dict) -> dict:
+    """The numbers of one healing run that Fig. 3 needs."""
+    curve = r["loss_curve"]
+    tps = r["plan"]["tokens_per_step"]
+    steady = sum(c["seconds"] for c in curve[1:])
+    return {"wall_seconds": r["wall_seconds"], "train_seconds": r["train_seconds"],
+            "tokens": r["tokens_this_run"], "tokens_per_s": r["tokens_per_s"],
+            "tokens_per_s_steady": tps * (len(curve) - 1) / steady if len(curve) > 1 else None,
+            "seconds_per_step": [c["seconds"] for c in curve],
+            "peak_rss_mib_per_rank": r["peak_rss_mib_per_rank"], "params": r["params"],
+            "first_loss": r["first_loss"], "final_loss": r["final_loss"]}
+
+
+def quantized_trainability(model_ref: str, bits: int, groups: list[str]) -> dict:
+    """Quantize with bitsandbytes and try to make its weights trainable, as healing would."""
+    from compactify.models import load_model
+    from compactify.quantize import quantize
+
+    model, _ = load_model(model_ref)
+    quantize(model, bits)
+    layer = next(m for m in model.modules() if type(m).__name__ in ("Linear8bitLt", "Linear4bit"))
+    try:
+        layer.weight.requires_grad_(True)
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    counts = select_trainable(model, groups)
+    return {"bits": bits, "layer": type(layer).__name__, "weight_class": type(layer.weight).__name__,
+            "weight_dtype": str(layer.weight.dtype), "requires_grad_error": error,
+            "trainable_params_with_heal_trainable": counts["trainable"], "total_params": counts["total"],
+            "trainable": error is None,
+            "why_not": None if error is None else (
+                f"bitsandbytes stores the {bits}-bit weights as {layer.weight.dtype} tensors, which cannot require "
+                f"gradients ({error}); with heal.trainable={groups} only {counts['trainable']:,} of "
+                f"{counts['total']:,} parameters (norms, biases) could train. Healing a quantized model means "
+                "training LoRA adapters beside frozen quantized weights (QLoRA), a different method, not timed here.")}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--original", default=None, help="the dense model (default: the config's model)")
+    ap.add_argument("--tensorized", required=True, help="an MPO-compressed model dir (written by compactify.tensorize)")
+    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per run (same for every model)")
+    ap.add_argument("--rounds", type=int, default=1, help="alternating repetitions")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--skip-quantized", action="store_true")
+    args = ap.parse_args(argv)
+
+    cfg = load_config(args.config, {"heal.steps": args.steps, "heal.tokens": None, "heal.resume": False,
+                                    "heal.checkpoint_every": 10**6, "heal.nproc": args.nproc, "device": "cpu"})
+    hc = HealConfig.from_cfg(cfg)
+    models = {"original": args.original or cfg["model"], "tensorized": args.tensorized}
+    work = run_dir(cfg) / "heal_speed"
+    load = {"before": os.getloadavg()}
+    runs: dict[str, list] = {name: [] for name in models}
+    for rnd in range(args.rounds):
+        for name, ref in models.items():
+            out = work / f"{name}_r{rnd}"
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"== {name} (round {rnd + 1}/{args.rounds}): {ref}", flush=True)
+            runs[name].append(summarize(launch(ref, out, cfg, nproc=args.nproc)))
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # ~3x the model's size; not needed
+    load["after"] = os.getloadavg()
+
+    def med(name, key):
+        return statistics.median(r[key] for r in runs[name])
+
+    ratios = {f"original_over_tensorized_{k}": med("original", k) / med("tensorized", k)
+              for k in ("wall_seconds", "train_seconds")}
+    ratios["tensorized_over_original_tokens_per_s_steady"] = (med("tensorized", "tokens_per_s_steady")
+                                                              / med("original", "tokens_per_s_steady"))
+    ratios["tensorized_over_original_peak_rss"] = (
+        statistics.median(max(r["peak_rss_mib_per_rank"]) for r in runs["tensorized"])
+        / statistics.median(max(r["peak_rss_mib_per_rank"]) for r in runs["original"]))
+    quantized = [] if args.skip_quantized else [quantized_trainability(models["original"], b, hc.trainable)
+                                                for b in (8, 4)]
+    data = {"what": "healing speed, same data and steps, 2 CPU processes (gloo, FSDP2), alternating runs",
+            "paper_claim": "tensorized models heal ~2x faster (Fig. 3, 8x A10G)",
+            "models": models, "steps": args.steps, "rounds": args.rounds, "nproc": args.nproc,
+            "tokens_per_step": hc.seq_len * hc.batch_per_rank * args.nproc, "trainable": hc.trainable,
+            "load_average": load, "runs": runs, "ratios": ratios, "quantized": quantized}
+    save_results(args.out, data, cfg, device="cpu")
+    print({k: round(v, 3) for k, v in ratios.items()})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

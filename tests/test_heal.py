@@ -3,6 +3,9 @@ torchrun, exact resume after a stop, half-written checkpoints, and refused bad i
 
 The model is a tiny random Llama (hidden 64, 2 blocks) with a 300-token byte-level BPE
 tokenizer trained here on synthetic sentences, so the tests need no download and run fast.
+The distributed runs heal its tensorized version (``compactify.tensorize``: q, k, v, o, gate,
+up as 3-core MPOs at half their parameters, down left dense), saved and loaded like the
+study's compressed models.
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ def make_tiny_model(path: Path, layers: int = 2, seed: int = 0) -> Path:
 def heal_cfg(text: Path, **heal) -> dict:
     """Tiny, fast healing settings: 32-token rows, 2 rows per rank, a high lr so the loss moves."""
     over = {"heal.data": str(text), "heal.seq_len": 32, "heal.batch_per_rank": 2, "heal.steps": 6,
-            "heal.checkpoint_every": 2, "heal.keep_checkpoints": 2, "heal.lr": 3e-3, "heal.warmup": 0.2,
+            "heal.checkpoint_every": 2, "heal.keep_checkpoints": 2, "heal.lr": 1e-2, "heal.warmup": 0.2,
             "device": "cpu", "seed": 0}
     over.update({f"heal.{k}": v for k, v in heal.items()})
     return load_config(None, over)
@@ -75,10 +78,21 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny):
-    """The smoke run: 6 steps of real 2-process gloo FSDP2 healing under torchrun."""
-    root, model, text = tiny
-    result = launch(model, root / "full", heal_cfg(text), nproc=2)
+def tiny_mpo(tiny):
+    """The tiny model tensorized and saved with save_pretrained, as the compression step does."""
+    from compactify.models import load_model, save_model_dir
+    from compactify.tensorize import WITHOUT_DOWN, Plan, tensorize
+
+    model, tok = load_model(tiny[1])
+    tensorize(model, Plan.uniform(2, target_ratio=0.5, matrices=WITHOUT_DOWN))
+    return save_model_dir(model, tok, tiny[0] / "tiny_mpo")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tiny_mpo):
+    """The smoke run: 6 steps of real 2-process gloo FSDP2 healing of the MPO model under torchrun."""
+    root, _, text = tiny
+    result = launch(tiny_mpo, root / "full", heal_cfg(text), nproc=2)
     return root / "full", result
 
 
@@ -169,8 +183,9 @@ def test_select_trainable_by_group_on_a_model_with_mpo_layers(tiny):
 
 
 # ---------------------------------------------------------------- real distributed runs
-def test_two_process_gloo_fsdp2_smoke_run(tiny, uninterrupted):
+def test_two_process_gloo_fsdp2_smoke_run(tiny_mpo, uninterrupted):
     from compactify.models import load_model
+    from compactify.mpo import MPOLinear
 
     out, r = uninterrupted
     assert r["completed"] and r["world_size"] == 2 and r["backend"] == "gloo" and r["strategy"] == "fsdp2"
@@ -183,18 +198,21 @@ def test_two_process_gloo_fsdp2_smoke_run(tiny, uninterrupted):
     # checkpoints: the last two complete ones kept, no temporary leftovers
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_4", "step_6"]
     assert (out / "checkpoints" / "step_6" / "COMPLETE").is_file()
-    # the healed model loads with the normal API; blocks changed, the (frozen) embedding did not
-    before, _ = load_model(tiny[1])
+    assert r["params"]["trainable"] < r["params"]["total"]
+    # the healed model loads as a compressed model; cores and dense down_proj changed, the embedding did not
+    before, _ = load_model(tiny_mpo)
     after, tok = load_model(out / "model")
-    assert tok.eos_token == "</s>"
+    assert tok.eos_token == "</s>" and isinstance(after.model.layers[1].mlp.up_proj, MPOLinear)
+    assert sum(p.numel() for p in after.parameters()) == r["params"]["total"]
     assert torch.equal(before.model.embed_tokens.weight, after.model.embed_tokens.weight)
-    assert not torch.allclose(before.model.layers[1].mlp.up_proj.weight, after.model.layers[1].mlp.up_proj.weight)
+    for name in ("mlp.up_proj.cores.1", "mlp.down_proj.weight", "input_layernorm.weight"):
+        assert not torch.allclose(before.model.layers[1].get_parameter(name), after.model.layers[1].get_parameter(name))
 
 
-def test_resume_after_a_stop_reproduces_the_uninterrupted_loss_curve(tiny, uninterrupted):
-    root, model, text = tiny
+def test_resume_after_a_stop_reproduces_the_uninterrupted_loss_curve(tiny, tiny_mpo, uninterrupted):
+    root, _, text = tiny
     out = root / "resumed"
-    stopped = launch(model, out, heal_cfg(text, stop_after=3), nproc=2)  # killed after step 3
+    stopped = launch(tiny_mpo, out, heal_cfg(text, stop_after=3), nproc=2)  # killed after step 3
     assert stopped == {"completed": False, "out_dir": str(out)}
     assert not (out / "heal.json").exists() and not (out / "model").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]
@@ -204,7 +222,7 @@ def test_resume_after_a_stop_reproduces_the_uninterrupted_loss_curve(tiny, unint
     (out / "checkpoints" / ".step_4.tmp").mkdir()
     assert find_checkpoint(out / "checkpoints")[0].name == "step_2"
     log = io.StringIO()
-    resumed = launch(model, out, heal_cfg(text), nproc=2, stream=log)
+    resumed = launch(tiny_mpo, out, heal_cfg(text), nproc=2, stream=log)
     assert "ignoring incomplete checkpoint" in log.getvalue() and "step_5" in log.getvalue()
     assert resumed["resumed_from_step"] == 2 and resumed["steps_this_run"] == 4
     full = uninterrupted[1]["loss_curve"]
@@ -218,9 +236,8 @@ def test_resume_dir_from_a_different_model_or_plan_is_refused(tiny, uninterrupte
     from compactify.heal import train
 
     root, model, text = tiny
-    other = make_tiny_model(root / "other", layers=3, seed=1)
     with pytest.raises(HealError, match=r"different model or plan.*model:.*world_size: 2 in the checkpoint vs 1"):
-        train(other, uninterrupted[0], heal_cfg(text))
+        train(model, uninterrupted[0], heal_cfg(text))  # the dense original of the healed MPO model
     saved = read_json(uninterrupted[0] / "checkpoints" / "step_6" / "meta.json")["fingerprint"]
     check_resume(saved, dict(saved), uninterrupted[0])  # the same plan resumes
     with pytest.raises(HealError, match="lr: 0.003 in the checkpoint vs 0.001"):

@@ -165,13 +165,8 @@ def _init_distributed(hc: HealConfig) -> torch.device:
         torch.cuda.set_device(device)
     if "RANK" in os.environ:
         dist.init_process_group(backend)
-    else:  # plain `python -m compactify.heal` or a call from Python: a world of one
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    else:  # plain `python -m compactify.heal` or a call from Python: a world of one, in-process store
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return device
 
 

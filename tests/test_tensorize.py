@@ -1,0 +1,199 @@
+"""compactify.tensorize: plans, whole-model tensorization, one-matrix swaps, save/load."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import compactify.tensorize as T
+from compactify.mpo import MPOLinear
+
+
+def smollm2_shaped(blocks=2):
+    """SmolLM2-135M's real block shapes (GQA: k/v 576 -> 192), tied embeddings, a small vocab."""
+    return LlamaConfig(vocab_size=512, hidden_size=576, intermediate_size=1536, num_hidden_layers=blocks,
+                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+
+
+def llama2_shaped():
+    """LLaMA-2's proportions in miniature: MHA, untied head, intermediate = 2.6875 * hidden
+    (344 = 2^3 * 43 keeps 11008's awkward prime factor)."""
+    return LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+
+
+def model_of(config, seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def logits(model, seed=1):
+    ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ---------------------------------------------------------------- the plan
+
+def test_plan_json_roundtrip_and_uniform():
+    plan = T.Plan.uniform(4, chi=16, blocks=[1, 3], matrices=T.WITHOUT_DOWN)
+    assert len(plan.entries) == 12 and plan.entries["3.up"] == {"chi": 16} and "1.down" not in plan.entries
+    again = T.Plan.from_json(plan.to_json())
+    assert again == plan
+    mixed = T.Plan({"0.q": {"chi": 8}, "1.down": {"target_ratio": 0.5}}, cores=2)
+    assert list(mixed.items()) == [(0, "q", {"chi": 8}), (1, "down", {"target_ratio": 0.5})]
+    assert T.Plan.from_dict(json.loads(mixed.to_json())) == mixed
+
+
+@pytest.mark.parametrize("entries,match", [({"0.q_proj": {"chi": 4}}, "matrix one of"),
+                                           ({"first.q": {"chi": 4}}, "<block>.<matrix>"),
+                                           ({"0.q": {"chi": 0}}, "positive integer"),
+                                           ({"0.q": {"chi": 4.5}}, "positive integer"),
+                                           ({"0.q": {"target_ratio": 1.5}}, r"\(0, 1\]"),
+                                           ({"0.q": {"chi": 4, "target_ratio": 0.5}}, "chi': int"),
+                                           ({"0.q": 4}, "chi': int")])
+def test_plan_bad_entries(entries, match):
+    with pytest.raises(T.PlanError, match=match):
+        T.Plan(entries)
+
+
+def test_plan_naming_what_the_model_lacks():
+    model = model_of(llama2_shaped())
+    with pytest.raises(T.PlanError, match=r"Block 5 does not exist.*0\.\.1"):
+        T.tensorize(model, T.Plan({"5.q": {"chi": 4}}))
+    with pytest.raises(T.PlanError, match="Unknown plan keys"):
+        T.Plan.from_dict({"entries": {}, "chis": 3})
+    assert type(model) is LlamaForCausalLM  # nothing was touched
+    T.tensorize(model, T.Plan({"0.q": {"chi": 4}}))
+    with pytest.raises(T.PlanError, match="already tensorized"):
+        T.tensorize(model, T.Plan({"0.q": {"chi": 4}}))
+
+
+# ---------------------------------------------------------------- tensorize + report
+
+def test_tensorize_smollm2_shapes_and_report():
+    model = model_of(smollm2_shaped())
+    dense_params = model.num_parameters()
+    T.tensorize(model, T.Plan.uniform(2, target_ratio=0.3, matrices=T.WITHOUT_DOWN))
+    assert type(model).__name__ == "CompactLlamaForCausalLM"
+    assert isinstance(model.model.layers[1].self_attn.k_proj, MPOLinear)
+    assert model.model.layers[1].self_attn.k_proj.out_features == 192
+    assert isinstance(model.model.layers[1].mlp.down_proj, torch.nn.Linear)
+    rep = T.size_report(model)
+    tot = rep["totals"]
+    assert tot["model_params_after"] == model.num_parameters() and tot["model_params_before"] == dense_params
+    assert tot["matrices_tensorized"] == 12 and len(rep["rows"]) == 14 and len(rep["blocks"]) == 2
+    for row in rep["rows"]:
+        if row["tensorized"]:
+            assert row["params_after"] <= 0.3 * row["params_before"] and 0 < row["relative_error"] < 1
+        else:
+            assert row["params_after"] == row["params_before"]
+    assert sum(b["params_after"] for b in rep["blocks"]) == tot["block_params_after"]
+    assert tot["model_bytes_after"] == 4 * tot["model_params_after"]
+    assert torch.isfinite(logits(model)).all()
+
+
+@pytest.mark.parametrize("config", [smollm2_shaped, llama2_shaped])
+def test_save_load_roundtrip(tmp_path, config):
+    model = model_of(config())
+    T.tensorize(model, T.Plan.uniform(2, chi=8))
+    ref, params = logits(model), model.num_parameters()
+    model.save_pretrained(tmp_path)
+    assert T.is_compressed_dir(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert "model.layers.0.self_attn.q_proj.cores.0" in saved
+    assert not any(k.startswith("model.layers.") and k.endswith("proj.weight") for k in saved)
+
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path)  # plain HF API, after import compactify.tensorize
+    assert type(auto).__name__ == "CompactLlamaForCausalLM"
+    assert auto.num_parameters() == params < model_of(config()).num_parameters()
+    assert torch.equal(logits(auto.eval()), ref)
+    loaded = T.load_compressed(tmp_path, dtype=torch.float32, device="cpu")
+    assert torch.equal(logits(loaded), ref)
+    tied = config().tie_word_embeddings
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+
+
+def test_skeleton_never_allocates_dense_weights(tmp_path):
+    model = model_of(llama2_shaped())
+    T.tensorize(model, T.Plan.uniform(2, chi=4))
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert isinstance(skeleton.model.layers[1].mlp.down_proj, MPOLinear)
+    assert skeleton.num_parameters() == model.num_parameters()
+
+
+# ---------------------------------------------------------------- one matrix at a time
+
+def test_tensorize_matrix_and_restore():
+    model = model_of(smollm2_shaped())
+    ref = logits(model)
+    with T.tensorize_matrix(model, 1, "gate", chi=8) as swap:
+        assert isinstance(model.model.layers[1].mlp.gate_proj, MPOLinear) and 0 < swap.relative_error < 1
+        assert type(model).__name__ == "CompactLlamaForCausalLM"
+        assert not torch.equal(logits(model), ref)
+    assert type(model) is LlamaForCausalLM and not hasattr(model.config, "compactify")
+    assert torch.equal(logits(model), ref)  # bit for bit
+    sweep = T.matrix_sweep(model, 0, "v")
+    for chi in (4, 16):
+        a = T.tensorize_matrix(model, 0, "v", chi=chi, sweep=sweep)
+        out_a = logits(model)
+        a.restore()
+        b = T.tensorize_matrix(model, 0, "v", chi=chi)
+        assert torch.allclose(out_a, logits(model), atol=1e-5) and a.layer.bond_dims == b.layer.bond_dims
+        b.restore()
+    assert torch.equal(logits(model), ref)
+
+
+# ---------------------------------------------------------------- bad directories
+
+def test_load_rejects_mismatched_files(tmp_path):
+    model = model_of(llama2_shaped())
+    T.tensorize(model, T.Plan.uniform(2, chi=4, matrices=("q", "up")))
+    model.save_pretrained(tmp_path)
+    cfg_path, st_path = tmp_path / "config.json", tmp_path / "model.safetensors"
+    good_cfg, good = cfg_path.read_text(), load_file(st_path)
+
+    cfg = json.loads(good_cfg)
+    cfg["compactify"]["modules"]["model.layers.0.self_attn.q_proj"]["bond_dims"] = [5, 5]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(T.CompressedCheckpointError, match=r"q_proj.cores.0: expected \(1, 4, 4, 5\)"):
+        T.load_compressed(tmp_path)
+    cfg_path.write_text(good_cfg)
+
+    bad = dict(good)
+    del bad["model.layers.1.mlp.up_proj.cores.2"]
+    bad["model.layers.0.self_attn.k_proj.cores.0"] = bad.pop("model.layers.0.self_attn.k_proj.weight")[:1, :1, None, None]
+    save_file(bad, st_path, metadata={"format": "pt"})
+    with pytest.raises(T.CompressedCheckpointError, match="up_proj.cores.2: expected .* found nothing.*"
+                                                          "k_proj.cores.0: MPO cores for a matrix the config says is dense.*"
+                                                          "k_proj.weight: missing"):
+        T.load_compressed(tmp_path)
+    save_file(good, st_path, metadata={"format": "pt"})
+    assert T.load_compressed(tmp_path).num_parameters() == model.num_parameters()
+
+    dense_dir = tmp_path / "dense"
+    model_of(llama2_shaped()).save_pretrained(dense_dir)
+    assert not T.is_compressed_dir(dense_dir)
+    with pytest.raises(T.CompressedCheckpointError, match="not a compressed model directory"):
+        T.load_compressed(dense_dir)
+
+
+@pytest.mark.slow
+def test_real_model_one_matrix(embedded):
+    """On the real SmolLM2: a swap changes the output a little and restores it exactly."""
+    model, tok = embedded
+    ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(ids).logits
+    with T.tensorize_matrix(model, 0, "q", target_ratio=0.5) as swap:
+        with torch.no_grad():
+            out = model(ids).logits
+    assert 0 < swap.relative_error < 1 and swap.layer.num_params <= 0.5 * 576 * 576
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)

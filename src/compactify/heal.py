@@ -67,6 +67,7 @@ class HealConfig:
     resume: bool
     mixed_precision: str
     stop_after: int | None
+    activation_checkpointing: bool
     seed: int
     device: str
 
@@ -220,6 +221,8 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
         model, tok = load_model(model_dir)
         model.train()
         counts = select_trainable(model, hc.trainable)
+        if hc.activation_checkpointing:  # recompute each block's activations in the backward pass
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         data = packed_data(tok, hc.data, hc.seq_len, hc.seed)
         plan = plan_steps(len(data), hc.seq_len, world, hc.batch_per_rank, hc.tokens, hc.steps, hc.max_epochs)
         fingerprint = {"model": model_fingerprint(model), "data": data_path_hint(hc.data),

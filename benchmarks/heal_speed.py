@@ -31,6 +31,7 @@ writes ``data/results/benchmarks/heal_speed.json``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -69,6 +70,14 @@ def build_tensorized(model_ref: str, ratio: float, out: Path, cores: int) -> tup
     save_model_dir(model, tok, out)
     return out, {"plan": f"all {len(MATRICES)} matrices of every block, target_ratio={ratio}, {cores} cores",
                  **{k: totals[k] for k in ("model_params_before", "model_params_after", "model_ratio")}}
+
+
+def described(path: Path) -> dict:
+    """What a given compressed directory holds, from its config.json (written by compactify.tensorize)."""
+    info = json.loads((path / "config.json").read_text()).get("compactify", {})
+    specs = sorted({json.dumps(v, sort_keys=True) for v in info.get("plan", {}).get("entries", {}).values()})
+    return {"plan": f"given: {path}; {len(info.get('modules', {}))} MPO matrices, specs {', '.join(specs)}, "
+                    f"{info.get('plan', {}).get('cores')} cores"}
 
 
 def quantized_trainability(model_ref: str, bits: int, groups: list[str]) -> dict:
@@ -119,7 +128,7 @@ def main(argv=None) -> None:
     work = run_dir(cfg) / "heal_speed"
     original = args.original or cfg["model"]
     if args.tensorized:
-        tensorized, compression = Path(args.tensorized), {"plan": f"given: {args.tensorized}"}
+        tensorized, compression = Path(args.tensorized), described(Path(args.tensorized))
     else:
         tensorized, compression = build_tensorized(original, args.ratio, work / "tensorized_model",
                                                    cfg["mpo"]["cores"])

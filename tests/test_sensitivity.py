@@ -89,3 +89,17 @@ def test_choices_from_profile_predict_costs_that_fall_with_ratio(tiny):
     kept = sum(c.params[c.ratios.index(plan[(c.block, c.type)])] for c in choices)
     assert kept <= 0.5 * sum(c.dense_params for c in choices)
     assert all(plan[(b, "down")] == 1.0 for b in range(3))
+
+
+@pytest.mark.parametrize("shape,cores", [((96, 192), 3), ((64, 96), 2), ((48, 64), 4)])
+def test_fast_error_curve_equals_decomposing(shape, cores):
+    from compactify import mpo
+
+    torch.manual_seed(1)
+    w = torch.randn(*shape) @ torch.diag(torch.logspace(0, -1, shape[1]))
+    curve = S.error_curve(w, [0.1, 0.3, 0.6], cores=cores)
+    sweep = mpo.MPOSweep(w, cores=cores)
+    assert set(curve) == {0.1, 0.3, 0.6}
+    for r, (params, err) in curve.items():
+        m = sweep.at(target_ratio=r)
+        assert params == m.num_params and err == pytest.approx(m.relative_error(w), abs=2e-5)

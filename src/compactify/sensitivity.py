@@ -201,15 +201,44 @@ class Choice:
 
 
 def error_curve(weight: torch.Tensor, ratios: Sequence[float], cores: int = 3) -> dict[float, tuple[int, float]]:
-    """Parameters and relative error of the MPO at each ratio (no model run: SVDs only)."""
+    """Parameters and relative error of the TT-SVD MPO at each ratio (no model run).
+
+    For 2 and 3 cores the error needs no decomposition per ratio. TT-SVD is a chain of
+    orthogonal projections, so its squared error is the sum of the squared singular values it
+    discards at each cut: at cut 1 those of the reshaped matrix (computed once), at cut 2 those
+    of the ``(r1*d2) x d3`` remainder ``S[:r1] V[:r1]``, whose singular values come from the
+    eigenvalues of its small ``d3 x d3`` Gram matrix. This is ~100x faster than decomposing and
+    rebuilding the matrix at each ratio, and exact (a unit test compares it with
+    ``MPO.relative_error``). More cores fall back to decomposing.
+    """
     sweep = mpo_mod.MPOSweep(weight, cores=cores)
-    out = {}
+    dims, out = sweep.dims, {}
+    normsq = float((weight.double() ** 2).sum())
+    s1sq = sweep.S.double() ** 2
+    tails1 = torch.flip(torch.cumsum(torch.flip(s1sq, [0]), 0), [0]).tolist() + [0.0]  # tails1[r] = sum_{k>=r}
+    gram_cache: dict[int, list[float]] = {}
     for r in ratios:
         try:
-            m = sweep.at(target_ratio=r)
+            chi = mpo_mod.chi_for_ratio(dims, r)
         except mpo_mod.MPOError:
             continue
-        out[r] = (m.num_params, m.relative_error(weight))
+        bonds = mpo_mod.bond_dims(dims, chi)
+        params = mpo_mod.count_params(dims, bonds)
+        if cores == 2:
+            err2 = tails1[bonds[0]]
+        elif cores == 3:
+            r1, r2 = bonds
+            if r1 not in gram_cache:
+                rest = (sweep.S[:r1, None].double() * sweep.V[:r1].double()).reshape(r1 * dims[1], dims[2])
+                eig = torch.linalg.eigvalsh(rest.T @ rest).flip(0).clamp_min(0)
+                gram_cache[r1] = torch.flip(torch.cumsum(torch.flip(eig, [0]), 0), [0]).tolist() + [0.0]
+            tail2 = gram_cache[r1]
+            err2 = tails1[r1] + tail2[min(r2, len(tail2) - 1)]
+        else:
+            m = sweep.at(chi=chi)
+            out[r] = (m.num_params, m.relative_error(weight))
+            continue
+        out[r] = (params, math.sqrt(max(err2, 0.0) / normsq))
     return out
 
 

@@ -40,7 +40,7 @@ test: data
 	$(PY) -m pytest -q -p no:cacheprovider tests notebooks --nbval-lax --durations=15 $(PYTEST_ARGS)
 
 figures: env
-	$(PY) scripts/run_notebooks.py --config $(CONFIG) --only 08_figures
+	$(PY) scripts/run_notebooks.py --config $(CONFIG) --only 08_figures --set figures.out_dir=figures
 
 benchmarks: data
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

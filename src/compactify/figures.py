@@ -304,3 +304,93 @@ def plan_and_comparison(report: Mapping, comparison: Sequence[Mapping], dense_pp
     b.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def heal_figure(loss_curve: Sequence[Mapping], speed: Mapping[str, Mapping]) -> plt.Figure:
+    """Left: healing loss per step. Right (Fig. 3 analogue): training tokens/s per model."""
+    apply_style()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [1.5, 1]})
+    steps = [p["step"] for p in loss_curve]
+    a.plot(steps, [p["loss"] for p in loss_curve], marker="o", ms=3, color="#d94701")
+    a.set_xlabel("step")
+    a.set_ylabel("training loss (nats/token)")
+    a.set_title("healing the tensorized model")
+    names = list(speed)
+    vals = [speed[n]["tokens_per_s"] for n in names]
+    bars = b.bar(names, vals, color=[MODEL_COLORS.get(n, "#fd8d3c") for n in names])
+    for bar, v, n in zip(bars, vals, names):
+        b.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.0f} tok/s\n{max(speed[n]['peak_rss_mib_per_rank']) / 1024:.1f} GiB",
+               ha="center", va="bottom", fontsize=7)
+    b.set_ylabel("healing tokens / s")
+    b.set_title("Fig. 3 analogue: same steps, same data")
+    b.set_ylim(0, max(vals) * 1.3)
+    fig.tight_layout()
+    return fig
+
+
+PAPER_MODELS = ("original", "8-bit", "4-bit", "88%", "93%")
+
+
+def accuracy_bars(ours: Mapping[str, Mapping[str, Mapping]], paper: Mapping[str, Mapping[str, float]] | None,
+                  tasks: Sequence[str]) -> plt.Figure:
+    """Fig. 2: grouped bars, tasks x models. ``ours[model][task] = {"value", "stderr"}`` (0-1);
+    ``paper[task][model]`` in % (Table II), drawn as a second panel when given."""
+    import numpy as np
+
+    apply_style()
+    panels = [("ours", ours)] + ([("paper (LLaMA-2 7B, Table II)", None)] if paper else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 3.4), squeeze=False)
+    models = [m for m in PAPER_MODELS if m in ours] + [m for m in ours if m not in PAPER_MODELS]
+    for ax, (title, data) in zip(axes[0], panels):
+        w = 0.8 / len(models)
+        for j, m in enumerate(models):
+            if data is None:
+                if not all(m in paper.get(t, {}) for t in tasks):
+                    continue
+                vals, errs = [paper[t][m] for t in tasks], [0] * len(tasks)
+            else:
+                vals = [100 * data[m][t]["value"] if t in data[m] else np.nan for t in tasks]
+                errs = [100 * (data[m][t].get("stderr") or 0) if t in data[m] else 0 for t in tasks]
+            ax.bar(np.arange(len(tasks)) + (j - (len(models) - 1) / 2) * w, vals, width=w, yerr=errs, capsize=1.5,
+                   color=MODEL_COLORS.get(m, "0.6"), label=m, error_kw={"lw": 0.6})
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(title)
+    axes[0][0].legend(fontsize=7, ncol=len(models))
+    fig.suptitle("Accuracy of the original, quantized and compressed models (cf. paper Fig. 2)", y=1.02)
+    fig.tight_layout()
+    return fig
+
+
+def inference_time(task_time: Mapping[str, Mapping[str, float]], speed: Mapping[str, Mapping],
+                   paper: Mapping[str, float] | None = None) -> plt.Figure:
+    """Fig. 4: per task, evaluation wall time relative to the original (= 1), per model; and
+    prefill / decode tokens/s relative to the original, measured side by side."""
+    import numpy as np
+
+    apply_style()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4), gridspec_kw={"width_ratios": [1.6, 1]})
+    models = [m for m in task_time if m != "original"]
+    tasks = list(next(iter(task_time.values())))
+    w = 0.8 / max(1, len(models))
+    for j, m in enumerate(models):
+        a.bar(np.arange(len(tasks)) + (j - (len(models) - 1) / 2) * w, [task_time[m][t] for t in tasks], width=w,
+              color=MODEL_COLORS.get(m, "0.6"), label=m)
+    a.axhline(1, color="k", lw=1, ls="--")
+    for m, v in (paper or {}).items():
+        a.axhline(v, color=MODEL_COLORS.get(m, "0.5"), lw=1, ls=":", label=f"paper {m}: {v:g}")
+    a.set_xticks(range(len(tasks)), tasks, fontsize=7)
+    a.set_ylabel("evaluation time / original")
+    a.set_title("per-task inference time (cf. paper Fig. 4)")
+    a.legend(fontsize=6.5, ncol=2)
+    names = [m for m in speed if not m.startswith("_")]
+    for k, (kind, hatch) in enumerate((("prefill", ""), ("decode", "//"))):
+        b.bar(np.arange(len(names)) + (k - 0.5) * 0.38, [speed[n][f"{kind}_ratio"] for n in names], width=0.38,
+              color=[MODEL_COLORS.get(n, "0.6") for n in names], hatch=hatch, edgecolor="white", label=kind)
+    b.axhline(1, color="k", lw=1, ls="--")
+    b.set_xticks(range(len(names)), names)
+    b.set_ylabel("tokens/s relative to original")
+    b.set_title("prefill (plain) and decode (hatched) speed")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

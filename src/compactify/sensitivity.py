@@ -187,6 +187,15 @@ def task_metric(model, tokenizer, task: str, limit: int, seed: int = 0, batch_si
     return metric
 
 
+def cut_spectra(weight: torch.Tensor, out_factors: Sequence[int], in_factors: Sequence[int]) -> list[list[float]]:
+    """Singular values of the reshaped matrix at each cut of the MPO chain (what a bond of
+    dimension chi keeps the top chi of; Fig. 1a)."""
+    n = len(out_factors)
+    t = weight.detach().double().reshape(*out_factors, *in_factors).permute(*[j for k in range(n) for j in (k, n + k)])
+    dims = [o * i for o, i in zip(out_factors, in_factors)]
+    return [torch.linalg.svdvals(t.reshape(math.prod(dims[:k + 1]), -1)).tolist() for k in range(n - 1)]
+
+
 # ------------------------------------------------------------------ from a profile to a plan
 
 @dataclass

@@ -123,6 +123,8 @@ def test_bad_task_requests_are_clear_errors(embedded):
         run_tasks(tiny_model(), embedded[1], ["mmlu_pro"])
     with pytest.raises(EvalError, match="unknown task"):
         run_tasks(tiny_model(), embedded[1], ["piqa"], limit={"piqa": 2, "pika": 2})
+    with pytest.raises(EvalError, match="limit is a mapping without 'boolq'"):
+        run_tasks(tiny_model(), embedded[1], ["piqa", "boolq"], limit={"piqa": 2})
     with pytest.raises(EvalError, match="eval source"):
         run_tasks(tiny_model(), embedded[1], ["piqa"], limit=1, source="s3")
     with pytest.raises(EvalError, match="autocast"):

@@ -77,12 +77,16 @@ def check_tasks(tasks) -> list[str]:
     return tasks
 
 
-def _per_task(value, task: str):
-    """A setting given once for all tasks (int/None) or per task (a mapping; absent = None)."""
+def _per_task(value, task: str, what: str = "setting"):
+    """A setting given once for all tasks (int/None) or per task (a mapping; absent = None,
+    except for ``limit``, where absent would silently mean every document)."""
     if isinstance(value, Mapping):
         unknown = set(value) - set(SPECS)
         if unknown:
-            raise EvalError(f"Per-task setting names unknown task(s) {sorted(unknown)}; known: {', '.join(TASKS)}.")
+            raise EvalError(f"Per-task {what} names unknown task(s) {sorted(unknown)}; known: {', '.join(TASKS)}.")
+        if what == "limit" and task not in value:
+            raise EvalError(f"limit is a mapping without '{task}': give every task run a limit "
+                            "(null = all documents), or one number for all.")
         return value.get(task)
     return value
 
@@ -176,30 +180,34 @@ class _TokenCounter:
 
 def run_tasks(model, tokenizer, tasks=PAPER_TASKS, limit=None, num_fewshot=None, batch_size: int = 8,
               seed: int = 0, source: str = "local", max_gen_toks=None, autocast: str | None = None,
-              progress: bool = False) -> dict:
+              verbose: bool = False) -> dict:
     """Evaluate ``model`` on ``tasks`` with lm-eval; return ``{task: result}``.
 
-    Each result holds ``metric``, ``value``, ``stderr`` (lm-eval's), ``n`` (documents scored)
-    and ``n_total``, ``num_fewshot`` (shots used), ``seconds`` (wall time), ``limit``,
-    ``max_gen_toks`` and every metric lm-eval reported under ``metrics``.
+    Each result holds ``metric``, ``value``, ``stderr`` (lm-eval's; None for one document),
+    ``n`` (documents scored) and ``n_total``, ``num_fewshot`` (shots used), ``seconds`` (wall
+    time) and ``cpu_seconds``, ``limit``, ``max_gen_toks``, ``autocast`` and every metric lm-eval
+    reported under ``metrics``; ``forward_calls`` and ``forward_tokens`` count the model's
+    work (a cost measure that does not depend on what else the machine is doing).
 
     ``limit``, ``num_fewshot`` and ``max_gen_toks`` are one value for all tasks or a mapping
-    per task (a task left out gets None: all documents / the official few-shot count / the
-    wrapper's default of 256 generated tokens; ``max_gen_toks`` only affects TriviaQA and
-    GSM8K). ``limit`` takes the first documents of each (pre-shuffled) split. ``seed`` seeds
-    lm-eval's python, numpy and torch RNGs and its few-shot sampler. ``autocast`` ("bfloat16",
-    "float16", or "auto" = bfloat16 where the hardware has fast bf16) runs the forward passes
-    under ``torch.autocast`` (lm-eval's ``mixed_precision_dtype``); None computes in the
-    model's own dtype. The dtype used is returned as ``autocast``.
+    per task. ``limit`` takes the first documents of each (pre-shuffled) split; None = all; a
+    mapping must name every task run. A task missing from ``num_fewshot`` keeps its official
+    few-shot count; from ``max_gen_toks`` (TriviaQA, GSM8K only), the wrapper's default of 256
+    generated tokens. ``seed`` seeds lm-eval's python, numpy and torch RNGs and its few-shot
+    sampler. ``autocast`` ("bfloat16", "float16", or "auto" = bfloat16 where the hardware has
+    fast bf16) runs the forward passes under ``torch.autocast`` (lm-eval's
+    ``mixed_precision_dtype``); None computes in the model's own dtype. lm-eval's log
+    messages are silenced below ERROR unless ``verbose``.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     names = check_tasks(tasks)
     ac = autocast_dtype(autocast, next(model.parameters()).device)
-    for setting in (limit, num_fewshot, max_gen_toks):
-        _per_task(setting, names[0])  # validates mapping keys early
-    if not progress:
+    for name in names:  # check every per-task mapping before any work
+        for what, setting in (("limit", limit), ("num_fewshot", num_fewshot), ("max_gen_toks", max_gen_toks)):
+            _per_task(setting, name, what)
+    if not verbose:
         for logger in ("lm_eval", "lm-eval"):
             logging.getLogger(logger).setLevel(logging.ERROR)
     tm = task_manager(source)
@@ -210,20 +218,23 @@ def run_tasks(model, tokenizer, tasks=PAPER_TASKS, limit=None, num_fewshot=None,
     try:
         for name in names:
             spec = SPECS[name]
-            lim, shots = _per_task(limit, name), _per_task(num_fewshot, name)
+            lim, shots = _per_task(limit, name, "limit"), _per_task(num_fewshot, name)
             gen = _per_task(max_gen_toks, name) if spec.generative else None
             counter = _TokenCounter(model)
             start, cpu = time.perf_counter(), time.process_time()
             # lm-eval ends every call by collecting environment info (`pip list` and other
             # subprocesses: ~2 s per task here). Our results carry their own provenance
             # (compactify.results.metadata), so skip it.
-            with mock.patch("lm_eval.evaluator.add_env_info", lambda results: None):
-                res = simple_evaluate(model=lm, tasks=[spec.lm_eval_name], task_manager=tm, limit=lim,
-                                      num_fewshot=shots, gen_kwargs={"max_gen_toks": int(gen)} if gen else None,
-                                      log_samples=False, bootstrap_iters=1000, random_seed=seed,
-                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+            try:
+                with mock.patch("lm_eval.evaluator.add_env_info", lambda results: None):
+                    res = simple_evaluate(model=lm, tasks=[spec.lm_eval_name], task_manager=tm, limit=lim,
+                                          num_fewshot=shots, gen_kwargs={"max_gen_toks": int(gen)} if gen else None,
+                                          log_samples=False, bootstrap_iters=1000, random_seed=seed,
+                                          numpy_random_seed=seed, torch_random_seed=seed,
+                                          fewshot_random_seed=seed)
+            finally:
+                counter.remove()
             seconds = time.perf_counter() - start
-            counter.remove()
             out[name] = {**_summary(name, res, spec), "seconds": seconds, "cpu_seconds": time.process_time() - cpu,
                          "limit": lim, "max_gen_toks": gen, "source": source, "autocast": _dtype_name(ac),
                          "forward_calls": counter.calls, "forward_tokens": counter.tokens}

@@ -90,10 +90,16 @@ def test_gsm8k_and_validation_tasks_never_show_the_evaluated_document(built):
     doc = gsm.eval_docs[0]
     ctx = gsm.fewshot_context(doc, 5)
     assert ctx.count("Question:") == 6 and ctx.count("#### ") == 5 and doc["answer"] not in ctx
+    # Tasks without an offline train split draw shots from the scored split itself; lm-eval
+    # leaves the evaluated document out only when the few-shot split is the test split.
+    for name in ("piqa", "hellaswag", "boolq", "triviaqa", "arc_easy", "winogrande", "lambada_openai"):
+        task = built[name]
+        assert task.fewshot_cfg.split == task.config.test_split, name
     piqa = built["piqa"]
+    piqa.set_fewshot_seed(0)
     for doc in list(piqa.eval_docs)[:20]:
-        ctx = piqa.fewshot_context(doc, 3)
-        assert ctx.count("Question:") == 4 and ctx.count(doc["goal"]) == 1
+        assert doc not in piqa.sampler.sample(3, eval_doc=doc)
+        assert piqa.fewshot_context(doc, 3).count("Question:") == 4
 
 
 def tiny_model(**kw):

@@ -122,6 +122,8 @@ def test_run_tasks_on_a_tiny_model_returns_scores_with_stderr(embedded, tasks_di
     # A generation task really stopped at the cap: two documents, at most 8 decoding steps.
     assert res["triviaqa"]["forward_calls"] <= 8
     assert PAPER_TASKS == ("mmlu", "hellaswag", "boolq", "triviaqa", "gsm8k")
+    five = run_tasks(tiny_model(), tok, ["mmlu"], limit=2, num_fewshot={"mmlu": 5})["mmlu"]
+    assert five["num_fewshot"] == 5 and five["forward_tokens"] > 3 * res["mmlu"]["forward_tokens"]
 
 
 def test_bad_task_requests_are_clear_errors(embedded):

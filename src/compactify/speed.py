@@ -1,0 +1,124 @@
+"""Inference speed, measured so that models can be compared on a busy machine.
+
+Wall-clock timings on a shared CPU drift by tens of percent from one minute to the next, so a
+number measured for one model at 10:00 and another at 10:05 says little. Every comparison here
+is made **side by side in one process**: :func:`compare` runs the models round-robin (repeat 1 of
+every model, then repeat 2, ...), so slow phases of the machine hit all of them alike, and
+reports medians with their interquartile range, and ratios to a reference model.
+
+Two regimes matter for a language model and behave differently:
+
+* **prefill**: one forward pass over a prompt of ``n`` tokens; large matmuls, compute bound.
+  Reported as prompt tokens per second.
+* **decode**: generating one token at a time with the KV cache; each step multiplies a single
+  token's activations by every weight matrix, so it is bound by how fast the weights stream from
+  memory. This is where smaller weights (fewer parameters, fewer bits) can pay off. Measured as
+  ``(k - 1) / (t(k new tokens) - t(1 new token))`` with greedy ``generate``, which removes the
+  prompt's own cost.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Mapping
+
+import torch
+
+
+def stats(times: list[float]) -> dict:
+    """Median, quartiles, IQR, min and all values of a list of measurements."""
+    xs = sorted(times)
+    if len(xs) >= 2:
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    else:
+        q1 = q3 = xs[0]
+    return {"median": statistics.median(xs), "q1": q1, "q3": q3, "iqr": q3 - q1, "min": xs[0], "n": len(xs),
+            "values": list(times)}
+
+
+def _forward_seconds(model, input_ids: torch.Tensor) -> float:
+    with torch.inference_mode():
+        t = time.perf_counter()
+        model(input_ids=input_ids, use_cache=False)
+        return time.perf_counter() - t
+
+
+def _generate_seconds(model, input_ids: torch.Tensor, new_tokens: int, pad_token_id: int | None) -> float:
+    with torch.inference_mode():
+        t = time.perf_counter()
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_token_id)
+        dt = time.perf_counter() - t
+    assert out.shape[1] == input_ids.shape[1] + new_tokens
+    return dt
+
+
+def time_forward(model, input_ids: torch.Tensor, repeats: int = 5, warmup: int = 1) -> dict:
+    """Seconds per forward pass over ``input_ids`` (no KV cache): ``{"median_s", "iqr_s", ...}``."""
+    model.eval()
+    for _ in range(warmup):
+        _forward_seconds(model, input_ids)
+    s = stats([_forward_seconds(model, input_ids) for _ in range(repeats)])
+    return {"median_s": s["median"], "iqr_s": s["iqr"], "q1_s": s["q1"], "q3_s": s["q3"], "min_s": s["min"],
+            "repeats": repeats, "times_s": s["values"]}
+
+
+def prefill_tokens_per_s(model, input_ids: torch.Tensor, repeats: int = 5, warmup: int = 1) -> dict:
+    """Prompt tokens per second of one forward pass (median over ``repeats``, with its IQR)."""
+    t = time_forward(model, input_ids, repeats, warmup)
+    return {"tokens_per_s": stats([input_ids.numel() / x for x in t["times_s"]]), "tokens": input_ids.numel(), **t}
+
+
+def decode_tokens_per_s(model, tokenizer, prompt: str, new_tokens: int = 16, repeats: int = 3,
+                        warmup: int = 1) -> dict:
+    """Generated tokens per second after the prompt, from ``generate`` runs of k and of 1 new tokens."""
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be at least 2 to separate decoding from the prompt, not {new_tokens}.")
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for _ in range(warmup):
+        _generate_seconds(model, ids, 2, pad)
+    rates = []
+    for _ in range(repeats):
+        one = _generate_seconds(model, ids, 1, pad)
+        many = _generate_seconds(model, ids, new_tokens, pad)
+        rates.append((new_tokens - 1) / max(many - one, 1e-9))
+    return {"tokens_per_s": stats(rates), "new_tokens": new_tokens, "prompt_tokens": ids.shape[1]}
+
+
+def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.Tensor, decode_prompt: str,
+            new_tokens: int = 16, repeats: int = 3, reference: str | None = None,
+            progress: Callable | None = None) -> dict:
+    """Prefill and decode tokens/s of several models, measured round-robin in this process.
+
+    Returns ``{name: {"prefill": stats, "decode": stats, "prefill_ratio": x, "decode_ratio": y}}``
+    where the ratios are median tokens/s relative to ``reference`` (default: the first model);
+    a ratio above 1 means faster than the reference.
+    """
+    names = list(models)
+    reference = reference or names[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dec_ids = tokenizer(decode_prompt, return_tensors="pt").input_ids
+    pre: dict = {n: [] for n in names}
+    dec: dict = {n: [] for n in names}
+    for n in names:  # warm-up: first calls allocate, repack 4-bit weights, build caches
+        models[n].eval()
+        _forward_seconds(models[n], prompt_ids)
+        _generate_seconds(models[n], dec_ids, 2, pad)
+    steps = range(repeats) if progress is None else progress(range(repeats), desc="speed (round-robin)")
+    for _ in steps:
+        for n in names:
+            m = models[n]
+            pre[n].append(prompt_ids.numel() / _forward_seconds(m, prompt_ids))
+            one = _generate_seconds(m, dec_ids, 1, pad)
+            many = _generate_seconds(m, dec_ids, new_tokens, pad)
+            dec[n].append((new_tokens - 1) / max(many - one, 1e-9))
+    out = {n: {"prefill": stats(pre[n]), "decode": stats(dec[n])} for n in names}
+    for n in names:
+        for k in ("prefill", "decode"):
+            out[n][f"{k}_ratio"] = out[n][k]["median"] / out[reference][k]["median"]
+    out["_setup"] = {"reference": reference, "prefill_tokens": int(prompt_ids.numel()),
+                     "decode_prompt_tokens": int(dec_ids.shape[1]), "new_tokens": new_tokens, "repeats": repeats,
+                     "threads": torch.get_num_threads()}
+    return out

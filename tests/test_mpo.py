@@ -192,7 +192,8 @@ def test_benchmark_quick(tmp_path):
     data = json.loads((tmp_path / "mpo_linear.json").read_text())
     assert {"meta", "layer", "decomposition", "targets", "settings"} <= set(data)
     row = data["layer"][0]
-    assert {"shape", "chi", "batch", "dense_fwd_s", "mpo_fwd_s", "fwd_ratio", "mpo_fwdbwd_s", "flops_ratio"} <= set(row)
+    assert {"shape", "chi", "batch", "dense_fwd_s", "mpo_fwd_s", "fwd_ratio", "fwd_ratio_min", "mpo_fwdbwd_s",
+            "flops_ratio", "bytes_ratio"} <= set(row)
     assert data["decomposition"]["smollm2_matrices"] > 0
     assert (tmp_path / "mpo_linear.png").stat().st_size > 1000
 

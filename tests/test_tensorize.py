@@ -25,9 +25,17 @@ def llama2_shaped():
                        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
 
 
+def qwen2_shaped():
+    """Another family (biases on q/k/v): registered too."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+
+
 def model_of(config, seed=0):
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def logits(model, seed=1):
@@ -96,7 +104,7 @@ def test_tensorize_smollm2_shapes_and_report():
     assert torch.isfinite(logits(model)).all()
 
 
-@pytest.mark.parametrize("config", [smollm2_shaped, llama2_shaped])
+@pytest.mark.parametrize("config", [smollm2_shaped, llama2_shaped, qwen2_shaped])
 def test_save_load_roundtrip(tmp_path, config):
     model = model_of(config())
     T.tensorize(model, T.Plan.uniform(2, chi=8))
@@ -108,7 +116,7 @@ def test_save_load_roundtrip(tmp_path, config):
     assert not any(k.startswith("model.layers.") and k.endswith("proj.weight") for k in saved)
 
     auto = AutoModelForCausalLM.from_pretrained(tmp_path)  # plain HF API, after import compactify.tensorize
-    assert type(auto).__name__ == "CompactLlamaForCausalLM"
+    assert type(auto) is type(model) and type(auto).__name__.startswith("Compact")
     assert auto.num_parameters() == params < model_of(config()).num_parameters()
     assert torch.equal(logits(auto.eval()), ref)
     loaded = T.load_compressed(tmp_path, dtype=torch.float32, device="cpu")

@@ -179,9 +179,11 @@ def _module_name(model: nn.Module, block, matrix: str) -> str:
     return f"model.layers.{block}.{MATRICES[matrix]}"
 
 
-def tensorize(model: nn.Module, plan: Plan, progress: bool = False) -> nn.Module:
+def tensorize(model: nn.Module, plan: Plan, progress: bool = False, errors: bool = True) -> nn.Module:
     """Replace every matrix named in ``plan`` by an :class:`MPOLinear` (TT-SVD of its weight),
-    in place; return the model. Validates the whole plan before touching anything."""
+    in place; return the model. Validates the whole plan before touching anything.
+    ``errors``: also record each matrix's relative error (rebuilds it once; a few seconds per
+    LLaMA-7B matrix) in ``model.config.compactify["relative_errors"]``."""
     targets = []
     for block, matrix, spec in plan.items():
         name = _module_name(model, block, matrix)
@@ -191,15 +193,16 @@ def tensorize(model: nn.Module, plan: Plan, progress: bool = False) -> nn.Module
         targets.append((f"{block}.{matrix}", name, layer, spec))
     info = getattr(model.config, "compactify", None) or {}
     entries = {**info.get("plan", {}).get("entries", {}), **plan.entries}
-    errors = dict(info.get("relative_errors", {}))
+    rel_errors = dict(info.get("relative_errors", {}))
     if progress:
         from tqdm.auto import tqdm
         targets = tqdm(targets, desc="tensorize")
     for key, name, layer, spec in targets:
         mpo = decompose(layer.weight, cores=plan.cores, **spec)
-        errors[name] = round(mpo.relative_error(layer.weight), 6)
+        if errors:
+            rel_errors[name] = round(mpo.relative_error(layer.weight), 6)
         model.set_submodule(name, MPOLinear.from_mpo(mpo, layer.bias))
-    model.config.compactify = {"plan": {"entries": entries, "cores": plan.cores}, "relative_errors": errors}
+    model.config.compactify = {"plan": {"entries": entries, "cores": plan.cores}, "relative_errors": rel_errors}
     _sync(model)
     return model
 
@@ -352,6 +355,7 @@ def load_compressed(path, dtype: torch.dtype = torch.float32, device="cpu") -> n
     once this module is imported), plus the layout check, ``.to(device)`` and ``.eval()``.
     """
     path = Path(path)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if not is_compressed_dir(path):
         raise CompressedCheckpointError(f"{path} is not a compressed model directory (no config.json with "
                                         "model_type 'compactify_*'); load dense models with compactify.models.load_model.")

@@ -10,6 +10,9 @@ CONFIG     ?= configs/default.yaml
 # build. A CUDA user can choose their own, e.g.  make env TORCH_SPEC="torch==2.11.0"
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
 PYTEST_ARGS ?=
+# Sleeping, not spinning, OpenMP threads: on a shared 2-core machine spinning made a 2-thread
+# MPO forward 28x slower (benchmarks/mpo_linear.py).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: env data reproduce test figures benchmarks clean-runs help
 

@@ -29,7 +29,7 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -73,7 +73,9 @@ class HealConfig:
 
     @classmethod
     def from_cfg(cls, cfg: dict) -> "HealConfig":
-        hc = cls(**cfg["heal"], seed=int(cfg["seed"]), device=str(cfg["device"]))
+        mine = {f.name for f in fields(cls)}  # the section may hold keys for notebooks too (compare_steps)
+        hc = cls(**{k: v for k, v in cfg["heal"].items() if k in mine}, seed=int(cfg["seed"]),
+                 device=str(cfg["device"]))
         if hc.strategy not in ("fsdp2", "ddp"):
             raise HealError(f"heal.strategy '{hc.strategy}' is not one of fsdp2, ddp.")
         if hc.mixed_precision not in ("bf16", "fp32"):

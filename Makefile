@@ -46,7 +46,8 @@ figures: env
 	$(PY) scripts/run_notebooks.py --config $(CONFIG) --only 08_figures --set figures.out_dir=figures
 
 benchmarks: data
-	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	$(PY) benchmarks/mpo_linear.py
+	$(PY) benchmarks/heal_speed.py --steps 3
 
 clean-runs:
 	rm -rf runs/

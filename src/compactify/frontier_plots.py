@@ -1,0 +1,103 @@
+"""Figures of notebook 07 (the compression-quality frontier). Each function takes result data
+(the ``points`` / ``matrices`` lists of ``07_frontier.json``) and returns a matplotlib Figure;
+save it with :func:`compactify.figures.save` (provenance footer). To be merged into
+:mod:`compactify.figures` by its owner.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+
+from .figures import apply_style
+
+# Plain methods grey/orange, activation-aware ones black/blue; more cores = darker.
+METHOD_STYLE = {
+    "svd": ("#969696", "o", "truncated SVD"), "asvd": ("#000000", "o", "activation-aware SVD (SVD-LLM)"),
+    "mpo2": ("#fdae6b", "s", "MPO, 2 cores"), "mpo3": ("#f16913", "s", "MPO, 3 cores (paper)"),
+    "mpo4": ("#a63603", "s", "MPO, 4 cores"), "aa_mpo2": ("#6baed6", "D", "activation-aware MPO, 2 cores"),
+    "aa_mpo3": ("#2171b5", "D", "activation-aware MPO, 3 cores"),
+    "aa_mpo4": ("#08306b", "D", "activation-aware MPO, 4 cores"), "dense": ("#4c4c4c", "*", "dense"),
+}
+
+
+def _style(method: str):
+    return METHOD_STYLE.get(method, ("#e7298a", "x", method))
+
+
+def _lines(ax, points: Sequence[Mapping], x: str, y: str, precision: str | None, stage: str, ls: str,
+           label_suffix: str = "") -> None:
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    for m in methods:
+        pts = sorted((p[x], p[y]) for p in points if p["method"] == m and p.get("stage") == stage
+                     and (precision is None or p["precision"] == precision) and p.get(y) is not None)
+        if not pts:
+            continue
+        color, marker, label = _style(m)
+        ax.plot(*zip(*pts), ls=ls, marker=marker, ms=4, lw=1.4, color=color,
+                mfc=color if ls == "-" else "white", label=label + label_suffix)
+
+
+def frontier(points: Sequence[Mapping], dense: Mapping, metric: str = "ppl",
+             metric_label: str = "held-out perplexity") -> plt.Figure:
+    """Quality vs size, one line per method: (left) against the fraction of block-matrix
+    parameters kept, (right) against the bytes of the block matrices relative to fp32, where
+    methods stored in fp16 (solid) meet the same methods with NF4-stored factors (dotted) and
+    the dense 4-bit model. Before healing solid markers; after healing (if present) dashed."""
+    apply_style()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11.5, 4.2))
+    stages = list(dict.fromkeys(p.get("stage", "before healing") for p in points))
+    for stage, ls in zip(stages, ("-", "--")):
+        suffix = "" if len(stages) == 1 else f" ({stage})"
+        _lines(a, [p for p in points if p["method"] != "dense"], "ratio", metric, "fp16", stage, ls, suffix)
+        _lines(b, [p for p in points if p["method"] != "dense"], "bytes_ratio", metric, "fp16", stage, ls, suffix)
+        _lines(b, [p for p in points if p["method"] != "dense"], "bytes_ratio", metric, "nf4", stage, ":",
+               " + NF4" + suffix)
+    for p in points:
+        if p["method"] == "dense" and p.get(metric) is not None:
+            b.plot(p["bytes_ratio"], p[metric], marker="*", ms=11, color="#2ca02c" if p["precision"] == "nf4" else "k",
+                   ls="none", label=f"dense {p['precision']}")
+    for ax in (a, b):
+        if metric in dense:
+            ax.axhline(dense[metric], color="k", ls="--", lw=1, label=f"dense fp32 ({dense[metric]:.3g})")
+        if metric == "ppl":
+            ax.set_yscale("log")
+        ax.set_ylabel(metric_label)
+    a.set_xlabel("fraction of block-matrix parameters kept")
+    a.set_title("equal parameters (before healing)")
+    b.set_xscale("log")
+    b.set_xlabel("bytes of the block matrices / fp32 dense (log)")
+    b.set_title("equal bytes: fp16 factors (solid) vs NF4 (dotted)")
+    handles, labels = [], []
+    for ax in (a, b):
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.suptitle("Compression-quality frontier: all block matrices compressed by one method", y=1.02)
+    fig.tight_layout()
+    return fig
+
+
+def matrix_errors(matrices: Sequence[Mapping], keep: float) -> plt.Figure:
+    """Per matrix at one budget: relative weight error ``||W - W'|| / ||W||`` (what plain
+    truncation minimises) against relative activation error ``||X (W - W')^T|| / ||X W^T||`` on
+    the calibration inputs (what matters for the model), one colour per method."""
+    apply_style()
+    recs = [r for r in matrices if abs(r["keep"] - keep) < 1e-9 and r.get("act_error") is not None]
+    fig, ax = plt.subplots(figsize=(6.2, 5))
+    for m in dict.fromkeys(r["method"] for r in recs):
+        pts = [(r["rel_error"], r["act_error"]) for r in recs if r["method"] == m]
+        color, marker, label = _style(m)
+        ax.scatter(*zip(*pts), s=10, marker=marker, color=color, alpha=0.6, lw=0, label=f"{label} ({len(pts)})")
+    lim = max([1.0] + [max(r["rel_error"], r["act_error"]) for r in recs])
+    ax.plot([0, lim], [0, lim], color="0.6", lw=0.8, ls=":", label="equal errors")
+    ax.set_xlim(0, lim * 1.02)
+    ax.set_ylim(0, lim * 1.02)
+    ax.set_xlabel("relative weight error")
+    ax.set_ylabel("relative activation error (calibration inputs)")
+    ax.set_title(f"Every block matrix at {100 * keep:.0f}% of its parameters")
+    ax.legend(fontsize=7, markerscale=2)
+    fig.tight_layout()
+    return fig

@@ -203,3 +203,16 @@ def test_nf4_bytes_and_error():
     assert back.shape == t.shape
     assert 0.5 * t.numel() <= nbytes <= 0.5 * t.numel() * 1.1   # 4 bits + small double-quantized scales
     assert LR.relative_error(t, back) < 0.15
+
+
+def test_parallel_workers_give_the_same_result(tiny):
+    model, ids = tiny
+    stats = F.input_stats(model, ids, seq_len=64, progress=False)
+    w1, r1 = F.compress_model(model, "asvd", [0.4], stats, block_ids=[1], workers=1, progress=False)
+    w2, r2 = F.compress_model(model, "asvd", [0.4], stats, block_ids=[1], workers=2, progress=False)
+    assert [(r["block"], r["type"], r["params"]) for r in r1] == [(r["block"], r["type"], r["params"]) for r in r2]
+    assert set(w1[0.4]) == {(1, t) for t in F.MATRIX_TYPES}
+    for k in w1[0.4]:
+        torch.testing.assert_close(w1[0.4][k], w2[0.4][k])
+    with pytest.raises(F.FrontierError, match="do not exist"):
+        F.compress_model(model, "svd", [0.4], block_ids=[5])

@@ -234,10 +234,11 @@ class AAMPO:
     ``inner`` steps of linear conjugate gradients on it. As in DMRG, the other cores are first put
     in canonical form (QR "gauge" moves that leave ``M`` unchanged: cores left of ``k``
     left-orthonormal, right of ``k`` right-orthonormal), which makes the sub-problem's Hessian the
-    identity when ``C' = I``, so that CG converges in a few steps when ``C'`` is near it. One
-    ``sweep`` visits the cores right to left, then left to right. A CG step needs one product
-    ``M_d C'`` (``M`` is kept up to date incrementally) and the adjoint of "core -> dense matrix"
-    (autograd through the contraction). Every step is an exact line search on a convex quadratic,
+    identity when ``C' = I``, so that CG converges in a few steps when ``C'`` is near it. A
+    ``sweep`` is one pass over the cores, alternately right to left and left to right. A CG step
+    costs one product ``M_d C'`` (``M C'`` is kept up to date incrementally) plus contractions
+    with the fixed cores' environments (:func:`_env`; the adjoint of "core -> dense matrix" is a
+    contraction with the same environments). Every step is an exact line search on a convex quadratic,
     so ``f`` never increases: the result is at least as good as its start, the better (under ``f``)
     of the whitened and the plain TT-SVD, hence never worse than the plain MPO.
     """
@@ -262,28 +263,33 @@ class AAMPO:
         self.Pp = self.Wp @ self.Cp
         self.whitened = mpo_mod.MPOSweep(self.Wp, cores=n, in_factors=in_f, out_factors=self.plain.out_f)
 
-    def objective(self, cores: list[torch.Tensor]) -> float:
-        """``f`` in the whitened frame: the true ``tr((W - M) C (W - M)^T)``."""
-        e = self.Wp - mpo_mod.MPO(cores).to_matrix()
-        return float(((e @ self.Cp) * e).sum())
+    def objective(self, cores: list[torch.Tensor], MC: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+        """``f`` in the whitened frame (the true ``tr((W - M) C (W - M)^T)``) and ``M C'``."""
+        M = mpo_mod.MPO(cores).to_matrix()
+        MC = M @ self.Cp if MC is None else MC
+        e = self.Wp - M
+        return float((e * (self.Pp - MC)).sum(dtype=torch.float64)), MC
 
     def at(self, keep: float) -> Compressed:
         plain = _mpo_at(self.plain, keep, self.weight)
         white = _mpo_at(self.whitened, keep, self.weight).cores
         plain_w = [torch.einsum("aoib,ij->aojb", g, lk.float()) for g, lk in zip(plain.cores, self.L)]
-        f_plain, f_white = self.objective(plain_w), self.objective(white)
-        start = white if f_white <= f_plain else plain_w
-        cores = als_sweeps(start, self.Cp, self.Pp, self.sweeps, self.inner)
-        f_end = self.objective(cores)
+        (f_plain, mc_plain), (f_white, mc_white) = self.objective(plain_w), self.objective(white)
+        start, mc = (white, mc_white) if f_white <= f_plain else (plain_w, mc_plain)
+        f_start = min(f_plain, f_white)
+        cores, mc = als_sweeps(start, self.Cp, self.Pp, self.sweeps, self.inner, mc)
+        f_end = self.objective(cores, mc)[0]
+        if f_end > f_start:           # only float rounding can do this (CG never increases f): keep the start
+            cores, f_end = start, f_start
         out = [torch.linalg.solve_triangular(lk.float(), g.movedim(2, 3), upper=False, left=False).movedim(3, 2)
                for g, lk in zip(cores, self.L)]  # G[a,o,i,b] = sum_j G'[a,o,j,b] (L_k^{-1})[j,i]
         m = mpo_mod.MPO([g.to(self.weight.dtype).contiguous() for g in out])
-        norm = float(((self.Wp @ self.Cp) * self.Wp).sum())
+        norm = float((self.Pp * self.Wp).sum(dtype=torch.float64))
         return Compressed(self.method, keep, m.num_params, self.weight.numel(), m.to_matrix().to(self.weight.dtype), m,
                           {"cores": self.cores, "bond_dims": list(m.bond_dims),
                            "start": "whitened" if start is white else "plain", "sweeps": self.sweeps,
                            "inner": self.inner, "act_error_plain": math.sqrt(f_plain / norm),
-                           "act_error_start": math.sqrt(min(f_plain, f_white) / norm),
+                           "act_error_start": math.sqrt(f_start / norm),
                            "act_error": math.sqrt(max(f_end, 0.0) / norm)})
 
 
@@ -349,26 +355,29 @@ def _cg_core(cores: list[torch.Tensor], k: int, C: torch.Tensor, P: torch.Tensor
     return MC
 
 
-def als_sweeps(cores: list[torch.Tensor], C: torch.Tensor, P: torch.Tensor, sweeps: int,
-               inner: int) -> list[torch.Tensor]:
+def als_sweeps(cores: list[torch.Tensor], C: torch.Tensor, P: torch.Tensor, sweeps: int, inner: int,
+               MC: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Minimise ``tr((W - M) C (W - M)^T)`` (``P = W C``) over the cores of ``M`` by ``sweeps``
-    right-to-left-to-right passes of one-core CG in canonical gauge (see :class:`AAMPO`)."""
+    passes of one-core CG in canonical gauge (see :class:`AAMPO`): the first pass visits the
+    cores right to left, the next left to right, and so on (a pass does not revisit the core
+    it turned on). ``MC`` is ``M C`` if already known. Returns the cores and the final ``M C``."""
     cores = [g.clone() for g in cores]
     n = len(cores)
+    if MC is None:
+        MC = mpo_mod.MPO(cores).to_matrix() @ C
     if sweeps <= 0 or inner <= 0:
-        return cores
-    for k in range(n - 1):            # left-canonical: the centre is the last core
+        return cores, MC
+    for k in range(n - 1):            # left-canonical (QR moves leave M unchanged): the centre is the last core
         _shift(cores, k, right=True)
-    MC = mpo_mod.MPO(cores).to_matrix() @ C
+    k, step = n - 1, -1
+    MC = _cg_core(cores, k, C, P, MC, inner)
     for _ in range(sweeps):
-        for k in range(n - 1, 0, -1):
+        for _ in range(n - 1):
+            _shift(cores, k, right=step > 0)
+            k += step
             MC = _cg_core(cores, k, C, P, MC, inner)
-            _shift(cores, k, right=False)
-        for k in range(n - 1):
-            MC = _cg_core(cores, k, C, P, MC, inner)
-            _shift(cores, k, right=True)
-    _cg_core(cores, n - 1, C, P, MC, inner)
-    return cores
+        step = -step
+    return cores, MC
 
 
 METHOD = re.compile(r"^(svd|asvd|mpo([234])|aa_mpo([234]))$")

@@ -217,3 +217,39 @@ def test_two_cores_is_low_rank_svd_of_rearranged_matrix():
     params, errors = low_rank_curve(w)
     assert params[0] == 48 + 60 and errors[-1] == pytest.approx(0, abs=1e-6)
     assert all(b <= a + 1e-9 for a, b in zip(errors, errors[1:]))
+
+
+def test_contracted_view_is_the_same_function_and_is_undone():
+    from compactify.mpo_layer import MPOLinear as Layer, contracted
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 36)
+    layer = Layer.from_linear(lin, chi=4, cores=3)
+    model = torch.nn.Sequential(layer, torch.nn.ReLU(), Layer.from_linear(torch.nn.Linear(36, 48), chi=3, cores=2))
+    x = torch.randn(5, 7, 48)
+    factored = model(x)
+    with contracted(model) as n:
+        assert n == 2
+        dense = model(x)
+        assert layer._dense is not None and layer._dense.shape == (36, 48)
+    torch.testing.assert_close(dense, factored, rtol=1e-4, atol=1e-5)
+    assert layer._dense is None                     # undone: training sees the cores again
+    model(x).sum().backward()
+    assert layer.cores[0].grad is not None
+
+
+def test_materialized_and_factored_forward_agree_with_gradients():
+    from compactify.mpo_layer import MPOLinear as Layer
+
+    torch.manual_seed(1)
+    a = Layer.from_linear(torch.nn.Linear(48, 36), chi=4, cores=3)
+    b = Layer.from_linear(torch.nn.Linear(48, 36), chi=4, cores=3)
+    b.load_state_dict(a.state_dict())
+    b.materialize_from = None                      # always factored
+    x = torch.randn(2, 40, 48)                     # 80 tokens >= a.materialize_from: one GEMM
+    ya, yb = a(x), b(x)
+    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-5)
+    (ya ** 2).sum().backward()
+    (yb ** 2).sum().backward()
+    for ca, cb in zip(a.cores, b.cores):
+        torch.testing.assert_close(ca.grad, cb.grad, rtol=1e-3, atol=1e-4)

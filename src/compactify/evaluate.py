@@ -19,6 +19,7 @@ callers tokenise once with :func:`tokenize_for_ppl` and pass the ids.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -28,6 +29,7 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .tasks.prepare import prepare_eval_data
 
@@ -308,19 +310,45 @@ def evaluate_model(model, tokenizer, cfg: Mapping, heldout_ids: torch.Tensor | N
     """A model's whole evaluation as the config's ``eval`` section asks: tasks + perplexity.
 
     ``heldout_ids`` (from :func:`heldout_ids_for`) saves re-tokenising when called repeatedly;
-    ``tasks`` overrides ``eval.tasks``. Returns ``{"tasks": run_tasks(...), "perplexity":
-    perplexity(...), "seconds": ...}``.
+    ``tasks`` overrides ``eval.tasks``. With ``eval.contract_mpo`` (default) a tensorized model
+    is scored with each MPO contracted once to its dense matrix (the same function, at dense
+    speed: :func:`compactify.mpo_layer.contracted`); its speed is measured by :func:`task_times`
+    and ``compactify.speed`` with the factored forward. Returns ``{"tasks": run_tasks(...),
+    "perplexity": perplexity(...), "seconds": ..., "mpo_forward": "contracted" | "factored" | None}``.
     """
+    from .mpo_layer import MPOLinear, contracted
+
     ev = cfg["eval"]
     start = time.perf_counter()
-    res = run_tasks(model, tokenizer, ev["tasks"] if tasks is None else tasks, limit=ev["limit"],
-                    num_fewshot=ev["num_fewshot"] or None, batch_size=ev["batch_size"], seed=cfg.get("seed", 0),
-                    source=ev["source"], max_gen_toks=ev["max_gen_toks"] or None, autocast=ev["autocast"])
-    pc = ev["perplexity"]
-    ids = heldout_ids if heldout_ids is not None else heldout_ids_for(tokenizer, cfg)
-    ppl = perplexity(model, tokenizer, ids, seq_len=pc["seq_len"], max_tokens=pc["max_tokens"],
-                     batch_size=pc["batch_size"], autocast=ev["autocast"])
-    return {"tasks": res, "perplexity": ppl, "seconds": time.perf_counter() - start}
+    has_mpo = any(isinstance(m, MPOLinear) for m in model.modules())
+    contract = has_mpo and ev.get("contract_mpo", True)
+    with contracted(model) if contract else contextlib.nullcontext():
+        res = run_tasks(model, tokenizer, ev["tasks"] if tasks is None else tasks, limit=ev["limit"],
+                        num_fewshot=ev["num_fewshot"] or None, batch_size=ev["batch_size"], seed=cfg.get("seed", 0),
+                        source=ev["source"], max_gen_toks=ev["max_gen_toks"] or None, autocast=ev["autocast"])
+        pc = ev["perplexity"]
+        ids = heldout_ids if heldout_ids is not None else heldout_ids_for(tokenizer, cfg)
+        ppl = perplexity(model, tokenizer, ids, seq_len=pc["seq_len"], max_tokens=pc["max_tokens"],
+                         batch_size=pc["batch_size"], autocast=ev["autocast"])
+    return {"tasks": res, "perplexity": ppl, "seconds": time.perf_counter() - start,
+            "mpo_forward": ("contracted" if contract else "factored") if has_mpo else None}
+
+
+def task_times(models: Mapping, tokenizer, cfg: Mapping, tasks=None, progress: bool = True) -> dict:
+    """Fig. 4's per-task inference time: each task run with ``eval.timing_limit`` documents on
+    every model, round-robin over the models per task (so load on the machine hits all alike),
+    with the models' real forward (factored MPOs, bitsandbytes kernels). Returns
+    ``{model: {task: seconds}}`` (wall time of lm-eval's whole pass, forward passes dominate)."""
+    ev = cfg["eval"]
+    tasks = list(ev["tasks"] if tasks is None else tasks)
+    out = {name: {} for name in models}
+    for task in tqdm(tasks, desc="timing tasks", disable=not progress):
+        for name, model in models.items():
+            r = run_tasks(model, tokenizer, [task], limit=ev["timing_limit"], num_fewshot=ev["num_fewshot"] or None,
+                          batch_size=ev["batch_size"], seed=cfg.get("seed", 0), source=ev["source"],
+                          max_gen_toks=ev["max_gen_toks"] or None, autocast=ev["autocast"])
+            out[name][task] = r[task]["seconds"]
+    return out
 
 
 def heldout_ids_for(tokenizer, cfg: Mapping) -> torch.Tensor:

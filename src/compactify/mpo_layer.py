@@ -17,6 +17,8 @@ where the crossover lies.
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import Sequence
 
@@ -99,11 +101,20 @@ def _plan(core_shapes: Sequence[tuple[int, ...]], batch: int) -> tuple[int, list
 class MPOLinear(nn.Module):
     """A drop-in ``nn.Linear`` whose weight is an MPO, stored as trainable cores.
 
-    The forward pass contracts the input with the cores pairwise and never rebuilds the
-    dense matrix. The order is chosen per number of tokens by :func:`_plan` to minimise
-    FLOPs (decode, 1 token, sweeps the input through the cores; long prefills may pre-merge
-    small groups of neighbouring cores first), and cached.
+    For fewer than ``materialize_from`` tokens the forward pass contracts the input with the
+    cores pairwise and never rebuilds the dense matrix. The order is chosen per number of
+    tokens by :func:`_plan` to minimise FLOPs (decode, 1 token, sweeps the input through the
+    cores; long prefills may pre-merge small groups of neighbouring cores first), and cached.
+    From ``materialize_from`` tokens on (prefill, training) it contracts the cores into ``W``
+    first and does one dense GEMM; autograd takes the gradient back to the cores. Why: on
+    SmolLM2's shapes (576x576, 1536x576) at 30% kept, forward+backward over 128 tokens took
+    74-243 ms factored vs 21-37 ms materialized (dense nn.Linear 4-19 ms); at 512 tokens 368-835
+    vs 33-75 ms (dense 27-67 ms): many small einsums lose to one large GEMM, and W costs
+    ``o*i*chi`` FLOPs once per call, not per token (1 thread, /tmp bench in the session notes
+    of issue 6). Set the class attribute (or the instance's) to ``None`` for always-factored.
     """
+
+    materialize_from: int | None = 32
 
     def __init__(self, out_factors: Sequence[int], in_factors: Sequence[int], bond_dims: Sequence[int],
                  bias: bool = True, device=None, dtype=None):
@@ -120,6 +131,7 @@ class MPOLinear(nn.Module):
                                       for k, (o, i) in enumerate(zip(self.out_factors, self.in_factors)))
         self.bias = nn.Parameter(torch.zeros(self.out_features, **kw)) if bias else None
         self._plans: dict[int, tuple] = {}
+        self._dense: torch.Tensor | None = None   # set only inside contracted(): see there
 
     @classmethod
     def from_mpo(cls, mpo: MPO, bias: torch.Tensor | None = None) -> "MPOLinear":
@@ -152,8 +164,12 @@ class MPOLinear(nn.Module):
         return self._plans[batch]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense is not None:
+            return nn.functional.linear(x, self._dense, self.bias)
         lead = x.shape[:-1]
         batch = math.prod(lead)
+        if self.materialize_from is not None and batch >= self.materialize_from:
+            return nn.functional.linear(x, MPO(list(self.cores)).to_matrix(), self.bias)
         n = len(self.cores)
         env = {f"c{k}": c for k, c in enumerate(self.cores)}
         env["c0"] = env["c0"].squeeze(0)  # the boundary bonds r_0 = r_n = 1 carry no index
@@ -192,3 +208,25 @@ class MPOLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, out_factors={self.out_factors}, "
                 f"in_factors={self.in_factors}, bond_dims={self.bond_dims}, bias={self.bias is not None}")
+
+
+@contextlib.contextmanager
+def contracted(model: nn.Module):
+    """Within this block every :class:`MPOLinear` of ``model`` multiplies by its cores contracted
+    once into the dense matrix: the same function (up to float rounding) at dense speed.
+
+    For measuring *quality* only (perplexity, benchmark accuracy): on a CPU at batch 1 the
+    factored forward is 3-24x slower than the dense one (benchmarks/mpo_linear.py), which made a
+    tensorized model's benchmark suite take 5x the dense model's. Speed is always measured
+    with the factored forward (``compactify.speed``, ``evaluate.task_times``). Not for training:
+    the cache holds no gradient path to the cores.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MPOLinear)]
+    try:
+        with torch.no_grad():
+            for m in layers:
+                m._dense = MPO([c.detach().float() for c in m.cores]).to_matrix().to(m.cores[0].dtype).contiguous()
+        yield len(layers)
+    finally:
+        for m in layers:
+            m._dense = None

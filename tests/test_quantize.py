@@ -243,3 +243,11 @@ def test_speed_helpers_side_by_side(embedded):
     r = compare({"a": a, "b": b}, tok, IDS[:1], "Hello there", new_tokens=3, repeats=2)
     assert r["a"]["prefill_ratio"] == 1.0 and r["a"]["decode_ratio"] == 1.0
     assert r["b"]["decode"]["n"] == 2 and r["_setup"]["reference"] == "a"
+
+
+def test_in_features_not_a_multiple_of_64_is_named(monkeypatch):
+    monkeypatch.setattr(Q, "cpu_repacks_4bit", lambda device: True)
+    model = nn.Sequential(nn.Linear(96, 64))         # 96 % 64 != 0: bnb's CPU repack crashed in a reshape
+    with pytest.raises(Q.QuantizeError, match=r"in_features divisible by 64.*: 0\."):
+        Q.quantize(model, 4)
+    assert type(model[0]) is nn.Linear

@@ -22,8 +22,8 @@ here, see tests/test_quantize.py):
 * on a CPU with AVX512-BF16 (``bnb.functional.has_avx512bf16()``) an *eval-mode* 4-bit layer
   repacks its weight at the first forward pass into a CPU tile layout, un-nests the block scales
   into bf16, and from then on multiplies **in bf16 whatever compute dtype was asked for** (the
-  fused kernel only exists for bf16). That repacking asserts ``out_features % 32 == 0`` and an
-  even ``in_features``; :func:`quantize` checks this first and names the layers that fail.
+  fused kernel only exists for bf16). That repacking asserts ``out_features % 32 == 0`` and
+  ``in_features % 64 == 0`` (1376 crashed in a reshape); :func:`quantize` checks this first and names the layers that fail.
 * ``Embedding4bit`` / ``Embedding8bit`` exist and run on CPU, but cannot be saved
   (``_save_to_state_dict`` raises ``NotImplementedError``).
 * ``save_pretrained`` of a model with ``Linear4bit`` / ``Linear8bitLt`` layers works, and reloads
@@ -207,10 +207,10 @@ def quantize(model: nn.Module, bits: int, skip: Iterable[str] = (), quant_type: 
     targets = [(n, m) for n, m in model.named_modules()
                if type(m) is nn.Linear and not _matches(n, skip) and (embeddings or m is not head)]
     if bits == 4 and cpu_repacks_4bit(dev):
-        bad = [n for n, m in targets if m.out_features % 32 or m.in_features % 2]
+        bad = [n for n, m in targets if m.out_features % 32 or m.in_features % 64]
         if bad:
             raise QuantizeError(f"bitsandbytes' bf16 CPU kernel for 4-bit layers needs out_features divisible by 32 and "
-                                f"an even in_features; these layers are not: {', '.join(bad[:5])}"
+                                f"in_features divisible by 64 (its quantization block); these layers are not: {', '.join(bad[:5])}"
                                 f"{' ...' if len(bad) > 5 else ''}. Leave them in full precision with skip=[...].")
     for name, lin in targets:
         model.set_submodule(name, _quantized_linear(lin, bits, quant_type, compute_dtype, threshold, double_quant, dev))

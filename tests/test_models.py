@@ -89,3 +89,16 @@ def test_cuda_without_gpu():
     with pytest.raises(ModelLoadError, match="no CUDA GPU"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_paper_scale_config_stops_at_once_without_the_weights(monkeypatch):
+    """configs/llama2-7b.yaml validates, and on a machine without the weights the first step
+    (loading the model) stops with a message naming it, before any work is done."""
+    from compactify.config import REPO_ROOT, load_config
+
+    cfg = load_config(REPO_ROOT / "configs" / "llama2-7b.yaml")
+    assert cfg["model"] == "meta-llama/Llama-2-7b-hf" and cfg["heal"]["mixed_precision"] == "bf16"
+    assert cfg["sensitivity"]["metric"] == "mmlu" and cfg["eval"]["source"] == "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="meta-llama/Llama-2-7b-hf"):
+        load_model(cfg["model"], dtype=cfg["dtype"], device="cpu")

@@ -103,3 +103,13 @@ def test_fast_error_curve_equals_decomposing(shape, cores):
     for r, (params, err) in curve.items():
         m = sweep.at(target_ratio=r)
         assert params == m.num_params and err == pytest.approx(m.relative_error(w), abs=2e-5)
+
+
+def test_replay_under_bf16_autocast_is_exact_and_close_to_fp32(tiny):
+    model, fp32 = tiny
+    ids = fp32.windows.reshape(-1)
+    bf16 = S.BlockReplay(model, ids, seq_len=32, batch_size=3, autocast=torch.bfloat16)
+    for b in range(3):
+        assert bf16.loss(b) == pytest.approx(bf16.dense_loss, rel=1e-5)   # replay is exact under autocast too
+    assert bf16.dense_loss == pytest.approx(fp32.dense_loss, rel=2e-2)
+    assert bf16.dense_loss != fp32.dense_loss                             # it did compute in bf16

@@ -44,15 +44,19 @@ class BlockReplay:
 
     ``loss(start)`` re-runs blocks ``start..`` from the recorded input of block ``start`` and
     returns the mean next-token NLL (nats) over all windows; ``loss(0)`` is the full model.
+    ``autocast`` (a torch dtype, e.g. ``torch.bfloat16``; None = the model's dtype) runs every
+    forward under ``torch.autocast``: 2x faster on CPUs with AMX, and the dense reference is
+    measured the same way, so increases compare like with like.
     """
 
-    def __init__(self, model, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 8):
+    def __init__(self, model, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 8,
+                 autocast: torch.dtype | None = None):
         ids = ids.reshape(-1)
         n = ids.numel() // seq_len
         if n == 0:
             raise SensitivityError(f"The profiling text has {ids.numel()} tokens, fewer than one window of "
                                    f"seq_len={seq_len}: pass more text or a smaller seq_len.")
-        self.model, self.seq_len = model, seq_len
+        self.model, self.seq_len, self.autocast = model, seq_len, autocast
         self.windows = ids[: n * seq_len].view(n, seq_len)
         self.layers = blocks(model)
         device = next(model.parameters()).device
@@ -73,13 +77,21 @@ class BlockReplay:
             for h in handles:
                 h.remove()
 
+    def _ctx(self):
+        device = next(self.model.parameters()).device
+        return torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None)
+
     @torch.no_grad()
     def _full(self) -> float:
+        with self._ctx():
+            return self._full_sum() / self.tokens
+
+    def _full_sum(self) -> float:
         total = 0.0
         for x in self.batches:
             logits = self.model(input_ids=x, use_cache=False).logits
             total += self._nll_sum(logits, x)
-        return total / self.tokens
+        return total
 
     @property
     def tokens(self) -> int:
@@ -93,6 +105,10 @@ class BlockReplay:
     @torch.no_grad()
     def loss(self, start: int = 0) -> float:
         """Mean NLL with the model as it is now, recomputing only blocks ``start..``."""
+        with self._ctx():
+            return self._replay_sum(start) / self.tokens
+
+    def _replay_sum(self, start: int) -> float:
         inner = self.model.model
         total = 0.0
         for i, x in enumerate(self.batches):
@@ -102,7 +118,7 @@ class BlockReplay:
                 hidden = out[0] if isinstance(out, tuple) else out
             logits = self.model.lm_head(inner.norm(hidden))
             total += self._nll_sum(logits, x)
-        return total / self.tokens
+        return total
 
 
 def _linear(model, block: int, kind: str) -> torch.nn.Linear:

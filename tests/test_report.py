@@ -38,3 +38,16 @@ def test_every_artefact_builds_and_a_deleted_result_fails_alone(tmp_path):
     status = report.build_all(partial, tmp_path / "partial", REPO_ROOT)
     assert "05_heal" in status["Fig. 3"] and status["Fig. 5"] == "ok" and status["Fig. 2"] == "ok"
     assert {r["claim"] for r in report.claims(RESULTS)} >= {"70% fewer parameters", "healing ~2x faster"}
+
+
+PAPER_ARTEFACTS = ["fig1a_mpo", "fig1b_block", "fig2_accuracy", "fig3_healing", "fig4_inference_time", "fig5_sensitivity"]
+
+
+@pytest.mark.skipif(not have_reference, reason="no reference results in data/results (run make reproduce)")
+def test_committed_figures_hold_every_paper_artefact():
+    """figures/ (make figures) has a PNG and a PDF of every paper figure, Tables I-II and the claims."""
+    figs = REPO_ROOT / "figures"
+    missing = [f"{s}.{ext}" for s in PAPER_ARTEFACTS for ext in ("png", "pdf") if not (figs / f"{s}.{ext}").is_file()]
+    missing += [f for f in ("tables.md", "claims.md") if not (figs / f).is_file()]
+    assert not missing, f"figures/ lacks {missing}: run make figures"
+    assert "| claim | paper |" in (figs / "claims.md").read_text()

@@ -251,15 +251,18 @@ def calibration_ids(tokenizer, split: str = "heal", tokens: int = 2048, seed: in
 
 
 def measure(model, tokenizer, weights: Mapping | None, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 4,
-            tasks: Sequence[str] = (), limit: int | None = None, seed: int = 0) -> dict:
+            tasks: Sequence[str] = (), limit: int | None = None, seed: int = 0, autocast: str | None = None) -> dict:
     """Held-out perplexity (and ``tasks`` via lm-eval, ``limit`` documents each) of the model with
-    ``weights`` swapped in (None: the model as it is)."""
+    ``weights`` swapped in (None: the model as it is); ``autocast`` as in
+    :func:`compactify.evaluate.perplexity` (the dense reference is measured the same way)."""
     from .evaluate import perplexity, run_tasks
 
     t0 = time.perf_counter()
     with swapped(model, weights or {}):
-        out = {k: v for k, v in perplexity(model, tokenizer, ids, seq_len=seq_len, batch_size=batch_size).items()}
-        for name, res in (run_tasks(model, tokenizer, list(tasks), limit=limit, seed=seed) if tasks else {}).items():
+        out = {k: v for k, v in perplexity(model, tokenizer, ids, seq_len=seq_len, batch_size=batch_size,
+                                                         autocast=autocast).items()}
+        for name, res in (run_tasks(model, tokenizer, list(tasks), limit=limit, seed=seed, autocast=autocast)
+                          if tasks else {}).items():
             out[name] = res["value"]
             out[f"{name}_stderr"] = res["stderr"]
     out["eval_seconds"] = time.perf_counter() - t0

@@ -190,12 +190,22 @@ def claims(results_dir: Path) -> list[dict]:
                                       sc["bytes"]["llama2_7b_computed"]["bytes"]) if sc else "",
                      "verdict": "reproduced" if mem >= 0.9 else
                      "not reproduced (the tied embedding, 21% of SmolLM2, stays 16-bit)"})
-        paper5 = [t for t in ("mmlu", "hellaswag", "boolq", "triviaqa", "gsm8k") if t in ev["evaluations"]["original"]["tasks"]]
-        o, h = ev["evaluations"]["original"]["tasks"], ev["evaluations"]["88%"]["tasks"]
-        drop = sum(100 * (o[t]["value"] - h[t]["value"]) for t in paper5) / max(1, len(paper5))
+        o, h = ev["evaluations"]["original"], ev["evaluations"]["88%"]
+
+        def drop(tasks):
+            tasks = [t for t in tasks if t in o["tasks"] and t in h["tasks"]]
+            return sum(100 * (o["tasks"][t]["value"] - h["tasks"][t]["value"]) for t in tasks) / max(1, len(tasks)), tasks
+
+        d5, paper5 = drop(("mmlu", "hellaswag", "boolq", "triviaqa", "gsm8k"))
+        dinf, informative = drop(("lambada", "piqa", "arc_easy", "winogrande"))
+        po, ph = o["perplexity"]["ppl"], h["perplexity"]["ppl"]
         rows.append({"claim": "2-3 point accuracy drop (88%)", "paper": "mean 1.4 points over 5 tasks",
-                     "ours": f"mean {drop:.1f} points over {len(paper5)} tasks (see stderr: small limits)",
-                     "verdict": "reproduced" if drop <= 3.5 else "not reproduced"})
+                     "ours": f"mean {d5:.1f} points over the paper's {len(paper5)} tasks, but these sit at chance or 0 "
+                             f"for a 135M model; {dinf:.1f} points over {', '.join(informative)}; held-out perplexity "
+                             f"{po:.1f} -> {ph:.0f} (n = 16-32 per task, stderr 8-12 points)",
+                     "verdict": "reproduced" if dinf <= 3.5 and ph <= 1.2 * po else
+                                "not reproduced (the paper's five tasks cannot show it here; perplexity and the "
+                                "informative tasks show a large loss after this short healing)"})
         sp = ev["speed"]
         rows.append({"claim": "inference >25% faster (tensorized)", "paper": "time <= 0.75 of original",
                      "ours": f"decode {sp['88%']['decode_ratio']:.2f}x, prefill {sp['88%']['prefill_ratio']:.2f}x the original's tokens/s (CPU)",

@@ -189,3 +189,27 @@ def test_embedded_model_scores_above_nothing_and_finite_perplexity(embedded):
     ppl = perplexity(model, tok, ids, seq_len=256, autocast="auto")
     # SmolLM2-135M on 1961 American prose: far better than uniform (49152), not implausibly good.
     assert 5.0 < ppl["ppl"] < 200.0 and ppl["windows"] == 2
+
+
+def test_task_times_and_contracted_scoring_of_a_tensorized_model(embedded, tasks_dir):
+    """Fig. 4's timing pass gives every model every task; evaluate_model scores an MPO model
+    through the contracted view (same scores as the factored forward) and says so."""
+    import copy
+
+    from compactify.config import load_config
+    from compactify.evaluate import evaluate_model, task_times
+    from compactify.tensorize import Plan, tensorize
+
+    tok = embedded[1]
+    dense = tiny_model()
+    mpo = tensorize(copy.deepcopy(dense), Plan.uniform(len(dense.model.layers), target_ratio=0.5))
+    cfg = load_config(None, {"eval.tasks": ["piqa"], "eval.limit": 3, "eval.timing_limit": 2,
+                             "eval.perplexity.max_tokens": 64, "eval.perplexity.seq_len": 32})
+    times = task_times({"dense": dense, "mpo": mpo}, tok, cfg, progress=False)
+    assert set(times) == {"dense", "mpo"} and all(times[m]["piqa"] > 0 for m in times)
+    contracted = evaluate_model(mpo, tok, cfg)
+    factored = evaluate_model(mpo, tok, {**cfg, "eval": {**cfg["eval"], "contract_mpo": False}})
+    assert contracted["mpo_forward"] == "contracted" and factored["mpo_forward"] == "factored"
+    assert evaluate_model(dense, tok, cfg)["mpo_forward"] is None
+    assert contracted["tasks"]["piqa"]["value"] == factored["tasks"]["piqa"]["value"]
+    assert contracted["perplexity"]["ppl"] == pytest.approx(factored["perplexity"]["ppl"], rel=1e-2)

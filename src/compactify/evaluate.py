@@ -20,6 +20,7 @@ callers tokenise once with :func:`tokenize_for_ppl` and pass the ids.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import time
@@ -344,9 +345,12 @@ def task_times(models: Mapping, tokenizer, cfg: Mapping, tasks=None, progress: b
     out = {name: {} for name in models}
     for task in tqdm(tasks, desc="timing tasks", disable=not progress):
         for name, model in models.items():
-            r = run_tasks(model, tokenizer, [task], limit=ev["timing_limit"], num_fewshot=ev["num_fewshot"] or None,
-                          batch_size=ev["batch_size"], seed=cfg.get("seed", 0), source=ev["source"],
-                          max_gen_toks=ev["max_gen_toks"] or None, autocast=ev["autocast"])
+            # lm-eval draws several progress bars per call; 45 short calls flooded a notebook's
+            # output channel (nbval lost the cell's end and timed out), so they go to a buffer.
+            with contextlib.redirect_stderr(io.StringIO()):
+                r = run_tasks(model, tokenizer, [task], limit=ev["timing_limit"], num_fewshot=ev["num_fewshot"] or None,
+                              batch_size=ev["batch_size"], seed=cfg.get("seed", 0), source=ev["source"],
+                              max_gen_toks=ev["max_gen_toks"] or None, autocast=ev["autocast"])
             out[name][task] = r[task]["seconds"]
     return out
 

@@ -182,39 +182,33 @@ def bytes_at_7b(ratio: float, cores: int) -> dict:
 
 
 # ---------------------------------------------------------------- 3. speed
-def _generate(model, ids, n):
-    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                   min_new_tokens=n, pad_token_id=0)
-
-
 def measure_speed(models: dict, device, vocab: int, prefill: int, prompt: int, new_tokens: int, repeats: int,
                   seed: int) -> dict:
-    """Prefill and decode tokens/s, round-robin (repeat 1 of every model, then repeat 2, ...)."""
+    """Prefill and decode tokens/s, round-robin (``compactify.speed.compare`` on random token ids);
+    a model whose first forward fails (a bitsandbytes build without this device's kernels) is
+    left out with the reason."""
+    from compactify.speed import compare
+
     g = torch.Generator().manual_seed(seed)
     pre_ids = torch.randint(3, vocab, (1, prefill), generator=g).to(device)
     dec_ids = torch.randint(3, vocab, (1, prompt), generator=g).to(device)
-    pre, dec, errors = {n: [] for n in models}, {n: [] for n in models}, {}
-    with torch.inference_mode():
-        for name, m in list(models.items()):  # warm-up: allocations, 4-bit repacking, einsum plans
-            try:
-                m.eval()(input_ids=pre_ids, use_cache=False)
-                _generate(m, dec_ids, 2)
-            except Exception as e:  # noqa: BLE001
-                errors[name] = _err(e)
-                del models[name]
-        for _ in tqdm(range(repeats), desc="speed (round-robin)"):
-            for name, m in models.items():
-                pre[name].append(prefill / _seconds(lambda: m(input_ids=pre_ids, use_cache=False), device))
-                one = _seconds(lambda: _generate(m, dec_ids, 1), device)
-                many = _seconds(lambda: _generate(m, dec_ids, new_tokens), device)
-                dec[name].append((new_tokens - 1) / max(many - one, 1e-9))  # the prompt's cost cancels
-    out = {n: {"prefill_tokens_per_s": stats(pre[n]), "decode_tokens_per_s": stats(dec[n])} for n in models}
-    for n in models:
-        for k in ("prefill", "decode"):
-            out[n][f"{k}_ratio_to_dense"] = out[n][f"{k}_tokens_per_s"]["median"] / out["dense"][f"{k}_tokens_per_s"]["median"]
+    errors = {}
+    for name, m in list(models.items()):
+        try:
+            with torch.inference_mode():
+                m.eval()(input_ids=dec_ids, use_cache=False)
+        except Exception as e:  # noqa: BLE001
+            errors[name] = _err(e)
+            del models[name]
+    res = compare(models, None, pre_ids, dec_ids, new_tokens=new_tokens, repeats=repeats, reference="dense",
+                  progress=tqdm)
+    out = {n: {"prefill_tokens_per_s": res[n]["prefill"], "decode_tokens_per_s": res[n]["decode"],
+               "prefill_ratio_to_dense": res[n]["prefill_ratio"], "decode_ratio_to_dense": res[n]["decode_ratio"]}
+           for n in models}
     return {"models": out, "errors": errors, "prefill_tokens": prefill, "decode_prompt_tokens": prompt,
             "decode_new_tokens": new_tokens, "repeats": repeats, "threads": torch.get_num_threads(),
-            "how": "decode = (k-1) / (t(generate k) - t(generate 1)), greedy, KV cache, batch 1; medians"}
+            "how": "compactify.speed.compare: decode = (k-1) / (t(generate k) - t(generate 1)), greedy, KV cache, "
+                   "batch 1; medians"}
 
 
 # ---------------------------------------------------------------- 4. healing

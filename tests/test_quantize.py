@@ -243,6 +243,9 @@ def test_speed_helpers_side_by_side(embedded):
     r = compare({"a": a, "b": b}, tok, IDS[:1], "Hello there", new_tokens=3, repeats=2)
     assert r["a"]["prefill_ratio"] == 1.0 and r["a"]["decode_ratio"] == 1.0
     assert r["b"]["decode"]["n"] == 2 and r["_setup"]["reference"] == "a"
+    ids = tok("Hello there", return_tensors="pt").input_ids          # token ids, no tokenizer (benchmarks/scale.py)
+    r = compare({"a": a, "b": b}, None, IDS[:1], ids, new_tokens=3, repeats=1, reference="b")
+    assert r["b"]["decode_ratio"] == 1.0 and r["_setup"]["decode_prompt_tokens"] == ids.shape[1]
 
 
 def test_in_features_not_a_multiple_of_64_is_named(monkeypatch):

@@ -36,18 +36,28 @@ def stats(times: list[float]) -> dict:
             "values": list(times)}
 
 
+def _sync(t: torch.Tensor) -> None:
+    """Drain the GPU's queue (kernels are asynchronous); nothing on a CPU."""
+    if t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)
+
+
 def _forward_seconds(model, input_ids: torch.Tensor) -> float:
     with torch.inference_mode():
+        _sync(input_ids)
         t = time.perf_counter()
         model(input_ids=input_ids, use_cache=False)
+        _sync(input_ids)
         return time.perf_counter() - t
 
 
 def _generate_seconds(model, input_ids: torch.Tensor, new_tokens: int, pad_token_id: int | None) -> float:
     with torch.inference_mode():
+        _sync(input_ids)
         t = time.perf_counter()
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_token_id)
+        _sync(input_ids)
         dt = time.perf_counter() - t
     assert out.shape[1] == input_ids.shape[1] + new_tokens
     return dt
@@ -87,19 +97,25 @@ def decode_tokens_per_s(model, tokenizer, prompt: str, new_tokens: int = 16, rep
     return {"tokens_per_s": stats(rates), "new_tokens": new_tokens, "prompt_tokens": ids.shape[1]}
 
 
-def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.Tensor, decode_prompt: str,
-            new_tokens: int = 16, repeats: int = 3, reference: str | None = None,
+def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.Tensor,
+            decode_prompt: str | torch.Tensor, new_tokens: int = 16, repeats: int = 3, reference: str | None = None,
             progress: Callable | None = None) -> dict:
     """Prefill and decode tokens/s of several models, measured round-robin in this process.
 
-    Returns ``{name: {"prefill": stats, "decode": stats, "prefill_ratio": x, "decode_ratio": y}}``
-    where the ratios are median tokens/s relative to ``reference`` (default: the first model);
-    a ratio above 1 means faster than the reference.
+    ``decode_prompt`` is text (tokenized with ``tokenizer``) or token ids of shape ``(1, n)``;
+    ``tokenizer`` may be None with ids (pad id 0: batch 1 never pads). Returns ``{name:
+    {"prefill": stats, "decode": stats, "prefill_ratio": x, "decode_ratio": y}}`` where the
+    ratios are median tokens/s relative to ``reference`` (default: the first model); a ratio
+    above 1 means faster than the reference.
     """
     names = list(models)
     reference = reference or names[0]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dec_ids = tokenizer(decode_prompt, return_tensors="pt").input_ids
+    if isinstance(decode_prompt, str):
+        dec_ids = tokenizer(decode_prompt, return_tensors="pt").input_ids.to(prompt_ids.device)
+    else:
+        dec_ids = decode_prompt
+    pad = 0 if tokenizer is None else tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+        else tokenizer.eos_token_id
     pre: dict = {n: [] for n in names}
     dec: dict = {n: [] for n in names}
     for n in names:  # warm-up: first calls allocate, repack 4-bit weights, build caches

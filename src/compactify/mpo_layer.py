@@ -106,12 +106,12 @@ class MPOLinear(nn.Module):
     tokens by :func:`_plan` to minimise FLOPs (decode, 1 token, sweeps the input through the
     cores; long prefills may pre-merge small groups of neighbouring cores first), and cached.
     From ``materialize_from`` tokens on (prefill, training) it contracts the cores into ``W``
-    first and does one dense GEMM; autograd takes the gradient back to the cores. Why: on
-    SmolLM2's shapes (576x576, 1536x576) at 30% kept, forward+backward over 128 tokens took
-    74-243 ms factored vs 21-37 ms materialized (dense nn.Linear 4-19 ms); at 512 tokens 368-835
-    vs 33-75 ms (dense 27-67 ms): many small einsums lose to one large GEMM, and W costs
-    ``o*i*chi`` FLOPs once per call, not per token (1 thread, /tmp bench in the session notes
-    of issue 6). Set the class attribute (or the instance's) to ``None`` for always-factored.
+    first and does one dense GEMM; autograd takes the gradient back to the cores. Why
+    (``benchmarks/materialize.py``, ``data/results/benchmarks/materialize.json``: forward+backward,
+    SmolLM2's shapes at 30% kept, 1 thread): at 1 token factored wins (2.5-4.4 vs 4.9-8.4 ms), from
+    32 tokens on materialized does (14-20 vs 6-11 ms; at 512 tokens 217-462 vs 15-43 ms, dense
+    12-37 ms): many small einsums lose to one large GEMM, and W costs ``o*i*chi`` FLOPs once per
+    call, not per token. Set the class attribute (or the instance's) to ``None`` for always-factored.
     """
 
     materialize_from: int | None = 32

@@ -205,3 +205,122 @@ def test_real_model_one_matrix(embedded):
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref)
+
+
+# ---------------------------------------------------------------- all or nothing
+
+def _state(model):
+    return (type(model), type(model.config), json.dumps(getattr(model.config, "compactify", None), sort_keys=True),
+            [type(m).__name__ for m in model.modules()], logits(model))
+
+
+def _assert_unchanged(model, before):
+    after = _state(model)
+    assert after[:4] == before[:4]
+    torch.testing.assert_close(after[4], before[4], rtol=0, atol=0, equal_nan=True)  # bit for bit
+
+
+def _nan_in_block_1(model):
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    return model
+
+
+def _qwen3():
+    from transformers import Qwen3Config
+    return Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, head_dim=16,
+                       num_attention_heads=4, num_key_value_heads=2)
+
+
+def _gemma():
+    from transformers import GemmaConfig
+    return GemmaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, head_dim=16,
+                       num_attention_heads=4, num_key_value_heads=2)
+
+
+# kind -> (model, plan, exception, words the message must hold). Every plan would succeed on its
+# first matrices: the failure is in a later one, which the old code found after swapping.
+FAILURES = {
+    "unreachable ratio, later matrix": (lambda: model_of(llama2_shaped()), T.Plan(
+        {"0.q": {"target_ratio": 0.3}, "1.k": {"target_ratio": 0.0001}}), T.MPOError, ["'1.k'", "unreachable", "larger ratio"]),
+    "prime intermediate_size": (lambda: model_of(tiny_prime()), T.Plan.uniform(2, chi=4),
+                                T.MPOError, ["'0.gate'", "97", "fewer cores"]),
+    "NaN in a later block": (lambda: _nan_in_block_1(model_of(llama2_shaped())), T.Plan.uniform(2, chi=4),
+                             T.MPOError, ["'1.up'", "NaN", "nothing was changed"]),
+    "unsupported family (Qwen3)": (lambda: model_of(_qwen3()), T.Plan.uniform(2, chi=4), T.PlanError,
+                                   ["Qwen3ForCausalLM", "not a supported", "LlamaForCausalLM, Mistral"]),
+    "unsupported family (Gemma)": (lambda: model_of(_gemma()), T.Plan.uniform(2, chi=4), T.PlanError,
+                                   ["GemmaForCausalLM", "not a supported"]),
+    "chi larger than dense": (lambda: model_of(llama2_shaped()), T.Plan.uniform(2, chi=10**6), T.PlanError,
+                              ["more than the dense", "allow_growth=True", "smaller chi"]),
+}
+
+
+def tiny_prime():
+    return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=97, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("kind", FAILURES)
+def test_failed_tensorize_leaves_the_model_as_it_was(kind, tmp_path):
+    make, plan, exc, words = FAILURES[kind]
+    model = make()
+    before = _state(model)
+    with pytest.raises(exc) as err:
+        T.tensorize(model, plan)
+    for w in words:
+        assert w in str(err.value), str(err.value)
+    _assert_unchanged(model, before)
+    if kind.startswith("unsupported"):
+        return
+    model.save_pretrained(tmp_path)  # saves as the dense model it still is, and reloads bit for bit
+    assert not T.is_compressed_dir(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(again) is before[0]
+    torch.testing.assert_close(logits(again), before[4], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("where", ["decompose", "swap", "interrupt"])
+def test_failure_during_decomposition_or_swap_rolls_back(where, monkeypatch):
+    model = model_of(llama2_shaped())
+    T.tensorize(model, T.Plan({"0.q": {"chi": 4}}))  # an already-compact model: its state must survive too
+    before = _state(model)
+    calls = {"n": 0}
+    real_decompose, real_sync = T.decompose, T._sync
+
+    def failing_decompose(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt if where == "interrupt" else RuntimeError("out of memory (simulated)")
+        return real_decompose(*a, **k)
+
+    def failing_sync(m):
+        real_sync(m)
+        raise RuntimeError("failure after the swap (simulated)")
+
+    if where == "swap":
+        monkeypatch.setattr(T, "_sync", failing_sync)
+    else:
+        monkeypatch.setattr(T, "decompose", failing_decompose)
+    with pytest.raises(KeyboardInterrupt if where == "interrupt" else RuntimeError):
+        T.tensorize(model, T.Plan.uniform(2, chi=4, matrices=("k", "v", "o", "gate", "up")))
+    monkeypatch.undo()
+    _assert_unchanged(model, before)
+    T.tensorize(model, T.Plan.uniform(2, chi=4, matrices=("k",)))  # and it still works
+    assert isinstance(model.model.layers[1].self_attn.k_proj, MPOLinear)
+
+
+def test_allow_growth_is_explicit_and_reported():
+    model = model_of(llama2_shaped())
+    with pytest.warns(UserWarning, match="14 plan entries .* clamped"):
+        T.tensorize(model, T.Plan(T.Plan.uniform(2, chi=10**6).entries, allow_growth=True))
+    rep = T.size_report(model)
+    assert rep["totals"]["matrices_larger_than_dense"] == 14 and "MORE parameters" in rep["totals"]["warning"]
+    assert all(r["larger_than_dense"] for r in rep["rows"])
+    assert model.config.compactify["plan"]["allow_growth"] is True
+    assert T.Plan.from_dict(T.Plan({"0.q": {"chi": 4}}, allow_growth=True).to_dict()).allow_growth
+    assert "allow_growth" not in T.Plan({"0.q": {"chi": 4}}).to_dict()  # old plans' JSON unchanged
+    small = model_of(llama2_shaped())
+    T.tensorize(small, T.Plan.uniform(2, chi=4))
+    assert T.size_report(small)["totals"]["matrices_larger_than_dense"] == 0
+    assert "warning" not in T.size_report(small)["totals"]

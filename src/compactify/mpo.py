@@ -32,7 +32,6 @@ import tensorly as tl
 import torch
 from tensorly.decomposition import tensor_train, tensor_train_matrix
 from tensorly.tenalg.svd import svd_interface
-from tensorly.tt_matrix import tt_matrix_to_matrix
 
 
 class MPOError(ValueError):
@@ -224,8 +223,7 @@ class MPO:
 
     def to_matrix(self) -> torch.Tensor:
         """Contract all cores back into the dense ``out x in`` matrix (for checks, not for use)."""
-        with tl.backend_context("pytorch"):
-            return tt_matrix_to_matrix(self.cores)
+        return cores_to_matrix(self.cores)  # tensorly's tt_matrix_to_matrix in plain torch (same bits)
 
     def relative_error(self, weight: torch.Tensor) -> float:
         """``||W - MPO||_F / ||W||_F``."""
@@ -346,4 +344,4 @@ def low_rank_curve(weight: torch.Tensor) -> tuple[list[int], list[float]]:
     return [r * (out + inp) for r in range(1, len(s2) + 1)], tail.sqrt().tolist()
 
 
-from .mpo_layer import MPOLinear  # noqa: E402  (the layer lives in its own module; re-exported here)
+from .mpo_layer import MPOLinear, cores_to_matrix  # noqa: E402  (the layer lives in its own module; re-exported here)

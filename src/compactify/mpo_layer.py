@@ -98,6 +98,25 @@ def _plan(core_shapes: Sequence[tuple[int, ...]], batch: int) -> tuple[int, list
     return state[0, n - 1][0], program
 
 
+def cores_to_matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract MPO cores ``(r_{k-1}, o_k, i_k, r_k)`` into the dense ``out x in`` matrix.
+
+    Plain torch, the same operations as tensorly's ``tt_matrix_to_matrix`` (so the same bits):
+    chain the cores by matrix products over their bonds, then move the output factors in
+    front of the input factors. Used by :meth:`compactify.mpo.MPO.to_matrix`, by
+    :class:`MPOLinear` for long inputs and by :func:`contracted`; written without tensorly so
+    that the modeling file saved beside a compressed model needs only torch.
+    """
+    res = cores[0]
+    for core in cores[1:]:
+        res = (res.reshape(-1, res.shape[-1]) @ core.reshape(core.shape[0], -1)).reshape(*res.shape[:-1], *core.shape[1:])
+    n = len(cores)
+    out_f, in_f = [c.shape[1] for c in cores], [c.shape[2] for c in cores]
+    full = [d for pair in zip(out_f, in_f) for d in pair]
+    order = list(range(0, 2 * n, 2)) + list(range(1, 2 * n, 2))
+    return res.reshape(full).permute(order).reshape(math.prod(out_f), -1)
+
+
 class MPOLinear(nn.Module):
     """A drop-in ``nn.Linear`` whose weight is an MPO, stored as trainable cores.
 
@@ -169,7 +188,7 @@ class MPOLinear(nn.Module):
         lead = x.shape[:-1]
         batch = math.prod(lead)
         if self.materialize_from is not None and batch >= self.materialize_from:
-            return nn.functional.linear(x, MPO(list(self.cores)).to_matrix(), self.bias)
+            return nn.functional.linear(x, cores_to_matrix(list(self.cores)), self.bias)
         n = len(self.cores)
         env = {f"c{k}": c for k, c in enumerate(self.cores)}
         env["c0"] = env["c0"].squeeze(0)  # the boundary bonds r_0 = r_n = 1 carry no index
@@ -225,7 +244,7 @@ def contracted(model: nn.Module):
     try:
         with torch.no_grad():
             for m in layers:
-                m._dense = MPO([c.detach().float() for c in m.cores]).to_matrix().to(m.cores[0].dtype).contiguous()
+                m._dense = cores_to_matrix([c.detach().float() for c in m.cores]).to(m.cores[0].dtype).contiguous()
         yield len(layers)
     finally:
         for m in layers:

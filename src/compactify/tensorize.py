@@ -14,13 +14,23 @@ and bond dimensions. So ``model.save_pretrained(d)`` writes the cores as safeten
 after ``import compactify.tensorize``, ``AutoModelForCausalLM.from_pretrained(d)`` rebuilds
 the skeleton on the meta device (dense weights of tensorized matrices are never allocated),
 swaps in empty MPO layers and loads the cores: same logits, compressed parameter count.
-:func:`load_compressed` does the same after checking the files against the config. No
-``trust_remote_code`` modeling file is written: the classes live in this package.
+``save_pretrained`` also writes ``auto_map`` and self-contained ``configuration_compactify.py``
+/ ``modeling_compactify.py`` (generated from this package's source, :mod:`compactify.remote_code`),
+so ``from_pretrained(d, trust_remote_code=True)`` works where compactify is not installed.
+Every route checks the files against the config first (:mod:`compactify.compact_model`): a
+missing, extra or truncated tensor is an error, never a matrix at random values.
+
+:func:`tensorize` is all-or-nothing: it checks the whole plan (family, every factorisation,
+finite weights, reachable ratios, no matrix larger than dense unless ``allow_growth``) before
+decomposing anything, decomposes every matrix before swapping any, and rolls the swaps back
+if anything fails, so after an exception the model is exactly as it was.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +38,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .mpo import MPOLinear, MPOSweep, decompose
+from . import remote_code
+from .compact_model import CompressedCheckpointError, check_checkpoint, compact_from_pretrained, compact_init
+from .mpo import MPOError, MPOLinear, MPOSweep, _resolve, count_params, decompose
 
 MATRICES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -40,20 +52,18 @@ class PlanError(ValueError):
     """A plan that does not fit the model (unknown block or matrix, bad chi/ratio)."""
 
 
-class CompressedCheckpointError(ValueError):
-    """A saved compressed model whose tensors do not match the MPO layout in its config."""
-
-
 # ---------------------------------------------------------------- the plan
 
 @dataclass
 class Plan:
     """Which matrices become MPOs: ``entries["<block>.<matrix>"] = {"chi": 32}`` or
     ``{"target_ratio": 0.3}``; a (block, matrix) absent from ``entries`` stays dense.
-    ``cores`` is the number of MPO cores for every matrix."""
+    ``cores`` is the number of MPO cores for every matrix. A ``chi`` that would give a matrix
+    more parameters than the dense one is refused by :func:`tensorize` unless ``allow_growth``."""
 
     entries: dict[str, dict] = field(default_factory=dict)
     cores: int = 3
+    allow_growth: bool = False
 
     def __post_init__(self):
         for key, spec in self.entries.items():
@@ -67,8 +77,15 @@ class Plan:
                 raise PlanError(f"Plan entry '{key}': chi={value!r} must be a positive integer.")
             if "target_ratio" in spec and not (isinstance(value, (int, float)) and 0 < value <= 1):
                 raise PlanError(f"Plan entry '{key}': target_ratio={value!r} must be in (0, 1].")
-        if int(self.cores) < 2:
-            raise PlanError(f"cores={self.cores} must be >= 2.")
+        try:
+            ok = not isinstance(self.cores, bool) and int(self.cores) == self.cores >= 2
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise PlanError(f"cores={self.cores!r} must be an integer >= 2.")
+        self.cores = int(self.cores)
+        if not isinstance(self.allow_growth, bool):
+            raise PlanError(f"allow_growth={self.allow_growth!r} must be true or false.")
 
     @classmethod
     def uniform(cls, num_blocks: int, chi: int | None = None, target_ratio: float | None = None, blocks=None,
@@ -87,14 +104,15 @@ class Plan:
             yield int(block), matrix, spec
 
     def to_dict(self) -> dict:
-        return {"entries": {k: dict(v) for k, v in self.entries.items()}, "cores": int(self.cores)}
+        out = {"entries": {k: dict(v) for k, v in self.entries.items()}, "cores": int(self.cores)}
+        return {**out, "allow_growth": True} if self.allow_growth else out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
-        unknown = set(data) - {"entries", "cores"}
+        unknown = set(data) - {"entries", "cores", "allow_growth"}
         if unknown:
-            raise PlanError(f"Unknown plan keys {sorted(unknown)}; a plan has 'entries' and 'cores'.")
-        return cls(dict(data.get("entries", {})), int(data.get("cores", 3)))
+            raise PlanError(f"Unknown plan keys {sorted(unknown)}; a plan has 'entries', 'cores' and 'allow_growth'.")
+        return cls(dict(data.get("entries", {})), data.get("cores", 3), data.get("allow_growth", False))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -106,15 +124,15 @@ class Plan:
 
 # ---------------------------------------------------------------- registered compact classes
 
-def _compact_init(self, config):
-    """``__init__`` of a compact model: the base model, then an empty MPO layer in place of
-    every tensorized matrix (on the meta device under ``from_pretrained``: no dense weights)."""
-    super(type(self), self).__init__(config)
-    for name, spec in (getattr(config, "compactify", None) or {}).get("modules", {}).items():
-        old = self.get_submodule(name)
-        ref = next(old.parameters())
-        self.set_submodule(name, MPOLinear(spec["out_factors"], spec["in_factors"], spec["bond_dims"],
-                                           bias=spec["bias"], device=ref.device, dtype=ref.dtype))
+_compact_init = compact_init  # the compact classes' __init__ (compactify.compact_model)
+
+
+def _save_pretrained(self, save_directory, *args, **kwargs):
+    """``save_pretrained`` of a compact model, plus the custom-code files and ``auto_map``
+    (:func:`compactify.remote_code.write`) that let any tool load it with ``trust_remote_code``."""
+    super(type(self), self).save_pretrained(save_directory, *args, **kwargs)
+    if kwargs.get("is_main_process", args[0] if args else True):
+        remote_code.write(self, save_directory)
 
 
 def _register(family: str):
@@ -126,7 +144,8 @@ def _register(family: str):
     base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_cfg]
     cfg_cls = type(f"Compact{base_cfg.__name__}", (base_cfg,), {"model_type": f"compactify_{family}", "__module__": __name__})
     model_cls = type(f"Compact{base_model.__name__}", (base_model,),
-                     {"config_class": cfg_cls, "__init__": _compact_init, "__module__": __name__})
+                     {"config_class": cfg_cls, "__init__": compact_init, "__module__": __name__,
+                      "from_pretrained": classmethod(compact_from_pretrained), "save_pretrained": _save_pretrained})
     AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
     AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)
     return base_model, model_cls
@@ -150,7 +169,7 @@ def _sync(model: nn.Module) -> None:
     if modules:
         kept = {k: v for k, v in info.get("plan", {}).get("entries", {}).items() if _module_name(model, *k.split(".")) in modules}
         errors = {k: v for k, v in info.get("relative_errors", {}).items() if k in modules}
-        model.config.compactify = {"plan": {"entries": kept, "cores": info.get("plan", {}).get("cores", 3)},
+        model.config.compactify = {"plan": {**info.get("plan", {}), "entries": kept, "cores": info.get("plan", {}).get("cores", 3)},
                                    "modules": modules, "relative_errors": errors}
         model.__class__ = _COMPACT[base]
     else:
@@ -179,31 +198,96 @@ def _module_name(model: nn.Module, block, matrix: str) -> str:
     return f"model.layers.{block}.{MATRICES[matrix]}"
 
 
-def tensorize(model: nn.Module, plan: Plan, progress: bool = False, errors: bool = True) -> nn.Module:
-    """Replace every matrix named in ``plan`` by an :class:`MPOLinear` (TT-SVD of its weight),
-    in place; return the model. Validates the whole plan before touching anything.
-    ``errors``: also record each matrix's relative error (rebuilds it once; a few seconds per
-    LLaMA-7B matrix) in ``model.config.compactify["relative_errors"]``."""
-    targets = []
+def _family(model: nn.Module) -> type:
+    base = _BASE.get(type(model), type(model))
+    if base not in _COMPACT:
+        raise PlanError(f"{type(model).__name__} is not a supported model family: tensorize knows "
+                        f"{', '.join(c.__name__ for c in _COMPACT)} ({', '.join(FAMILIES)}), whose blocks hold the "
+                        "seven matrices q, k, v, o, gate, up, down. Use a model of one of these families.")
+    return base
+
+
+def check_plan(model: nn.Module, plan: Plan) -> list[tuple]:
+    """Everything :func:`tensorize` needs to know before it changes anything: the family is
+    supported, every entry names a dense ``nn.Linear`` of this model, every shape factorises
+    over ``plan.cores``, every ratio is reachable, every weight is finite, and no MPO has more
+    parameters than its dense matrix (unless ``plan.allow_growth``). Returns
+    ``[(key, module name, layer, spec, bond dims)]``; raises the first problem found, naming
+    the plan entry and the fix (:class:`PlanError`, or :class:`~compactify.mpo.MPOError` /
+    ``FactorizationError`` from the MPO engine)."""
+    _family(model)
+    targets, clamped = [], []
     for block, matrix, spec in plan.items():
-        name = _module_name(model, block, matrix)
+        key, name = f"{block}.{matrix}", _module_name(model, block, matrix)
         layer = model.get_submodule(name)
         if not isinstance(layer, nn.Linear):
             raise PlanError(f"{name} is a {type(layer).__name__}, not a dense nn.Linear (already tensorized?).")
-        targets.append((f"{block}.{matrix}", name, layer, spec))
-    info = getattr(model.config, "compactify", None) or {}
-    entries = {**info.get("plan", {}).get("entries", {}), **plan.entries}
-    rel_errors = dict(info.get("relative_errors", {}))
+        shape = tuple(layer.weight.shape)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out_f, in_f, bonds = _resolve(shape, spec.get("chi"), plan.cores, spec.get("target_ratio"), None, None)
+        except MPOError as e:
+            raise type(e)(f"Plan entry '{key}' ({name}, {shape[0]}x{shape[1]}): {e}") from None
+        clamped += [key] if caught else []
+        params = count_params([o * i for o, i in zip(out_f, in_f)], bonds) + (0 if layer.bias is None else layer.bias.numel())
+        dense = shape[0] * shape[1] + (0 if layer.bias is None else layer.bias.numel())
+        if params > dense and not plan.allow_growth:
+            raise PlanError(f"Plan entry '{key}' ({name}, {shape[0]}x{shape[1]}): {spec} gives an MPO with bonds "
+                            f"{list(bonds)} and {params} parameters, more than the dense matrix's {dense} "
+                            f"({params / dense:.3f}x): it would not compress. Use a smaller chi or a target_ratio "
+                            "< 1, or set allow_growth=True in the plan to allow it.")
+        if layer.weight.is_meta or not torch.isfinite(layer.weight).all():
+            raise MPOError(f"Plan entry '{key}': the weight of {name} contains NaN or Inf (or no data); an SVD of "
+                           "it is meaningless. Check the checkpoint or the dtype it was loaded in; nothing was changed.")
+        targets.append((key, name, layer, spec, bonds))
+    if clamped:
+        warnings.warn(f"{len(clamped)} plan entries ({', '.join(clamped[:5])}{', ...' if len(clamped) > 5 else ''}) ask "
+                      "for a chi above the largest bond their factors allow; clamped (those MPOs are exact).",
+                      UserWarning, stacklevel=3)
+    return targets
+
+
+def tensorize(model: nn.Module, plan: Plan, progress: bool = False, errors: bool = True) -> nn.Module:
+    """Replace every matrix named in ``plan`` by an :class:`MPOLinear` (TT-SVD of its weight),
+    in place; return the model. All or nothing: :func:`check_plan` validates the whole plan
+    first, every matrix is decomposed before any is swapped, and a failure (or an interrupt)
+    at any point leaves the model, its class and its config exactly as they were.
+    ``errors``: also record each matrix's relative error (rebuilds it once; a few seconds per
+    LLaMA-7B matrix) in ``model.config.compactify["relative_errors"]``."""
+    targets = check_plan(model, plan)
+    info = copy.deepcopy(getattr(model.config, "compactify", None))
+    entries = {**(info or {}).get("plan", {}).get("entries", {}), **plan.entries}
+    rel_errors = dict((info or {}).get("relative_errors", {}))
     if progress:
         from tqdm.auto import tqdm
         targets = tqdm(targets, desc="tensorize")
-    for key, name, layer, spec in targets:
-        mpo = decompose(layer.weight, cores=plan.cores, **spec)
-        if errors:
-            rel_errors[name] = round(mpo.relative_error(layer.weight), 6)
-        model.set_submodule(name, MPOLinear.from_mpo(mpo, layer.bias))
-    model.config.compactify = {"plan": {"entries": entries, "cores": plan.cores}, "relative_errors": rel_errors}
-    _sync(model)
+    new = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="chi=.* exceeds the largest bond")  # said once by check_plan
+        for key, name, layer, spec, _ in targets:
+            mpo = decompose(layer.weight, cores=plan.cores, **spec)
+            if errors:
+                rel_errors[name] = round(mpo.relative_error(layer.weight), 6)
+            new.append((name, layer, MPOLinear.from_mpo(mpo, layer.bias)))
+    base, cfg_cls, swapped = type(model), type(model.config), []
+    try:
+        for name, layer, mpo_layer in new:
+            model.set_submodule(name, mpo_layer)
+            swapped.append((name, layer))
+        kept = {"entries": entries, "cores": plan.cores, **({"allow_growth": True} if plan.allow_growth else {})}
+        model.config.compactify = {"plan": kept, "relative_errors": rel_errors}
+        _sync(model)
+    except BaseException:
+        for name, layer in reversed(swapped):
+            model.set_submodule(name, layer)
+        if info is None:
+            model.config.__dict__.pop("compactify", None)
+        else:
+            model.config.compactify = info
+        model.__class__ = base
+        model.config.__class__ = cfg_cls
+        raise
     return model
 
 
@@ -261,7 +345,9 @@ def size_report(model: nn.Module) -> dict:
 
     "Before" is the dense model this one came from (an MPO layer counts ``out*in`` + bias
     before). The totals cover the whole model, embeddings and head included, with tied
-    weights counted once.
+    weights counted once. A tensorized matrix with more parameters than its dense original
+    (only under a plan with ``allow_growth``) is flagged ``larger_than_dense`` and counted in
+    ``totals["matrices_larger_than_dense"]``, with a ``totals["warning"]`` that says so.
     """
     errors = (getattr(model.config, "compactify", None) or {}).get("relative_errors", {})
     rows = []
@@ -275,7 +361,8 @@ def size_report(model: nn.Module) -> dict:
             after = sum(p.numel() for p in layer.parameters())
             row = {"block": block, "matrix": matrix, "shape": [layer.out_features, layer.in_features],
                    "tensorized": isinstance(layer, MPOLinear), "params_before": before, "params_after": after,
-                   "bytes_before": before * el, "bytes_after": after * el, "ratio": after / before}
+                   "bytes_before": before * el, "bytes_after": after * el, "ratio": after / before,
+                   "larger_than_dense": after > before}
             if isinstance(layer, MPOLinear):
                 row.update(bond_dims=list(layer.bond_dims), out_factors=list(layer.out_factors),
                            in_factors=list(layer.in_factors), relative_error=errors.get(name))
@@ -295,7 +382,13 @@ def size_report(model: nn.Module) -> dict:
               "block_params_after": sum(r["params_after"] for r in rows),
               "model_params_before": params + saved, "model_params_after": params,
               "model_bytes_before": nbytes + saved_bytes, "model_bytes_after": nbytes,
-              "model_ratio": params / (params + saved)}
+              "model_ratio": params / (params + saved),
+              "matrices_larger_than_dense": sum(r["larger_than_dense"] for r in rows)}
+    if totals["matrices_larger_than_dense"]:
+        grown = [f"{r['block']}.{r['matrix']}" for r in rows if r["larger_than_dense"]]
+        totals["warning"] = (f"{len(grown)} tensorized matrices ({', '.join(grown[:5])}{', ...' if len(grown) > 5 else ''}) "
+                             "have MORE parameters than their dense originals: the plan allowed growth; "
+                             f"block matrices are {totals['block_params_after'] / totals['block_params_before']:.3f}x dense.")
     return {"rows": rows, "blocks": blocks, "totals": totals}
 
 
@@ -311,55 +404,21 @@ def is_compressed_dir(path) -> bool:
     return str(data.get("model_type", "")).startswith("compactify_") and "compactify" in data
 
 
-def _check_files(path: Path) -> None:
-    """Every MPO in the config has its cores, of the right shapes, and no dense weight;
-    every dense block matrix has its weight."""
-    from safetensors import safe_open
-
-    config = json.loads((path / "config.json").read_text())
-    shapes = {}
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CompressedCheckpointError(f"No *.safetensors in {path}; save with model.save_pretrained(dir).")
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
-    modules = config["compactify"].get("modules", {})
-    problems = []
-    for name, spec in modules.items():
-        r = [1, *spec["bond_dims"], 1]
-        for k, (o, i) in enumerate(zip(spec["out_factors"], spec["in_factors"])):
-            key, want = f"{name}.cores.{k}", (r[k], o, i, r[k + 1])
-            if shapes.get(key) != want:
-                problems.append(f"{key}: expected {want}, found {shapes.get(key, 'nothing')}")
-        if f"{name}.weight" in shapes:
-            problems.append(f"{name}.weight: a dense weight for a matrix the config says is an MPO")
-    for key in shapes:
-        if ".cores." in key and key.split(".cores.")[0] not in modules:
-            problems.append(f"{key}: MPO cores for a matrix the config says is dense")
-    for block in range(int(config.get("num_hidden_layers", 0))):
-        for attr in MATRICES.values():
-            name = f"model.layers.{block}.{attr}"
-            if name not in modules and f"{name}.weight" not in shapes:
-                problems.append(f"{name}.weight: missing (the config says this matrix is dense)")
-    if problems:
-        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
-        raise CompressedCheckpointError(f"{path} does not match the MPO layout in its config.json: {shown}. "
-                                        "Re-save the model with model.save_pretrained(dir).")
+_check_files = check_checkpoint  # the files against the config (compactify.compact_model)
 
 
 def load_compressed(path, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
     """Load a tensorized model saved with ``save_pretrained``, after checking its files.
 
     Equivalent to ``AutoModelForCausalLM.from_pretrained(path, dtype=dtype)`` (which works too
-    once this module is imported), plus the layout check, ``.to(device)`` and ``.eval()``.
+    once this module is imported, and makes the same checks), plus ``.to(device)`` and ``.eval()``.
     """
     path = Path(path)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if not is_compressed_dir(path):
         raise CompressedCheckpointError(f"{path} is not a compressed model directory (no config.json with "
                                         "model_type 'compactify_*'); load dense models with compactify.models.load_model.")
-    _check_files(path)
+    check_checkpoint(path)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)

@@ -34,3 +34,37 @@ def test_every_shipped_config_is_valid(path):
     cfg = load_config(path)
     assert cfg["name"] == yaml.safe_load(path.read_text()).get("name", path.stem)
     assert cfg["run_dir"]
+
+
+@pytest.mark.parametrize("override,words", [
+    ({"heal.steps": "ten"}, ["'heal.steps'", "'ten' (str)", "an integer"]),   # null default: typed by NULL_DEFAULT_TYPES
+    ({"heal.lr": "fast"}, ["'heal.lr'", "a number"]),
+    ({"heal.resume": 1}, ["'heal.resume'", "true or false"]),
+    ({"seed": 1.5}, ["'seed'", "an integer"]),
+    ({"heal.nproc": None}, ["'heal.nproc'", "null, which this key does not take"]),
+    ({"sensitivity.panel_blocks": 3}, ["a string (or a list)"]),
+    ({"mpo.chi_sweep": [1, "a"]}, ["'mpo.chi_sweep'", "position 1"]),
+    ({"eval.limit": "all"}, ["'eval.limit'", "one integer for all"]),
+    ({"heal": 3}, ["'heal'", "a mapping"]),
+    ({"eval.tasks": ["piqa", "mmlu_pro"]}, ["unknown task 'mmlu_pro'", "Did you mean 'mmlu'", "Known tasks"]),
+])
+def test_wrong_types_and_unknown_tasks_fail_at_load(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/smoke.yaml", override)
+    for w in words:
+        assert w in str(err.value), str(err.value)
+    assert "Fix" in str(err.value) or "Known tasks" in str(err.value)
+
+
+@pytest.mark.parametrize("override", [{"heal.lr": 1}, {"eval.limit": 5}, {"eval.limit": None}, {"eval.limit.mmlu": None},
+                                      {"sensitivity.panel_blocks": [0, 3]}, {"eval.autocast": None}, {"heal.steps": 4},
+                                      {"heal.steps": None}, {"frontier.keeps": [1, 0.5]}, {"eval.tasks": ["piqa"]}])
+def test_documented_alternatives_are_accepted(override):
+    load_config("configs/smoke.yaml", override)
+
+
+def test_wrong_type_in_a_config_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("heal:\n  steps: ten\n")
+    with pytest.raises(ConfigError, match="'heal.steps' is 'ten'"):
+        load_config(p)

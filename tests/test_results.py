@@ -27,3 +27,30 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         atomic_write_bytes(p, b'{"v": 2')
     assert json.loads(p.read_text()) == {"v": 1}
     assert not [f for f in tmp_path.iterdir() if f.name != "r.json"], "temporary file left behind"
+
+
+@pytest.mark.parametrize("name,content,words", [
+    ("03_tensorize.json", b'{"meta": {"seed": 0}, "main": {"size_rep', ["03_tensorize.json", "notebook 03_tensorize",
+                                                                        "in the middle of the JSON"]),
+    ("06_evaluate.json", b'{"a": 1,, "b": 2}', ["notebook 06_evaluate", "line 1, column 9"]),
+    ("00_baseline.json", b'\xff\xfe{"a": 1}', ["notebook 00_model_and_baseline", "not UTF-8"]),
+    ("mpo_linear.json", b"", ["benchmarks/mpo_linear.py"]),
+])
+def test_corrupt_result_names_the_file_and_its_notebook(tmp_path, name, content, words):
+    from compactify.results import ResultFileError
+
+    folder = tmp_path / ("benchmarks" if name == "mpo_linear.json" else "results")
+    folder.mkdir()
+    (folder / name).write_bytes(content)
+    with pytest.raises(ResultFileError) as err:
+        read_json(folder / name)
+    for w in words + [str(folder / name), "Rerun"]:
+        assert w in str(err.value), str(err.value)
+    with pytest.raises(FileNotFoundError):  # a missing file is still a missing file
+        read_json(tmp_path / "nope.json")
+
+
+def test_producers_agree_with_the_report():
+    from compactify import report, results
+
+    assert results.PRODUCERS == report.PRODUCERS

@@ -62,8 +62,47 @@ def write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
+# Which notebook (or script) writes each result file: named when one cannot be read. The same
+# map as compactify.report.PRODUCERS (tests/test_results.py checks that they agree).
+PRODUCERS = {"00_baseline.json": "00_model_and_baseline", "02_layer_sensitivity.json": "02_layer_sensitivity",
+             "03_tensorize.json": "03_tensorize", "05_heal.json": "05_heal", "06_evaluate.json": "06_evaluate",
+             "07_frontier.json": "07_frontier"}
+
+
+class ResultFileError(ValueError):
+    """A results JSON that exists but cannot be read (truncated, corrupt, not UTF-8)."""
+
+
+def producer(path: str | Path) -> str:
+    """What to rerun to write ``path`` again, in words."""
+    path = Path(path)
+    if path.name in PRODUCERS:
+        return f"notebook {PRODUCERS[path.name]} (make reproduce runs every notebook, then publishes to data/results/)"
+    if path.parent.name == "scale":
+        return "benchmarks/scale.py (make benchmarks)"
+    if path.parent.name == "benchmarks":
+        return f"benchmarks/{path.stem}.py (make benchmarks)"
+    if path.name in ("heal.json", "meta.json") or "checkpoints" in path.parts:
+        return "the healing run (notebook 05_heal, compactify.heal) with a new out_dir"
+    return "the notebook or script that wrote it"
+
+
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """Read a JSON result; a corrupt file is a :class:`ResultFileError` naming the file, where
+    the problem is and what writes it (a missing one stays a ``FileNotFoundError``)."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return json.loads(data.decode())
+    except UnicodeDecodeError as e:
+        where = f"it is not UTF-8 text (byte {e.start})"
+    except json.JSONDecodeError as e:
+        where = f"invalid JSON at line {e.lineno}, column {e.colno} ({e.msg})"
+        if e.pos >= len(data.rstrip()) or e.msg.startswith("Unterminated"):
+            where += f"; the file ends after {len(data)} bytes, in the middle of the JSON"
+    raise ResultFileError(f"{path} cannot be read: {where}, so it is truncated or corrupt. Results are written "
+                          f"atomically, so it was damaged after writing (a copy, an edit). Rerun {producer(path)} "
+                          "to write it again, or restore it (git checkout for the published data/results/).")
 
 
 def git_commit() -> str | None:

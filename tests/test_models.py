@@ -102,3 +102,31 @@ def test_paper_scale_config_stops_at_once_without_the_weights(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="meta-llama/Llama-2-7b-hf"):
         load_model(cfg["model"], dtype=cfg["dtype"], device="cpu")
+
+
+def test_check_seq_len():
+    from transformers import LlamaForCausalLM
+
+    from compactify.models import ModelLimitError, check_seq_len
+    from conftest import tiny_llama_config
+
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=64))  # max_position_embeddings 256
+    assert check_seq_len(model, 256) == 256
+    with pytest.raises(ModelLimitError, match="eval.perplexity.seq_len=1024 exceeds .*max_position_embeddings=256.*at most 256"):
+        check_seq_len(model, 1024, "eval.perplexity.seq_len")
+    with pytest.raises(ModelLimitError, match="integer >= 2"):
+        check_seq_len(model, "256")
+
+
+def test_damaged_dense_directory(tiny_llama_dir):
+    from safetensors.torch import load_file, save_file
+
+    st = tiny_llama_dir / "model.safetensors"
+    tensors = load_file(st)
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, st, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="lacks 1 tensor.*up_proj.weight.*random values"):
+        load_model(tiny_llama_dir)
+    st.write_bytes(st.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError, match="model.safetensors is truncated"):
+        load_model(tiny_llama_dir)

@@ -39,6 +39,10 @@ class ModelLoadError(ValueError):
     """A model reference that cannot be loaded; the message says why and what to do."""
 
 
+class ModelLimitError(ValueError):
+    """A setting beyond what the model can do (e.g. a window longer than its positions)."""
+
+
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """``auto`` -> cuda if available else cpu; otherwise the device asked for, checked."""
     if spec is None or str(spec) == "auto":
@@ -168,7 +172,20 @@ def _load_dir(path: Path, dtype: torch.dtype, where: str):
         return tensorize.load_compressed(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
     config = AutoConfig.from_pretrained(path)
     _check_decoder_only(config, where)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    from .compact_model import CompressedCheckpointError, safetensors_shapes
+
+    for f in sorted(path.glob("*.safetensors")):  # a truncated file: an error naming it, not a bare SafetensorError
+        try:
+            safetensors_shapes(f)
+        except CompressedCheckpointError as e:
+            raise ModelLoadError(str(e)) from None
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    missing = [k for k in info.get("missing_keys") or [] if not k.endswith("rotary_emb.inv_freq")]
+    if missing:
+        raise ModelLoadError(f"The checkpoint in '{path}' lacks {len(missing)} tensor(s) its config.json needs "
+                             f"({', '.join(sorted(missing)[:8])}{', ...' if len(missing) > 8 else ''}): transformers "
+                             "would leave them at random values. Copy the directory again, or re-save the model "
+                             "with save_pretrained.")
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -226,6 +243,23 @@ def _load_hub(repo_id: str, dtype: torch.dtype):
         raise ModelLoadError(f"Could not load '{repo_id}' from the Hugging Face hub: {e}. Check the id (and that you "
                              "accepted its licence and are logged in, for gated models like Llama-2).") from e
     return model, tok
+
+
+def check_seq_len(model, seq_len: int, what: str = "seq_len") -> int:
+    """``seq_len`` if the model can attend over it, else a :class:`ModelLimitError`.
+
+    Beyond ``max_position_embeddings`` a rotary model's positions are ones it never saw in
+    training: perplexity comes out finite but meaningless (SmolLM2 at 4x its window: 49,390),
+    and healing would train on them. ``what`` names the setting in the message (e.g.
+    ``"eval.perplexity.seq_len"``)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ModelLimitError(f"{what}={seq_len!r} must be an integer >= 2 (tokens per window).")
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and seq_len > int(limit):
+        raise ModelLimitError(f"{what}={seq_len} exceeds the model's max_position_embeddings={limit}: positions past "
+                             f"{limit} were never trained, so the result would be meaningless. Set {what} to at most "
+                             f"{limit}.")
+    return seq_len
 
 
 def blocks(model):

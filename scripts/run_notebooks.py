@@ -2,8 +2,10 @@
 """Run the numbered notebooks in order with papermill under one config (`make reproduce`).
 
 Executed copies go to runs/<config name>/notebooks/. With --publish, the run's result JSON
-(runs/<name>/results/) is copied to data/results/ and its figures to figures/, which is how the
-reference run's numbers reach the README. A failing notebook stops the run and names itself.
+(runs/<name>/results/) is copied to data/results/ and its figures to figures/ *before* notebook
+08 runs, and 08 then rebuilds the paper's figures and tables from those just-published results
+straight into figures/: every published artefact comes from this run. The executed notebooks are
+copied to reports/ at the end. A failing notebook stops the run and names itself.
 """
 import argparse
 import json
@@ -16,6 +18,8 @@ import papermill as pm
 
 from compactify.config import REPO_ROOT, load_config, run_dir
 from compactify.results import write_json
+
+FIGURES_NOTEBOOK = "08_figures"
 
 
 def main() -> int:
@@ -35,13 +39,18 @@ def main() -> int:
     notebooks = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     if args.only:
         notebooks = [n for n in notebooks if any(n.stem.startswith(p) for p in args.only)]
-    timings = {}
+    timings, published = {}, False
     for nb in notebooks:
         print(f"\n=== {nb.name}  (config {cfg['config_path']})", flush=True)
+        nb_overrides = dict(overrides)
+        if args.publish and nb.stem.startswith(FIGURES_NOTEBOOK):
+            publish(cfg)  # 08 must draw this run's results, not the previous run's
+            published = True
+            nb_overrides.update({"figures.results_dir": "data/results", "figures.out_dir": "figures"})
         t0 = time.time()
         try:
             pm.execute_notebook(str(nb), str(out_dir / nb.name), cwd=str(nb.parent), progress_bar=True,
-                                parameters={"config": str(Path(cfg["config_path"]).resolve()), "overrides": overrides})
+                                parameters={"config": str(Path(cfg["config_path"]).resolve()), "overrides": nb_overrides})
         except pm.PapermillExecutionError as e:
             print(f"\n[run] {nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
                   f"[run] the executed copy with the traceback is {out_dir / nb.name}", file=sys.stderr)
@@ -51,9 +60,21 @@ def main() -> int:
     write_json(run_dir(cfg) / "timings.json", {"config": cfg["config_path"], "seconds": timings,
                                                 "total_seconds": round(sum(timings.values()), 1)})
     if args.publish:
-        publish(cfg)
+        if not published:
+            publish(cfg)
+        publish_notebooks(out_dir, notebooks)
     print(json.dumps(timings, indent=1))
     return 0
+
+
+def publish_notebooks(out_dir: Path, notebooks) -> None:
+    """The executed notebooks, outputs included, to reports/ (readable without running anything)."""
+    dest = REPO_ROOT / "reports"
+    dest.mkdir(exist_ok=True)
+    for nb in notebooks:
+        if (out_dir / nb.name).is_file():
+            shutil.copy2(out_dir / nb.name, dest / nb.name)
+            print(f"[publish] reports/{nb.name}")
 
 
 def publish(cfg) -> None:

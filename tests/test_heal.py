@@ -282,3 +282,84 @@ def test_command_line_entry_point_with_overrides_and_its_error_line(tiny, tmp_pa
         main(["--model-dir", str(tiny[1]), "--out-dir", str(tmp_path / "bad"), "--set", "heal.strategy=zero3"])
     assert exit_info.value.code == 2
     assert "HEAL-ERROR rank 0 config-error HealError: heal.strategy 'zero3'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- distillation (heal.loss = kd | mix)
+def test_kd_loss_is_zero_for_the_teacher_itself_and_topk_approximates_it():
+    from compactify.distill import kd_loss
+
+    torch.manual_seed(0)
+    t, s = torch.randn(2, 5, 50), torch.randn(2, 5, 50)
+    assert kd_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
+    full = kd_loss(s, t)
+    assert full.item() > 0
+    v, i = t.topk(50, dim=-1)  # all 50 "top" logits: exactly the full KL
+    assert kd_loss(s, topk=(v, i)).item() == pytest.approx(full.item(), rel=1e-5)
+    v, i = t.topk(10, dim=-1)
+    assert 0 < kd_loss(s, topk=(v, i)).item()
+    assert kd_loss(s, t, temperature=2.0).item() != pytest.approx(full.item())
+
+
+def test_a_teacher_with_another_vocabulary_or_tokenizer_is_refused():
+    from types import SimpleNamespace
+
+    from compactify.distill import TeacherError, check_teacher
+
+    class Tok:
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+    student, tok = SimpleNamespace(config=SimpleNamespace(vocab_size=3)), Tok({"a": 0, "b": 1, "c": 2})
+    check_teacher(student, tok, student, Tok({"a": 0, "b": 1, "c": 2}), "'same'")
+    with pytest.raises(TeacherError, match="vocabulary of 4 tokens, the student 3.*heal.loss=lm"):
+        check_teacher(student, tok, SimpleNamespace(config=SimpleNamespace(vocab_size=4)), tok, "'big'")
+    with pytest.raises(TeacherError, match="different ids"):
+        check_teacher(student, tok, student, Tok({"a": 0, "c": 1, "b": 2}), "'other'")
+    with pytest.raises(HealError, match="heal.loss 'distil' is not one of lm, kd, mix"):
+        HealConfig.from_cfg(load_config(None, {"heal.loss": "distil"}))
+
+
+@pytest.fixture(scope="module")
+def kd_uninterrupted(tiny, tiny_mpo):
+    root, model, text = tiny
+    cfg = heal_cfg(text, loss="kd", teacher=str(model), kd_temperature=2.0)
+    return root / "kd_full", launch(tiny_mpo, root / "kd_full", cfg, nproc=2)
+
+
+def test_two_process_kd_run_logs_both_losses_and_resumes_exactly(tiny, tiny_mpo, kd_uninterrupted):
+    root, model, text = tiny
+    r = kd_uninterrupted[1]
+    assert r["completed"] and r["loss"] == "kd" and r["teacher"]["mode"] == "online" and r["world_size"] == 2
+    curve = r["loss_curve"]
+    assert all(c["kd_loss"] is not None and c["lm_loss"] is not None and c["loss"] == c["kd_loss"] for c in curve)
+    assert curve[-1]["kd_loss"] < curve[0]["kd_loss"]  # the student moves towards its teacher
+    out = root / "kd_resumed"
+    cfg = heal_cfg(text, loss="kd", teacher=str(model), kd_temperature=2.0)
+    assert launch(tiny_mpo, out, {**cfg, "heal": {**cfg["heal"], "stop_after": 3}}, nproc=2)["completed"] is False
+    resumed = launch(tiny_mpo, out, cfg, nproc=2)
+    assert resumed["resumed_from_step"] == 2
+    for a, b in zip(curve, resumed["loss_curve"]):
+        assert abs(a["kd_loss"] - b["kd_loss"]) <= 1e-6 and abs(a["lm_loss"] - b["lm_loss"]) <= 1e-6
+
+
+def test_topk_teacher_mode_writes_its_file_once_and_refuses_one_for_other_data(tiny, tiny_mpo, tmp_path):
+    from compactify.distill import TeacherError
+    from compactify.heal import train
+
+    root, model, text = tiny
+    cfg = heal_cfg(text, loss="mix", teacher=str(model), teacher_mode="topk", teacher_topk=8, steps=3,
+                   checkpoint_every=10)
+    r = train(tiny_mpo, tmp_path / "topk", cfg)
+    assert r["teacher"] == {"model": str(model), "mode": "topk", "temperature": 1.0, "topk": 8}
+    assert (tmp_path / "topk" / "teacher_top8.pt").is_file()
+    c = r["loss_curve"][0]
+    assert c["loss"] == pytest.approx(0.5 * c["lm_loss"] + 0.5 * c["kd_loss"], rel=1e-5)
+    other = tmp_path / "other.txt"
+    other.write_text(synthetic_text(80, seed=7))
+    bad = heal_cfg(other, loss="kd", teacher=str(model), teacher_mode="topk", teacher_topk=8, steps=3,
+                   teacher_file=str(tmp_path / "topk" / "teacher_top8.pt"))
+    with pytest.raises(TeacherError, match="made for other healing data"):
+        train(tiny_mpo, tmp_path / "bad", bad)

@@ -139,6 +139,19 @@ def task_manager(source: str = "local"):
                     "(lm-eval's official tasks, data downloaded from the Hugging Face hub).")
 
 
+def _samples(res: dict, spec: TaskSpec) -> dict:
+    """Per-document records of the primary metric, sorted by document id: what a paired
+    comparison (``compactify.compare``) needs, and nothing of the documents' text."""
+    logged = res.get("samples", {})
+    if spec.lm_eval_name in logged:
+        rows = [(s["doc_id"], s) for s in logged[spec.lm_eval_name]]
+    else:  # a group (the hub's mmlu: 57 subtasks): ids are "subtask/doc"
+        rows = [(f"{sub}/{s['doc_id']}", s) for sub, ss in logged.items() for s in ss]
+    rows = sorted(((i, s) for i, s in rows if s.get("filter", "none") == spec.filter), key=lambda r: r[0])
+    return {"doc_id": [i for i, _ in rows], "score": [float(s[spec.metric]) for _, s in rows],
+            "prompt_hash": [s.get("prompt_hash") for _, s in rows]}
+
+
 def _summary(name: str, res: dict, spec: TaskSpec) -> dict:
     """Our per-task result from lm-eval's: primary metric and stderr, counts, all metrics."""
     key = spec.lm_eval_name
@@ -156,7 +169,7 @@ def _summary(name: str, res: dict, spec: TaskSpec) -> dict:
     return {"task": name, "lm_eval_task": key, "metric": spec.metric, "filter": spec.filter,
             "value": float(value), "stderr": None if stderr in (None, "N/A") else float(stderr),
             "n": int(counted["effective"]), "n_total": int(counted["original"]), "num_fewshot": int(shots),
-            "chance": spec.chance,
+            "chance": spec.chance, "samples": _samples(res, spec),
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
             "versions": res.get("versions", {})}
 
@@ -232,7 +245,7 @@ def run_tasks(model, tokenizer, tasks=PAPER_TASKS, limit=None, num_fewshot=None,
                 with mock.patch("lm_eval.evaluator.add_env_info", lambda results: None):
                     res = simple_evaluate(model=lm, tasks=[spec.lm_eval_name], task_manager=tm, limit=lim,
                                           num_fewshot=shots, gen_kwargs={"max_gen_toks": int(gen)} if gen else None,
-                                          log_samples=False, bootstrap_iters=1000, random_seed=seed,
+                                          log_samples=True, bootstrap_iters=1000, random_seed=seed,
                                           numpy_random_seed=seed, torch_random_seed=seed,
                                           fewshot_random_seed=seed)
             finally:
@@ -258,17 +271,21 @@ def tokenize_for_ppl(tokenizer, text: str, max_tokens: int | None = None) -> tor
 
 
 def perplexity(model, tokenizer, text_or_ids, seq_len: int = 256, max_tokens: int | None = None,
-               batch_size: int = 8, autocast: str | None = None) -> dict:
+               batch_size: int = 8, autocast: str | None = None, text_name: str | None = None) -> dict:
     """Perplexity of ``model`` on a text (or pre-tokenised ids) in non-overlapping windows.
 
     The first ``max_tokens`` tokens are cut into ``windows = tokens // seq_len`` windows of
     ``seq_len`` tokens (the remainder is dropped); within each window every token but the first
     is predicted from the ones before it, so ``tokens = windows * (seq_len - 1)`` are scored.
-    ``nll`` is their mean negative log-likelihood in nats and ``ppl = exp(nll)``. Windows do not
-    overlap and carry no context across their boundary: numbers are comparable only at the same
-    ``seq_len`` (stated in the result), which is what model-to-model comparison needs.
+    ``nll`` is their mean negative log-likelihood in nats and ``ppl = exp(nll)``; ``window_nll``
+    holds each window's mean, for paired comparisons and bootstrap intervals
+    (:mod:`compactify.compare`). ``text`` names the held-out text (:mod:`compactify.heldout`) and
+    ``ids_sha`` hashes the ids, so two results are paired only if they scored the same tokens.
+    Windows carry no context across their boundary: numbers compare only at the same ``seq_len``.
     ``autocast`` ("bfloat16"/"float16") computes under ``torch.autocast``, as in :func:`run_tasks`.
     """
+    from .heldout import ids_digest
+
     if isinstance(text_or_ids, str):
         ids = tokenize_for_ppl(tokenizer, text_or_ids, max_tokens)
     elif isinstance(text_or_ids, torch.Tensor):
@@ -279,6 +296,9 @@ def perplexity(model, tokenizer, text_or_ids, seq_len: int = 256, max_tokens: in
         ids = ids[: int(max_tokens)]
     if seq_len < 2:
         raise EvalError(f"seq_len must be at least 2 (one token of context, one to predict), not {seq_len}.")
+    from .models import check_seq_len
+
+    check_seq_len(model, seq_len, "eval.perplexity.seq_len")
     windows = ids.numel() // seq_len
     if windows == 0:
         raise EvalError(f"The text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}. "
@@ -288,7 +308,7 @@ def perplexity(model, tokenizer, text_or_ids, seq_len: int = 256, max_tokens: in
     batches = ids[: windows * seq_len].view(windows, seq_len)
     was_training = model.training
     model.eval()
-    total = 0.0
+    per_window = []
     try:
         # no_grad rather than inference_mode: compressed layers may cache tensors that a later
         # training step must be able to use.
@@ -296,17 +316,40 @@ def perplexity(model, tokenizer, text_or_ids, seq_len: int = 256, max_tokens: in
             for start in range(0, windows, batch_size):
                 x = batches[start:start + batch_size].to(device)
                 logits = model(input_ids=x, use_cache=False).logits[:, :-1]
-                total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
-                                         reduction="sum").item()
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
+                                      reduction="none").view(x.shape[0], -1).mean(1)
+                per_window += nll.tolist()
     finally:
         model.train(was_training)
     scored = windows * (seq_len - 1)
-    nll = total / scored
+    nll = sum(per_window) / windows
     return {"ppl": math.exp(nll), "nll": nll, "tokens": scored, "seq_len": seq_len, "windows": windows,
-            "autocast": _dtype_name(ac)}
+            "text": text_name, "ids_sha": ids_digest(batches.reshape(-1)), "autocast": _dtype_name(ac),
+            "window_nll": [round(x, 6) for x in per_window]}
 
 
-def evaluate_model(model, tokenizer, cfg: Mapping, heldout_ids: torch.Tensor | None = None,
+@contextlib.contextmanager
+def upcast_half(model):
+    """Score a model whose parameters are 16-bit with the same values held in fp32, where the
+    hardware has no fast 16-bit matmuls (a CPU without AMX / AVX512-BF16: there bf16 matmuls ran
+    ~10x slower than fp32). The upcast is exact, so the function differs only by the rounding of
+    the arithmetic; the parameters are put back afterwards. Yields what it did (None if nothing)."""
+    half = [p for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)]
+    device = next(model.parameters()).device
+    if not half or fast_bf16(device):
+        yield None
+        return
+    kept = [(p, p.data) for p in half]
+    for p in half:
+        p.data = p.data.float()
+    try:
+        yield f"{len(half)} 16-bit parameter tensors scored as exact fp32 copies (no fast 16-bit matmuls here)"
+    finally:
+        for p, data in kept:
+            p.data = data
+
+
+def evaluate_model(model, tokenizer, cfg: Mapping, heldout_ids: Mapping | None = None,
                    tasks=None) -> dict:
     """A model's whole evaluation as the config's ``eval`` section asks: tasks + perplexity.
 
@@ -315,7 +358,8 @@ def evaluate_model(model, tokenizer, cfg: Mapping, heldout_ids: torch.Tensor | N
     is scored with each MPO contracted once to its dense matrix (the same function, at dense
     speed: :func:`compactify.mpo_layer.contracted`); its speed is measured by :func:`task_times`
     and ``compactify.speed`` with the factored forward. Returns ``{"tasks": run_tasks(...),
-    "perplexity": perplexity(...), "seconds": ..., "mpo_forward": "contracted" | "factored" | None}``.
+    "perplexity": <the first held-out text's perplexity(...)>, "perplexity_texts": {text: ...},
+    "seconds": ..., "mpo_forward": "contracted" | "factored" | None}``.
     """
     from .mpo_layer import MPOLinear, contracted
 
@@ -323,16 +367,16 @@ def evaluate_model(model, tokenizer, cfg: Mapping, heldout_ids: torch.Tensor | N
     start = time.perf_counter()
     has_mpo = any(isinstance(m, MPOLinear) for m in model.modules())
     contract = has_mpo and ev.get("contract_mpo", True)
-    with contracted(model) if contract else contextlib.nullcontext():
+    with upcast_half(model) as upcast, contracted(model) if contract else contextlib.nullcontext():
         res = run_tasks(model, tokenizer, ev["tasks"] if tasks is None else tasks, limit=ev["limit"],
                         num_fewshot=ev["num_fewshot"] or None, batch_size=ev["batch_size"], seed=cfg.get("seed", 0),
                         source=ev["source"], max_gen_toks=ev["max_gen_toks"] or None, autocast=ev["autocast"])
         pc = ev["perplexity"]
-        ids = heldout_ids if heldout_ids is not None else heldout_ids_for(tokenizer, cfg)
-        ppl = perplexity(model, tokenizer, ids, seq_len=pc["seq_len"], max_tokens=pc["max_tokens"],
-                         batch_size=pc["batch_size"], autocast=ev["autocast"])
-    return {"tasks": res, "perplexity": ppl, "seconds": time.perf_counter() - start,
-            "mpo_forward": ("contracted" if contract else "factored") if has_mpo else None}
+        texts = heldout_ids if heldout_ids is not None else heldout_ids_for(tokenizer, cfg)
+        ppl = {name: perplexity(model, tokenizer, ids, seq_len=pc["seq_len"], batch_size=pc["batch_size"],
+                                autocast=ev["autocast"], text_name=name) for name, ids in texts.items()}
+    return {"tasks": res, "perplexity": next(iter(ppl.values())), "perplexity_texts": ppl, "upcast": upcast,
+            "seconds": time.perf_counter() - start, "mpo_forward": ("contracted" if contract else "factored") if has_mpo else None}
 
 
 def task_times(models: Mapping, tokenizer, cfg: Mapping, tasks=None, progress: bool = True) -> dict:
@@ -355,14 +399,27 @@ def task_times(models: Mapping, tokenizer, cfg: Mapping, tasks=None, progress: b
     return out
 
 
-def heldout_ids_for(tokenizer, cfg: Mapping) -> torch.Tensor:
-    """The held-out Brown samples (``compactify.corpus``, split "heldout") tokenised for perplexity,
-    cut to ``eval.perplexity.max_tokens``. A cut text is ``corpus.sample`` with seed 0 (the
-    openings of samples in a fixed random order, spanning genres) so every run and model is
-    scored on the same tokens; English prose runs ~4.5 characters per token, 8 is a margin."""
-    from . import corpus
+def heldout_ids_for(tokenizer, cfg: Mapping) -> dict[str, torch.Tensor]:
+    """``{text: token ids}`` for each held-out text of ``eval.perplexity.texts``
+    (:mod:`compactify.heldout`), cut to ``eval.perplexity.max_tokens`` (one number for all texts,
+    or a mapping per text; null = the whole text): every run and model scores the same tokens."""
+    from . import heldout
 
-    max_tokens = cfg["eval"]["perplexity"]["max_tokens"]
-    if max_tokens is None:
-        return tokenize_for_ppl(tokenizer, corpus.text("heldout"))
-    return tokenize_for_ppl(tokenizer, corpus.sample("heldout", max_chars=8 * int(max_tokens), seed=0), max_tokens)
+    pc = cfg["eval"]["perplexity"]
+    names = [heldout.check_name(n) for n in pc["texts"]]
+    if not names:
+        raise EvalError("eval.perplexity.texts is empty: name at least one held-out text "
+                        f"({', '.join(heldout.TEXTS)}).")
+    cut = pc["max_tokens"]
+    if isinstance(cut, Mapping):
+        unknown = set(cut) - set(names)
+        if unknown:
+            raise EvalError(f"eval.perplexity.max_tokens names {sorted(unknown)}, not in eval.perplexity.texts {names}.")
+    out = {}
+    for name in names:
+        n = cut.get(name) if isinstance(cut, Mapping) else cut
+        if n is not None and int(n) < pc["seq_len"]:
+            raise EvalError(f"eval.perplexity.max_tokens for '{name}' is {n}, shorter than one window "
+                            f"(seq_len={pc['seq_len']}). Use at least {pc['seq_len']} tokens.")
+        out[name] = heldout.token_ids(name, tokenizer, n)
+    return out

@@ -332,32 +332,56 @@ PAPER_MODELS = ("original", "8-bit", "4-bit", "88%", "93%")
 
 
 def accuracy_bars(ours: Mapping[str, Mapping[str, Mapping]], paper: Mapping[str, Mapping[str, float]] | None,
-                  tasks: Sequence[str]) -> plt.Figure:
-    """Fig. 2: grouped bars, tasks x models. ``ours[model][task] = {"value", "stderr"}`` (0-1);
-    ``paper[task][model]`` in % (Table II), drawn as a second panel when given."""
+                  tasks: Sequence[str], paired: Mapping[str, Mapping[str, Mapping]] | None = None) -> plt.Figure:
+    """Fig. 2. Left: scores, tasks x models (``ours[model][task] = {"value", "stderr", "n"}``, 0-1),
+    chance as a dotted line. Right (with ``paired[model][task]`` from ``compactify.compare``):
+    each model minus the original on the same documents, in points, with its paired 95% interval;
+    the paper's difference (``paper[task][model]``, Table II, %) as a faded diamond beside it."""
     import numpy as np
 
     apply_style()
-    panels = [("ours", ours)] + ([("paper (LLaMA-2 7B, Table II)", None)] if paper else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 3.4), squeeze=False)
     models = [m for m in PAPER_MODELS if m in ours] + [m for m in ours if m not in PAPER_MODELS]
-    for ax, (title, data) in zip(axes[0], panels):
-        w = 0.8 / len(models)
-        for j, m in enumerate(models):
-            if data is None:
-                if not all(m in paper.get(t, {}) for t in tasks):
-                    continue
-                vals, errs = [paper[t][m] for t in tasks], [0] * len(tasks)
-            else:
-                vals = [100 * data[m][t]["value"] if t in data[m] else np.nan for t in tasks]
-                errs = [100 * (data[m][t].get("stderr") or 0) if t in data[m] else 0 for t in tasks]
-            ax.bar(np.arange(len(tasks)) + (j - (len(models) - 1) / 2) * w, vals, width=w, yerr=errs, capsize=1.5,
-                   color=MODEL_COLORS.get(m, "0.6"), label=m, error_kw={"lw": 0.6})
-        ax.set_xticks(range(len(tasks)), tasks)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(title)
-    axes[0][0].legend(fontsize=7, ncol=len(models))
-    fig.suptitle("Accuracy of the original, quantized and compressed models (cf. paper Fig. 2)", y=1.02)
+    right = paired is not None
+    fig, axes = plt.subplots(1, 2 if right else 1, figsize=(11.5 if right else 6.4, 0.5 * len(tasks) + 2.2),
+                             squeeze=False, gridspec_kw={"width_ratios": [1.15, 1]} if right else None)
+    ax = axes[0][0]
+    h = 0.8 / len(models)
+    for j, m in enumerate(models):
+        vals = [100 * ours[m][t]["value"] if t in ours[m] else np.nan for t in tasks]
+        errs = [100 * (ours[m][t].get("stderr") or 0) if t in ours[m] else 0 for t in tasks]
+        ax.barh(np.arange(len(tasks)) + (j - (len(models) - 1) / 2) * h, vals, height=h, xerr=errs,
+                color=MODEL_COLORS.get(m, "0.6"), label=m, error_kw={"lw": 0.6, "capsize": 1.2})
+    for i, t in enumerate(tasks):
+        ax.plot([100 * CHANCE.get(t, 0)] * 2, [i - 0.45, i + 0.45], ls=":", color="k", lw=1)
+    n = {t: ours["original"][t]["n"] for t in tasks if t in ours.get("original", {})}
+    ax.set_yticks(range(len(tasks)), [f"{t} (n={n.get(t, '?')})" for t in tasks])
+    ax.invert_yaxis()
+    ax.set_xlabel("score (%) ± stderr; dotted: chance")
+    ax.set_title("scores")
+    ax.legend(fontsize=7, loc="lower right", ncol=1)
+    if right:
+        ax = axes[0][1]
+        others = [m for m in models if m != "original"]
+        h = 0.8 / max(1, len(others))
+        for j, m in enumerate(others):
+            y = np.arange(len(tasks)) + (j - (len(others) - 1) / 2) * h
+            d = [paired.get(m, {}).get(t) for t in tasks]
+            x = [r["diff"] if r else np.nan for r in d]
+            lo = [r["diff"] - r["lo"] if r else 0 for r in d]
+            hi = [r["hi"] - r["diff"] if r else 0 for r in d]
+            ax.errorbar(x, y, xerr=[lo, hi], fmt="o", ms=3.5, color=MODEL_COLORS.get(m, "0.6"), lw=1, capsize=1.5,
+                        label=m)
+            if paper:
+                px = [paper[t][m] - paper[t]["original"] if t in paper and m in paper[t] else np.nan for t in tasks]
+                ax.plot(px, y, "D", ms=4, color=MODEL_COLORS.get(m, "0.6"), alpha=0.3, mec="none")
+        ax.axvline(0, color="k", lw=0.8)
+        ax.axvspan(-3, 0, color="0.85", alpha=0.5, lw=0)
+        ax.set_yticks(range(len(tasks)), [""] * len(tasks))
+        ax.invert_yaxis()
+        ax.set_xlabel("model − original (points), paired 95% interval")
+        ax.set_title("difference on the same documents" + (" (faded ◆: paper, LLaMA-2 7B)" if paper else ""))
+        ax.text(-1.5, -0.6, "paper's\n≤3-point band", ha="center", va="bottom", fontsize=7, color="0.35")
+    fig.suptitle("Accuracy of the original, quantized and compressed models (cf. paper Fig. 2)", y=1.0)
     fig.tight_layout()
     return fig
 

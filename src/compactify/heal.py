@@ -39,6 +39,7 @@ import yaml
 from .config import load_config
 from .heal_data import (HealError, ShardedSampler, check_resume, data_path_hint, find_checkpoint, load_checkpoint,
                         packed_data, plan_steps, save_checkpoint)
+from .distill import LOSSES, TEACHER_MODES, TopKTeacher, kd_loss, load_teacher, precompute_topk, teacher_logits
 from .results import atomic_write_bytes, read_json, save_results
 
 TRAINABLE_GROUPS = ("mpo", "dense", "norms", "embeddings", "all")
@@ -68,6 +69,13 @@ class HealConfig:
     mixed_precision: str
     stop_after: int | None
     activation_checkpointing: bool
+    loss: str
+    kd_temperature: float
+    kd_weight: float
+    teacher: str | None
+    teacher_mode: str
+    teacher_topk: int
+    teacher_file: str | None
     seed: int
     device: str
 
@@ -76,6 +84,14 @@ class HealConfig:
         mine = {f.name for f in fields(cls)}  # the section may hold keys for notebooks too (compare_steps)
         hc = cls(**{k: v for k, v in cfg["heal"].items() if k in mine}, seed=int(cfg["seed"]),
                  device=str(cfg["device"]))
+        if hc.teacher is None:  # the original model this study compressed
+            hc.teacher = str(cfg.get("model", "embedded"))
+        for key, allowed in (("loss", LOSSES), ("teacher_mode", TEACHER_MODES)):
+            if getattr(hc, key) not in allowed:
+                raise HealError(f"heal.{key} '{getattr(hc, key)}' is not one of {', '.join(allowed)}.")
+        if not 0 <= float(hc.kd_weight) <= 1 or float(hc.kd_temperature) <= 0:
+            raise HealError(f"heal.kd_weight must be in [0, 1] (got {hc.kd_weight}) and heal.kd_temperature > 0 "
+                            f"(got {hc.kd_temperature}).")
         if hc.strategy not in ("fsdp2", "ddp"):
             raise HealError(f"heal.strategy '{hc.strategy}' is not one of fsdp2, ddp.")
         if hc.mixed_precision not in ("bf16", "fp32"):
@@ -208,12 +224,64 @@ def _export(model_dir, full_sd: dict, dest: Path) -> None:
     save_model_dir(fresh, tok, dest)
 
 
+def compute_mode(hc: HealConfig, device: torch.device) -> str:
+    """What the forward computes in: "fsdp-bf16" (CUDA FSDP2 policy), "autocast-bf16" (DDP on CUDA,
+    or a CPU with fast bf16: AMX here), or "fp32". Master weights, gradients and AdamW stay fp32."""
+    from .evaluate import fast_bf16
+
+    if hc.mixed_precision != "bf16" or not fast_bf16(device):
+        return "fp32"
+    return "fsdp-bf16" if device.type == "cuda" and hc.strategy == "fsdp2" else "autocast-bf16"
+
+
+def _teacher_for(hc, model, tok, data, sampler_rows, out_dir: Path, device, rank):
+    """The online teacher model, or the top-k file (rank 0 writes it once), or None for heal.loss=lm."""
+    if hc.loss == "lm":
+        return None, None
+    bf16 = hc.mixed_precision == "bf16"
+    if hc.teacher_mode == "online":
+        return load_teacher(hc.teacher, model, tok, device, bf16), None
+    path = Path(hc.teacher_file) if hc.teacher_file else out_dir / f"teacher_top{hc.teacher_topk}.pt"
+    if not hc.teacher_file and rank == 0 and not path.is_file():
+        teacher = load_teacher(hc.teacher, model, tok, device, bf16)
+        precompute_topk(teacher, data, sampler_rows, hc.teacher_topk, path)
+        del teacher
+    dist.barrier()
+    return None, TopKTeacher(path, data, sampler_rows, model.config.vocab_size)
+
+
+def _losses(model, batch, rows, hc, teacher, topk, autocast) -> tuple[torch.Tensor, float, float | None]:
+    """The training loss of one batch (heal.loss), with its next-token and KD parts for the curve."""
+    import torch.nn.functional as F
+
+    with autocast:
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+        kd = None
+        if teacher is not None:
+            kd = kd_loss(logits, teacher_logits(teacher, batch)[:, :-1], temperature=hc.kd_temperature)
+        elif topk is not None:
+            vals, idx = topk.lookup(rows, batch.device)
+            kd = kd_loss(logits, topk=(vals[:, : logits.shape[1]], idx[:, : logits.shape[1]]),
+                         temperature=hc.kd_temperature)
+    loss = lm if kd is None else kd if hc.loss == "kd" else (1 - hc.kd_weight) * lm + hc.kd_weight * kd
+    return loss, lm.detach(), None if kd is None else kd.detach()
+
+
+def _global_mean(*xs) -> list:
+    """Mean over ranks of scalar tensors (None stays None): every rank's batch has the same token count."""
+    t = torch.stack([x.float() if x is not None else torch.zeros(()) for x in xs])
+    dist.all_reduce(t)
+    t = (t / dist.get_world_size()).tolist()
+    return [None if x is None else v for x, v in zip(xs, t)]
+
+
 def train(model_dir, out_dir, cfg: dict) -> dict | None:
     """Heal ``model_dir`` into ``out_dir`` (each rank runs this); rank 0 returns heal.json's data."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from tqdm.auto import tqdm
 
-    from .models import load_model
+    from .models import check_seq_len, load_model
 
     hc, out_dir, t_start = HealConfig.from_cfg(cfg), Path(out_dir), time.perf_counter()
     device = _init_distributed(hc)
@@ -222,16 +290,19 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
         torch.manual_seed(hc.seed)
         model, tok = load_model(model_dir)
         model.train()
+        model.config.use_cache = False  # no KV cache while training (and no warning about it with checkpointing)
         counts = select_trainable(model, hc.trainable)
         if hc.activation_checkpointing:  # recompute each block's activations in the backward pass
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        check_seq_len(model, hc.seq_len, "heal.seq_len")
         data = packed_data(tok, hc.data, hc.seq_len, hc.seed)
         plan = plan_steps(len(data), hc.seq_len, world, hc.batch_per_rank, hc.tokens, hc.steps, hc.max_epochs)
         fingerprint = {"model": model_fingerprint(model), "data": data_path_hint(hc.data),
                        "data_sha": hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16], "world_size": world,
                        "steps": plan["steps"], **{k: v for k, v in asdict(hc).items() if k in (
                            "strategy", "seq_len", "batch_per_rank", "lr", "min_lr_ratio", "warmup", "weight_decay",
-                           "grad_clip", "trainable", "mixed_precision", "seed")}}
+                           "grad_clip", "trainable", "mixed_precision", "seed", "loss", "kd_temperature", "kd_weight",
+                           "teacher", "teacher_mode", "teacher_topk")}}
         root = out_dir / "checkpoints"
         ckpt, warnings = find_checkpoint(root)
         if ckpt is not None:
@@ -243,10 +314,14 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
             for w in warnings:
                 print(w, file=sys.stderr, flush=True)
             (out_dir / "heal.json").unlink(missing_ok=True)  # its presence means: this run completed
+        sampler = ShardedSampler(len(data), hc.batch_per_rank, world, rank, hc.seed)
+        all_rows = torch.cat([ShardedSampler(len(data), hc.batch_per_rank, world, r, hc.seed).indices(s)
+                              for s in range(plan["steps"]) for r in range(world)])
+        teacher, topk = _teacher_for(hc, model, tok, data, all_rows, out_dir, device, rank)
+        mode = compute_mode(hc, device)
         model = wrap_model(model, hc, device)
         params = [p for p in model.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(params, lr=hc.lr, weight_decay=hc.weight_decay)
-        sampler = ShardedSampler(len(data), hc.batch_per_rank, world, rank, hc.seed)
         curve, seconds_before = [], 0.0
         if ckpt is not None:
             meta = load_checkpoint(ckpt, model, optim)
@@ -256,37 +331,35 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
                 print(f"heal: resuming from {ckpt} at step {sampler.position}", file=sys.stderr, flush=True)
         start, total, tps = sampler.position, plan["steps"], plan["tokens_per_step"]
         end = total if hc.stop_after is None else min(total, hc.stop_after)
-        bf16_ddp = hc.strategy == "ddp" and device.type == "cuda" and hc.mixed_precision == "bf16"
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16_ddp else contextlib.nullcontext()
-        bar = tqdm(total=plan["tokens"], initial=start * tps, unit="tok", unit_scale=True, desc="heal",
-                   disable=rank != 0, mininterval=1.0, file=sys.stderr)
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if mode == "autocast-bf16"
+                    else contextlib.nullcontext())
+        bar = tqdm(total=plan["tokens"], initial=start * tps, unit="tok", unit_scale=True, desc=f"heal ({hc.loss})",
+                   disable=rank != 0, mininterval=2.0, file=sys.stderr)
         seconds = 0.0
         for step in range(start, end):
             t0 = time.perf_counter()
             lr = lr_at(step, total, hc)
             for group in optim.param_groups:
                 group["lr"] = lr
+            rows = sampler.indices(sampler.position)
             batch = sampler.next_batch(data).to(device)
-            with autocast:
-                loss = model(input_ids=batch, labels=batch).loss
+            loss, lm, kd = _losses(model, batch, rows, hc, teacher, topk, autocast)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, hc.grad_clip)
             optim.step()
             optim.zero_grad(set_to_none=True)
-            mean_loss = loss.detach().float()
-            dist.all_reduce(mean_loss)  # every rank's batch has the same token count: mean of means
-            mean_loss = float(mean_loss) / world
+            mean_loss, mean_lm, mean_kd = _global_mean(loss.detach(), lm, kd)
             dt = time.perf_counter() - t0
             seconds += dt
-            curve.append({"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
-                          "tokens": (step + 1) * tps, "seconds": dt})
+            curve.append({"step": step + 1, "loss": mean_loss, "lm_loss": mean_lm, "kd_loss": mean_kd, "lr": lr,
+                          "grad_norm": float(grad_norm), "tokens": (step + 1) * tps, "seconds": dt})
             bar.update(tps)
             bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
             if (step + 1) % hc.checkpoint_every == 0 or step + 1 == total:
                 path = save_checkpoint(root, step + 1, model, optim, {
                     "step": step + 1, "sampler": sampler.state_dict(), "curve": curve, "fingerprint": fingerprint,
                     "train_seconds": seconds_before + seconds}, hc.keep_checkpoints)
-                if rank == 0:
+                if rank == 0 and step + 1 < total:
                     bar.write(f"heal: saved checkpoint {path}", file=sys.stderr)
         bar.close()
         if end < total:
@@ -302,14 +375,18 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
         if rank == 0:
             _export(model_dir, full_sd, out_dir / "model")
             done = end - start
+            steady = curve[max(start, 1):] or curve  # step 1 also allocates the AdamW state
             result = {
                 "completed": True, "model_dir": str(model_dir), "healed_model": str(out_dir / "model"),
                 "world_size": world, "backend": dist.get_backend(), "strategy": hc.strategy,
-                "device": str(device), "compute_dtype": "bfloat16" if (device.type == "cuda" and hc.mixed_precision
-                                                                       == "bf16") else "float32",
+                "device": str(device), "compute": mode, "threads_per_rank": torch.get_num_threads(),
+                "loss": hc.loss, "teacher": None if hc.loss == "lm" else {
+                    "model": hc.teacher, "mode": hc.teacher_mode, "temperature": hc.kd_temperature,
+                    "topk": hc.teacher_topk if hc.teacher_mode == "topk" else None},
                 "params": counts, "plan": plan, "resumed_from_step": start if ckpt is not None else None,
                 "steps_this_run": done, "tokens_this_run": done * tps, "train_seconds": seconds,
                 "tokens_per_s": done * tps / seconds if seconds > 0 else None,
+                "tokens_per_s_steady": len(steady) * tps / sum(p["seconds"] for p in steady),
                 "train_seconds_all_sessions": seconds_before + seconds,
                 "wall_seconds": time.perf_counter() - t_start,
                 "peak_rss_mib_per_rank": [p[0] for p in peaks], "peak_gpu_mib_per_rank": [p[1] for p in peaks],

@@ -9,3 +9,9 @@ factories, so ``AutoModelForCausalLM.from_pretrained(dir)`` loads a saved MPO mo
 __version__ = "0.1.0"
 
 from . import tensorize  # noqa: E402,F401  (registers CompactLlamaForCausalLM & co.)
+
+# transformers draws a progress bar for every model load and save ("Loading weights 0/272"): in a
+# notebook that reloads models a dozen times they are noise, and frozen copies of them fill its outputs.
+from transformers.utils import logging as _hf_logging  # noqa: E402
+
+_hf_logging.disable_progress_bar()

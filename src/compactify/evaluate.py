@@ -232,7 +232,8 @@ def run_tasks(model, tokenizer, tasks=PAPER_TASKS, limit=None, num_fewshot=None,
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=ac)
     out = {}
     try:
-        for name in names:
+        # One progress bar over the tasks; lm-eval's own bars and messages (several per call) go to a buffer.
+        for name in tqdm(names, desc="tasks", disable=verbose or len(names) < 2, leave=False, mininterval=1):
             spec = SPECS[name]
             lim, shots = _per_task(limit, name, "limit"), _per_task(num_fewshot, name)
             gen = _per_task(max_gen_toks, name) if spec.generative else None
@@ -242,7 +243,8 @@ def run_tasks(model, tokenizer, tasks=PAPER_TASKS, limit=None, num_fewshot=None,
             # subprocesses: ~2 s per task here). Our results carry their own provenance
             # (compactify.results.metadata), so skip it.
             try:
-                with mock.patch("lm_eval.evaluator.add_env_info", lambda results: None):
+                quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())
+                with mock.patch("lm_eval.evaluator.add_env_info", lambda results: None), quiet:
                     res = simple_evaluate(model=lm, tasks=[spec.lm_eval_name], task_manager=tm, limit=lim,
                                           num_fewshot=shots, gen_kwargs={"max_gen_toks": int(gen)} if gen else None,
                                           log_samples=True, bootstrap_iters=1000, random_seed=seed,

@@ -5,9 +5,13 @@ The paper retrains the MPO-compressed LLaMA for "less than a single epoch" of ch
 :func:`train`: load the model (dense or MPO-compressed) and choose what trains
 (:func:`select_trainable`); pack the healing text (:mod:`compactify.heal_data`); shard the
 model with PyTorch-native FSDP2 (``fully_shard`` on each decoder block, then the root; it runs
-on CPU with gloo in torch 2.13, whose device mesh may be "cpu") or replicate it with DDP;
-gloo on CPU, NCCL on CUDA with bf16 compute; AdamW with warmup + cosine decay and gradient
-clipping, the global mean loss logged every step (tqdm on rank 0 shows tokens/s).
+on CPU with gloo, whose device mesh may be "cpu") or replicate it with DDP; gloo on CPU, NCCL
+on CUDA; bf16 compute with fp32 master weights where the hardware has fast bf16
+(:func:`compute_mode`); AdamW with warmup + cosine decay and gradient clipping.
+
+The loss (``heal.loss``) is the paper's next-token loss (``lm``), distillation from the original
+model (``kd``: :mod:`compactify.distill`, the teacher online or as stored top-k logits), or a
+mix; every step logs the global mean of the loss, its next-token part and its KD part.
 
 Every ``checkpoint_every`` steps a ``torch.distributed.checkpoint`` (DCP) checkpoint holds model
 + optimizer, each rank's RNG state and the data position. It is written into a temporary
@@ -23,13 +27,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import math
 import os
 import resource
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -39,137 +42,12 @@ import yaml
 from .config import load_config
 from .heal_data import (HealError, ShardedSampler, check_resume, data_path_hint, find_checkpoint, load_checkpoint,
                         packed_data, plan_steps, save_checkpoint)
-from .distill import LOSSES, TEACHER_MODES, TopKTeacher, kd_loss, load_teacher, precompute_topk, teacher_logits
+from .distill import TopKTeacher, kd_loss, load_teacher, precompute_topk, teacher_logits
+from .heal_setup import (TRAINABLE_GROUPS, HealConfig, available_devices, check_nproc, lr_at,  # noqa: F401 (re-exported)
+                         model_fingerprint, select_trainable)
 from .results import atomic_write_bytes, read_json, save_results
 
-TRAINABLE_GROUPS = ("mpo", "dense", "norms", "embeddings", "all")
 ERROR_TAG = "HEAL-ERROR"
-
-
-@dataclass
-class HealConfig:
-    """The ``heal`` section of the config (defaults: ``defaults/heal.yaml``) + run seed and device."""
-    nproc: int
-    strategy: str
-    data: str
-    seq_len: int
-    batch_per_rank: int
-    tokens: int | None
-    steps: int | None
-    max_epochs: float
-    lr: float
-    min_lr_ratio: float
-    warmup: float
-    weight_decay: float
-    grad_clip: float
-    trainable: list
-    checkpoint_every: int
-    keep_checkpoints: int
-    resume: bool
-    mixed_precision: str
-    stop_after: int | None
-    activation_checkpointing: bool
-    loss: str
-    kd_temperature: float
-    kd_weight: float
-    teacher: str | None
-    teacher_mode: str
-    teacher_topk: int
-    teacher_file: str | None
-    seed: int
-    device: str
-
-    @classmethod
-    def from_cfg(cls, cfg: dict) -> "HealConfig":
-        mine = {f.name for f in fields(cls)}  # the section may hold keys for notebooks too (compare_steps)
-        hc = cls(**{k: v for k, v in cfg["heal"].items() if k in mine}, seed=int(cfg["seed"]),
-                 device=str(cfg["device"]))
-        if hc.teacher is None:  # the original model this study compressed
-            hc.teacher = str(cfg.get("model", "embedded"))
-        for key, allowed in (("loss", LOSSES), ("teacher_mode", TEACHER_MODES)):
-            if getattr(hc, key) not in allowed:
-                raise HealError(f"heal.{key} '{getattr(hc, key)}' is not one of {', '.join(allowed)}.")
-        if not 0 <= float(hc.kd_weight) <= 1 or float(hc.kd_temperature) <= 0:
-            raise HealError(f"heal.kd_weight must be in [0, 1] (got {hc.kd_weight}) and heal.kd_temperature > 0 "
-                            f"(got {hc.kd_temperature}).")
-        if hc.strategy not in ("fsdp2", "ddp"):
-            raise HealError(f"heal.strategy '{hc.strategy}' is not one of fsdp2, ddp.")
-        if hc.mixed_precision not in ("bf16", "fp32"):
-            raise HealError(f"heal.mixed_precision '{hc.mixed_precision}' is not one of bf16, fp32.")
-        groups = [hc.trainable] if isinstance(hc.trainable, str) else list(hc.trainable)
-        bad = [g for g in groups if g not in TRAINABLE_GROUPS]
-        if bad or not groups:
-            raise HealError(f"heal.trainable {hc.trainable} must be a non-empty list of: "
-                            f"{', '.join(TRAINABLE_GROUPS)}.")
-        hc.trainable = groups
-        for key in ("nproc", "seq_len", "batch_per_rank", "checkpoint_every", "keep_checkpoints"):
-            if int(getattr(hc, key)) < 1:
-                raise HealError(f"heal.{key} must be at least 1, got {getattr(hc, key)}.")
-        return hc
-
-
-def select_trainable(model: torch.nn.Module, groups: list[str]) -> dict:
-    """Set ``requires_grad`` by parameter group; return counts. Groups, matched generically:
-
-    ``mpo``: parameters of modules whose class is named ``MPOLinear`` (the cores);
-    ``dense``: ``nn.Linear`` layers other than the LM head (the matrices left uncompressed);
-    ``norms``: modules whose class name ends in ``Norm`` (RMSNorm / LayerNorm scales);
-    ``embeddings``: the input embedding and the output head (one tensor when tied);
-    ``all``: every floating-point parameter. Integer (quantized) weights never train.
-    """
-    emb = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
-           for p in m.parameters()}
-    chosen: set[int] = set()
-    for module in model.modules():
-        cls = type(module).__name__
-        params = list(module.parameters(recurse=cls == "MPOLinear"))
-        if ("mpo" in groups and cls == "MPOLinear"
-                or "dense" in groups and isinstance(module, torch.nn.Linear) and cls != "MPOLinear"
-                or "norms" in groups and cls.endswith("Norm")):
-            chosen |= {id(p) for p in params if id(p) not in emb}
-    if "embeddings" in groups:
-        chosen |= emb
-    for p in model.parameters():
-        p.requires_grad_(p.is_floating_point() and ("all" in groups or id(p) in chosen))
-    unique = {id(p): p for p in model.parameters()}.values()
-    counts = {"trainable": sum(p.numel() for p in unique if p.requires_grad),
-              "total": sum(p.numel() for p in unique), "groups": list(groups)}
-    if counts["trainable"] == 0:
-        raise HealError(f"heal.trainable={groups} selects no parameters of this model (a dense model has no "
-                        "MPOLinear modules). For a dense fine-tune use heal.trainable=[dense, norms] or [all].")
-    return counts
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of every tensor's name, shape, dtype and first 4096 values: which model this is."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def lr_at(step: int, total: int, hc: HealConfig) -> float:
-    """Learning rate for 0-based ``step``: linear warmup over ``warmup`` x total steps, then cosine
-    decay to ``min_lr_ratio`` x lr. A pure function of the step, so resuming needs no scheduler state."""
-    warm = max(1, round(hc.warmup * total)) if hc.warmup > 0 else 0
-    if step < warm:
-        return hc.lr * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return hc.lr * (hc.min_lr_ratio + (1 - hc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def available_devices(device: torch.device) -> int:
-    """GPUs on CUDA, usable CPU cores on CPU: the most processes one node should run."""
-    return torch.cuda.device_count() if device.type == "cuda" else len(os.sched_getaffinity(0))
-
-
-def check_nproc(nproc: int, device: torch.device) -> None:
-    have = available_devices(device)
-    if nproc > have:
-        what = "CUDA GPUs" if device.type == "cuda" else "CPU cores"
-        raise HealError(f"{nproc} processes asked for but this machine has {have} {what}. Use heal.nproc <= {have} "
-                        "(one process per GPU, or per core on CPU).")
 
 
 def _init_distributed(hc: HealConfig) -> torch.device:
@@ -238,7 +116,7 @@ def _teacher_for(hc, model, tok, data, sampler_rows, out_dir: Path, device, rank
     """The online teacher model, or the top-k file (rank 0 writes it once), or None for heal.loss=lm."""
     if hc.loss == "lm":
         return None, None
-    bf16 = hc.mixed_precision == "bf16"
+    bf16 = compute_mode(hc, device) != "fp32"  # bf16 teacher weights only where bf16 matmuls are fast
     if hc.teacher_mode == "online":
         return load_teacher(hc.teacher, model, tok, device, bf16), None
     path = Path(hc.teacher_file) if hc.teacher_file else out_dir / f"teacher_top{hc.teacher_topk}.pt"

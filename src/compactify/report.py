@@ -266,7 +266,7 @@ def accuracy_claims(ev: dict) -> list[dict]:
         ours = (f"mean drop {m['drop']:.1f} points [95% CI {m['lo']:.1f}, {m['hi']:.1f}] over {', '.join(testable)}; "
                 if m else "") + "; ".join(parts)
         if chance:
-            ours += (f"; at chance for the original (not testable): " +
+            ours += ("; at chance for the original (not testable): " +
                      ", ".join(f"{t} {100 * o['tasks'][t]['value']:.1f}±{100 * (o['tasks'][t]['stderr'] or 0):.1f} "
                                f"vs chance {100 * o['tasks'][t]['chance']:.0f}" for t in chance))
         rows.append({"claim": f"2-3 point accuracy drop ({model})", "paper": paper,

@@ -183,6 +183,13 @@ def render_tasks(data: Path) -> Path:
         target = out / template.name
         if not target.is_file() or target.read_text() != text:
             atomic_write_bytes(target, text.encode())
+    # The configs name `!function compactify.tasks.utils.as_list`; lm-eval looks for that module beside
+    # the YAML first, so a copy there lets lm-eval's own CLI use this folder without compactify installed.
+    helper = (TEMPLATES / "utils.py").read_bytes()
+    target = out / "compactify" / "tasks" / "utils.py"
+    if not target.is_file() or target.read_bytes() != helper:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, helper)
     return out
 
 

@@ -101,3 +101,13 @@ def test_heldout_ids_refuse_bad_requests():
     cfg = load_config(None, {"eval.perplexity.max_tokens": 16})
     with pytest.raises(EvalError, match="shorter than one window"):
         heldout_ids_for(None, cfg)
+
+
+def test_healing_data_that_contains_held_out_text_is_refused(tmp_path):
+    from compactify import heldout
+    from compactify.heal_data import HealDataError, packed_data
+
+    leak = tmp_path / "leak.txt"
+    leak.write_text("\n\n".join(heldout.documents("boolq-wiki")[:3]) + "\n")
+    with pytest.raises(HealDataError, match="shares .* 8-grams .*not be held out"):
+        packed_data(None, str(leak), 32, 0)

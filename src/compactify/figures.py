@@ -35,7 +35,9 @@ def footer(meta: Mapping | None) -> str:
         return ""
     dev = meta.get("device", {})
     where = dev.get("gpu") or f"{dev.get('device', '?')} ({dev.get('cpu', '?')}, {dev.get('torch_threads', '?')} threads)"
-    return (f"model: {meta.get('model', '?')} · device: {where} · config: {meta.get('config_name', '?')} · "
+    model = meta.get("model", "?")
+    model = "SmolLM2-135M-Instruct" if model == "embedded" else model
+    return (f"model: {model} · device: {where} · config: {meta.get('config_name', '?')} · "
             f"seed {meta.get('seed', '?')} · {str(meta.get('timestamp', '?'))[:10]} · commit {meta.get('git_commit', '?')}")
 
 
@@ -306,24 +308,39 @@ def plan_and_comparison(report: Mapping, comparison: Sequence[Mapping], dense_pp
     return fig
 
 
-def heal_figure(loss_curve: Sequence[Mapping], speed: Mapping[str, Mapping]) -> plt.Figure:
-    """Left: healing loss per step. Right (Fig. 3 analogue): training tokens/s per model."""
+def heal_figure(loss_curve: Sequence[Mapping], speed: Mapping[str, Mapping],
+                losses: Mapping[str, Mapping] | None = None, paper_ratio: float = 2.0) -> plt.Figure:
+    """Left: the healing run's next-token loss over training tokens (log axis), with the loss
+    comparison's runs (``losses[loss]["curve"]``, notebook 05) beside it. Right (Fig. 3
+    analogue): training tokens/s of the dense and the tensorized model, same steps and data; the
+    dotted line is the paper's "about 2x faster" applied to our dense rate."""
     apply_style()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [1.5, 1]})
-    steps = [p["step"] for p in loss_curve]
-    a.plot(steps, [p["loss"] for p in loss_curve], marker="o", ms=3, color="#d94701")
-    a.set_xlabel("step")
-    a.set_ylabel("training loss (nats/token)")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.3), gridspec_kw={"width_ratios": [1.5, 1]})
+    a.plot([p["tokens"] for p in loss_curve], [p.get("lm_loss", p["loss"]) for p in loss_curve], marker="o", ms=2.5,
+           color="#d94701", label="healing run: next-token loss")
+    styles = {"lm": ("#6baed6", "-"), "kd": ("#31a354", "--"), "mix": ("#756bb1", ":")}
+    for loss, v in (losses or {}).items():
+        c, ls = styles.get(loss, ("0.5", "-"))
+        a.plot([p["tokens"] for p in v["curve"]], [p["lm_loss"] for p in v["curve"]], ls=ls, color=c, lw=1.2,
+               label=f"loss comparison: heal.loss={loss} (its next-token loss)")
+    a.set_xscale("log")
+    a.set_xlabel("healing tokens")
+    a.set_ylabel("next-token loss (nats/token)")
     a.set_title("healing the tensorized model")
+    a.legend(fontsize=7)
     names = list(speed)
     vals = [speed[n]["tokens_per_s"] for n in names]
     bars = b.bar(names, vals, color=[MODEL_COLORS.get(n, "#fd8d3c") for n in names])
     for bar, v, n in zip(bars, vals, names):
         b.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.0f} tok/s\n{max(speed[n]['peak_rss_mib_per_rank']) / 1024:.1f} GiB",
                ha="center", va="bottom", fontsize=7)
+    if "original" in speed and paper_ratio:
+        ref = paper_ratio * speed["original"]["tokens_per_s"]
+        b.axhline(ref, ls=":", color="k", lw=1)
+        b.text(-0.4, ref, f"paper: ~{paper_ratio:g}x dense", va="bottom", fontsize=7)
     b.set_ylabel("healing tokens / s")
     b.set_title("Fig. 3 analogue: same steps, same data")
-    b.set_ylim(0, max(vals) * 1.3)
+    b.set_ylim(0, max(vals + [paper_ratio * speed.get("original", {"tokens_per_s": 0})["tokens_per_s"]]) * 1.3)
     fig.tight_layout()
     return fig
 
@@ -355,10 +372,12 @@ def accuracy_bars(ours: Mapping[str, Mapping[str, Mapping]], paper: Mapping[str,
         ax.plot([100 * CHANCE.get(t, 0)] * 2, [i - 0.45, i + 0.45], ls=":", color="k", lw=1)
     n = {t: ours["original"][t]["n"] for t in tasks if t in ours.get("original", {})}
     ax.set_yticks(range(len(tasks)), [f"{t} (n={n.get(t, '?')})" for t in tasks])
-    ax.invert_yaxis()
+    ax.set_ylim(len(tasks) - 0.5, -0.5)
     ax.set_xlabel("score (%) ± stderr; dotted: chance")
     ax.set_title("scores")
-    ax.legend(fontsize=7, loc="lower right", ncol=1)
+    ax.grid(axis="y", visible=False)
+    fig.legend(*ax.get_legend_handles_labels(), loc="upper center", ncol=len(models), fontsize=8,
+               bbox_to_anchor=(0.5, 0.975))
     if right:
         ax = axes[0][1]
         others = [m for m in models if m != "original"]
@@ -375,14 +394,17 @@ def accuracy_bars(ours: Mapping[str, Mapping[str, Mapping]], paper: Mapping[str,
                 px = [paper[t][m] - paper[t]["original"] if t in paper and m in paper[t] else np.nan for t in tasks]
                 ax.plot(px, y, "D", ms=4, color=MODEL_COLORS.get(m, "0.6"), alpha=0.3, mec="none")
         ax.axvline(0, color="k", lw=0.8)
-        ax.axvspan(-3, 0, color="0.85", alpha=0.5, lw=0)
+        ax.axvspan(-3, 0, color="#fdd0a2", alpha=0.6, lw=0)
+        for k in range(len(tasks) - 1):
+            ax.axhline(k + 0.5, color="0.88", lw=0.6)
+        ax.grid(axis="y", visible=False)
         ax.set_yticks(range(len(tasks)), [""] * len(tasks))
-        ax.invert_yaxis()
-        ax.set_xlabel("model − original (points), paired 95% interval")
-        ax.set_title("difference on the same documents" + (" (faded ◆: paper, LLaMA-2 7B)" if paper else ""))
-        ax.text(-1.5, -0.6, "paper's\n≤3-point band", ha="center", va="bottom", fontsize=7, color="0.35")
+        ax.set_ylim(len(tasks) - 0.5, -0.5)
+        ax.set_xlabel("model − original (points), paired 95% interval;\nshaded: the paper's 3-point drop"
+                      + ("; faded ◆: the paper's difference (LLaMA-2 7B)" if paper else ""))
+        ax.set_title("difference on the same documents")
     fig.suptitle("Accuracy of the original, quantized and compressed models (cf. paper Fig. 2)", y=1.0)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
 

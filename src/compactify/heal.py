@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ import yaml
 from .config import load_config
 from .heal_data import (HealError, ShardedSampler, check_resume, data_path_hint, find_checkpoint, load_checkpoint,
                         packed_data, plan_steps, save_checkpoint)
+from .heal_guard import acquire_lock, die_with_parent, release_lock
 from .distill import TopKTeacher, kd_loss, load_teacher, precompute_topk, teacher_logits
 from .heal_setup import (TRAINABLE_GROUPS, HealConfig, available_devices, check_nproc, lr_at,  # noqa: F401 (re-exported)
                          model_fingerprint, select_trainable)
@@ -164,7 +166,10 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
     hc, out_dir, t_start = HealConfig.from_cfg(cfg), Path(out_dir), time.perf_counter()
     device = _init_distributed(hc)
     rank, world = dist.get_rank(), dist.get_world_size()
+    own_lock = rank == 0 and not os.environ.get("COMPACTIFY_HEAL_LOCKED")  # not started by launch(): lock here
     try:
+        if own_lock:
+            acquire_lock(out_dir)
         torch.manual_seed(hc.seed)
         model, tok = load_model(model_dir)
         model.train()
@@ -275,6 +280,8 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
         dist.barrier()
         return result
     finally:
+        if own_lock:
+            release_lock(out_dir)
         dist.destroy_process_group()
 
 
@@ -290,26 +297,43 @@ def launch(model_dir, out_dir, cfg: dict, nproc: int | None = None, stream=None)
     device = resolve_device(hc.device)
     check_nproc(nproc, device)
     out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    acquire_lock(out_dir)  # one run per out_dir: a second one is refused while this one lives
+    try:
+        return _launch(model_dir, out_dir, cfg, nproc, stream, device)
+    finally:
+        release_lock(out_dir)
+
+
+def _launch(model_dir, out_dir: Path, cfg: dict, nproc: int, stream, device) -> dict:
     cfg_file = out_dir / "heal_config.yaml"
     atomic_write_bytes(cfg_file, yaml.safe_dump(cfg, sort_keys=False).encode())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "compactify.heal", "--model-dir", str(model_dir), "--out-dir", str(out_dir),
            "--resolved-config", str(cfg_file)]
-    env = dict(os.environ)
+    env = dict(os.environ, COMPACTIFY_HEAL_LOCKED="1")
     if device.type == "cpu":  # one process per core: one thread each, or they fight for the cores
         env["OMP_NUM_THREADS"] = str(max(1, available_devices(device) // nproc))
     text = ""
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as proc:
+    # torchrun gets SIGTERM (and stops its ranks) if this process dies, by any signal
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                          preexec_fn=lambda: die_with_parent(signal.SIGTERM)) as proc:
         import codecs
 
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        while chunk := proc.stdout.read1(4096):
-            piece = decoder.decode(chunk)
-            stream.write(piece)
-            stream.flush()
-            text = (text + piece)[-100_000:]
-        rc = proc.wait()
+        try:
+            while chunk := proc.stdout.read1(4096):
+                piece = decoder.decode(chunk)
+                stream.write(piece)
+                stream.flush()
+                text = (text + piece)[-100_000:]
+            rc = proc.wait()
+        except BaseException:  # a notebook interrupt (KeyboardInterrupt) or any error here: stop every rank
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     if rc != 0:
         errors = [line for line in text.splitlines() if line.startswith(ERROR_TAG)]
         if errors and " config-error " in errors[0]:
@@ -329,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resolved-config", default=None, help=argparse.SUPPRESS)  # launch(): a config validated already
     args = ap.parse_args(argv)
     rank = os.environ.get("RANK", "0")
+    if "RANK" in os.environ:  # a torchrun rank: die with its agent, whatever kills it
+        die_with_parent(signal.SIGKILL)
     try:
         overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
         if args.resolved_config:  # as launch() validated it (defaults may be edited while a run starts)

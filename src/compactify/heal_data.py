@@ -179,6 +179,14 @@ def packed_data(tokenizer, source: str, seq_len: int, seed: int) -> torch.Tensor
     docs = load_documents(source)
     if not docs:
         raise HealDataError(f"heal.data '{source}' holds no documents.")
+    if source != "heal":  # the built-in split is disjoint by construction (tests); a user's file is checked
+        from .heldout import TEXTS, HeldoutError, check_disjoint
+
+        try:
+            for name in TEXTS:
+                check_disjoint(name, docs, f"healing data {source}", max_shared=5)
+        except HeldoutError as e:
+            raise HealDataError(str(e)) from None
     return pack_tokens(tokenize_documents(tokenizer, docs), seq_len, seed)
 
 

@@ -96,10 +96,15 @@ def ngrams(docs, n: int = 8) -> set[int]:
     return out
 
 
+@lru_cache(maxsize=4)
+def _own_ngrams(name: str, n: int) -> frozenset:
+    return frozenset(ngrams(documents(name), n))
+
+
 def check_disjoint(name: str, other_docs, what: str, n: int = 8, max_shared: int = 0) -> int:
     """Refuse the held-out text if more than ``max_shared`` of its word ``n``-grams occur in
     ``other_docs`` (healing or calibration text). Returns the number shared."""
-    shared = len(ngrams(documents(name), n) & ngrams(other_docs, n))
+    shared = len(_own_ngrams(name, n) & ngrams(other_docs, n))
     if shared > max_shared:
         raise HeldoutError(f"The held-out text '{name}' shares {shared} {n}-grams of words with the {what}: it would "
                            "not be held out. Heal and calibrate on other text (heal.data), or score another text.")

@@ -63,7 +63,8 @@ def _fig2(r: Path, out: Path, repo_root: Path) -> None:
 
 def _fig3(r: Path, out: Path) -> None:
     d = load(r, "05_heal.json")
-    F.save(F.heal_figure(d["heal"]["loss_curve"], d["speed"]), out, "fig3_healing", d["meta"])
+    F.save(F.heal_figure(d["heal"]["loss_curve"], d["speed"], (d.get("loss_comparison") or {}).get("losses")), out,
+           "fig3_healing", d["meta"])
 
 
 def _fig4(r: Path, out: Path) -> None:

@@ -363,3 +363,15 @@ def test_topk_teacher_mode_writes_its_file_once_and_refuses_one_for_other_data(t
                    teacher_file=str(tmp_path / "topk" / "teacher_top8.pt"))
     with pytest.raises(TeacherError, match="made for other healing data"):
         train(tiny_mpo, tmp_path / "bad", bad)
+
+
+def test_launch_forwards_whole_lines_and_throttles_progress_bar_refreshes():
+    from compactify.heal import _ProgressThrottle
+
+    out = io.StringIO()
+    shown = _ProgressThrottle(out, every=3600)
+    for pct in range(0, 101, 10):  # a tqdm bar refreshing one line with carriage returns
+        shown.write(f"\rheal: {pct}%")
+    shown.write("\nheal: saved checkpoint step_2\nHEAL-ERROR rank 1 boom\n")
+    shown.flush()
+    assert out.getvalue() == "heal: 0%\nheal: 100%\nheal: saved checkpoint step_2\nHEAL-ERROR rank 1 boom\n"

@@ -23,6 +23,7 @@ import contextlib
 import io
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from unittest import mock
@@ -31,6 +32,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from tqdm.std import tqdm as tqdm_text
 
 from .tasks.prepare import prepare_eval_data
 
@@ -233,7 +235,8 @@ def run_tasks(model, tokenizer, tasks=PAPER_TASKS, limit=None, num_fewshot=None,
     out = {}
     try:
         # One progress bar over the tasks; lm-eval's own bars and messages (several per call) go to a buffer.
-        for name in tqdm(names, desc="tasks", disable=verbose or len(names) < 2, leave=False, mininterval=1):
+        # a text bar (not a notebook widget, whose saved copy shows a frozen 0%), updated at most every 10 s
+        for name in tqdm_text(names, desc="tasks", disable=verbose or len(names) < 2, mininterval=10, file=sys.stderr):
             spec = SPECS[name]
             lim, shots = _per_task(limit, name, "limit"), _per_task(num_fewshot, name)
             gen = _per_task(max_gen_toks, name) if spec.generative else None

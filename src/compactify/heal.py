@@ -286,6 +286,30 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
 
 
 # ---------------------------------------------------------------- launching
+class _ProgressThrottle:
+    """Forward the ranks' output, but rank 0's progress-bar refreshes (carriage-return updates of
+    one line) at most every ``every`` seconds: a notebook saves each refresh as a line of its own."""
+
+    def __init__(self, stream, every: float = 60.0):
+        self.stream, self.every, self.pending, self.last = stream, every, "", 0.0
+
+    def write(self, piece: str) -> None:
+        self.pending += piece
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:  # whole lines: the last state of each
+            self.stream.write(line.rsplit("\r", 1)[-1] + "\n")
+        if "\r" in self.pending and time.monotonic() - self.last >= self.every:
+            self.stream.write(self.pending.rsplit("\r", 1)[-1].strip() + "\n")
+            self.last, self.pending = time.monotonic(), ""
+        self.stream.flush()
+
+    def flush(self) -> None:
+        if self.pending.strip():
+            self.stream.write(self.pending.rsplit("\r", 1)[-1] + "\n")
+        self.pending = ""
+        self.stream.flush()
+
+
 def launch(model_dir, out_dir, cfg: dict, nproc: int | None = None, stream=None) -> dict:
     """Run :func:`train` under ``torchrun --nproc_per_node=nproc`` in a subprocess, echoing its output
     live to ``stream`` (default stdout); return heal.json's data (or ``{"completed": False}`` after
@@ -320,12 +344,13 @@ def _launch(model_dir, out_dir: Path, cfg: dict, nproc: int, stream, device) -> 
         import codecs
 
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        shown = _ProgressThrottle(stream)
         try:
             while chunk := proc.stdout.read1(4096):
                 piece = decoder.decode(chunk)
-                stream.write(piece)
-                stream.flush()
+                shown.write(piece)
                 text = (text + piece)[-100_000:]
+            shown.flush()
             rc = proc.wait()
         except BaseException:  # a notebook interrupt (KeyboardInterrupt) or any error here: stop every rank
             proc.terminate()

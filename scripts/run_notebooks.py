@@ -16,6 +16,7 @@ from pathlib import Path
 
 import papermill as pm
 
+from compactify import report
 from compactify.config import REPO_ROOT, load_config, run_dir
 from compactify.results import write_json
 
@@ -82,6 +83,10 @@ def publish(cfg) -> None:
     src = run_dir(cfg)
     for sub, dest in (("results", REPO_ROOT / "data" / "results"), ("figures", REPO_ROOT / "figures")):
         for f in sorted((src / sub).rglob("*")) if (src / sub).is_dir() else []:
+            if sub == "figures" and report.redrawn(f):  # 08 publishes it under the paper's name
+                stale = dest / f.relative_to(src / sub)
+                stale.unlink(missing_ok=True)
+                continue
             if f.is_file():
                 target = dest / f.relative_to(src / sub)
                 target.parent.mkdir(parents=True, exist_ok=True)

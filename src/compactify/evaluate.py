@@ -359,7 +359,7 @@ def evaluate_model(model, tokenizer, cfg: Mapping, heldout_ids: Mapping | None =
     """A model's whole evaluation as the config's ``eval`` section asks: tasks + perplexity.
 
     ``heldout_ids`` (from :func:`heldout_ids_for`) saves re-tokenising when called repeatedly;
-    ``tasks`` overrides ``eval.tasks``. With ``eval.contract_mpo`` (default) a tensorized model
+    ``tasks`` overrides ``eval.tasks`` (``[]``: perplexity only). With ``eval.contract_mpo`` (default) a tensorized model
     is scored with each MPO contracted once to its dense matrix (the same function, at dense
     speed: :func:`compactify.mpo_layer.contracted`); its speed is measured by :func:`task_times`
     and ``compactify.speed`` with the factored forward. Returns ``{"tasks": run_tasks(...),
@@ -373,9 +373,11 @@ def evaluate_model(model, tokenizer, cfg: Mapping, heldout_ids: Mapping | None =
     has_mpo = any(isinstance(m, MPOLinear) for m in model.modules())
     contract = has_mpo and ev.get("contract_mpo", True)
     with upcast_half(model) as upcast, contracted(model) if contract else contextlib.nullcontext():
-        res = run_tasks(model, tokenizer, ev["tasks"] if tasks is None else tasks, limit=ev["limit"],
-                        num_fewshot=ev["num_fewshot"] or None, batch_size=ev["batch_size"], seed=cfg.get("seed", 0),
-                        source=ev["source"], max_gen_toks=ev["max_gen_toks"] or None, autocast=ev["autocast"])
+        names = ev["tasks"] if tasks is None else tasks
+        res = {} if not names and tasks is not None else run_tasks(  # tasks=[]: perplexity only
+            model, tokenizer, names, limit=ev["limit"], num_fewshot=ev["num_fewshot"] or None,
+            batch_size=ev["batch_size"], seed=cfg.get("seed", 0), source=ev["source"],
+            max_gen_toks=ev["max_gen_toks"] or None, autocast=ev["autocast"])
         pc = ev["perplexity"]
         texts = heldout_ids if heldout_ids is not None else heldout_ids_for(tokenizer, cfg)
         ppl = {name: perplexity(model, tokenizer, ids, seq_len=pc["seq_len"], batch_size=pc["batch_size"],

@@ -309,15 +309,20 @@ def plan_and_comparison(report: Mapping, comparison: Sequence[Mapping], dense_pp
 
 
 def heal_figure(loss_curve: Sequence[Mapping], speed: Mapping[str, Mapping],
-                losses: Mapping[str, Mapping] | None = None, paper_ratio: float = 2.0) -> plt.Figure:
+                losses: Mapping[str, Mapping] | None = None, paper_ratio: float = 2.0,
+                starts: Mapping[str, Sequence[Mapping]] | None = None) -> plt.Figure:
     """Left: the healing run's next-token loss over training tokens (log axis), with the loss
-    comparison's runs (``losses[loss]["curve"]``, notebook 05) beside it. Right (Fig. 3
+    comparison's runs (``losses[loss]["curve"]``, notebook 05) and the healings of other starting
+    points (``starts[label]``: their loss curves, same recipe) beside it. Right (Fig. 3
     analogue): training tokens/s of the dense and the tensorized model, same steps and data; the
     dotted line is the paper's "about 2x faster" applied to our dense rate."""
     apply_style()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.3), gridspec_kw={"width_ratios": [1.5, 1]})
     a.plot([p["tokens"] for p in loss_curve], [p.get("lm_loss", p["loss"]) for p in loss_curve], marker="o", ms=2.5,
-           color="#d94701", label="healing run: next-token loss")
+           color="#d94701", label="paper's start (TT-SVD): next-token loss")
+    for (label, curve), c in zip((starts or {}).items(), ("#2171b5", "#6a51a3")):
+        a.plot([p["tokens"] for p in curve], [p.get("lm_loss", p["loss"]) for p in curve], marker="s", ms=2.5,
+               color=c, label=f"{label}: next-token loss")
     styles = {"lm": ("#6baed6", "-"), "kd": ("#31a354", "--"), "mix": ("#756bb1", ":")}
     for loss, v in (losses or {}).items():
         c, ls = styles.get(loss, ("0.5", "-"))

@@ -63,8 +63,10 @@ def _fig2(r: Path, out: Path, repo_root: Path) -> None:
 
 def _fig3(r: Path, out: Path) -> None:
     d = load(r, "05_heal.json")
-    F.save(F.heal_figure(d["heal"]["loss_curve"], d["speed"], (d.get("loss_comparison") or {}).get("losses")), out,
-           "fig3_healing", d["meta"])
+    imp = d.get("improved") or {}
+    starts = {f"{imp['init'].replace('_', '-')} start": imp["heal"]["loss_curve"]} if imp.get("heal") else None
+    F.save(F.heal_figure(d["heal"]["loss_curve"], d["speed"], (d.get("loss_comparison") or {}).get("losses"),
+                         starts=starts), out, "fig3_healing", d["meta"])
 
 
 def _fig4(r: Path, out: Path) -> None:
@@ -132,6 +134,32 @@ def _tables(r: Path, out: Path, repo_root: Path) -> None:
     lines.append("| held-out perplexity | " + " | ".join(f"{ev[m]['perplexity']['ppl']:.2f}" for m in ev) + " |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "tables.md").write_text("\n".join(lines) + "\n\n" + F.footer(d["meta"]) + "\n")
+
+
+# Notebook figures that notebook 08 redraws from the same results under the paper's names: only
+# 08's copy is published (one file per figure). 01's Fig. 1a is the primer's matrix; 08's is the
+# saved model's, so the published Fig. 1a is 08's.
+REDRAWN = ("01_fig1a_mpo", "02_sensitivity_panels", "02_sensitivity_heatmap_*", "05_heal", "06_fig2_accuracy",
+           "06_fig4_inference_time", "07_frontier", "07_matrix_errors_*")
+
+
+def redrawn(path: Path) -> bool:
+    """Whether a notebook's figure file is one that 08 publishes under its paper name."""
+    from fnmatch import fnmatch
+
+    return any(fnmatch(Path(path).stem, pat) for pat in REDRAWN)
+
+
+def show(out_dir: Path, *patterns: str, width: int = 720) -> list[Path]:
+    """Display the published PNGs matching ``patterns`` (in a notebook), each under its name."""
+    from IPython.display import Image, Markdown, display
+
+    shown = [p for pat in patterns for p in sorted(Path(out_dir).glob(f"{pat}.png"))]
+    for png in shown:
+        display(Markdown(f"**{png.stem}**"), Image(filename=str(png), width=width))
+    if not shown:
+        print(f"no figure matching {', '.join(patterns)} in {out_dir} (see the build status above)")
+    return shown
 
 
 def artefacts(repo_root: Path) -> dict[str, Callable[[Path, Path], None]]:

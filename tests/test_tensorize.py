@@ -324,3 +324,155 @@ def test_allow_growth_is_explicit_and_reported():
     T.tensorize(small, T.Plan.uniform(2, chi=4))
     assert T.size_report(small)["totals"]["matrices_larger_than_dense"] == 0
     assert "warning" not in T.size_report(small)["totals"]
+
+
+# ---------------------------------------------------------------- activation-aware initialisation
+
+def anisotropic_stats(model, seed=0):
+    """``{(block, matrix): C}`` of inputs whose scales fall 50-fold along a random rotation: far
+    from the isotropic inputs under which TT-SVD would already be the activation-optimal MPO."""
+    from compactify.frontier import INPUT_OF
+
+    gen = torch.Generator().manual_seed(seed)
+    stats = {}
+    for b, layer in enumerate(model.model.layers):
+        for t, reader in INPUT_OF.items():
+            n = model.get_submodule(f"model.layers.{b}.{T.MATRICES[reader]}").in_features
+            if (b, reader) not in stats:
+                q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
+                x = torch.randn(4 * n, n, generator=gen) * torch.logspace(0, -1.7, n) @ q
+                stats[(b, reader)] = x.T @ x / x.shape[0]
+            stats[(b, t)] = stats[(b, reader)]
+    return stats
+
+
+MIXED_PLAN = T.Plan({**T.Plan.uniform(2, target_ratio=0.3, matrices=("q", "o", "gate", "down")).entries,
+                     **T.Plan.uniform(2, chi=3, matrices=("k", "v", "up")).entries})
+AA_OPTIONS = {"sweeps": 1, "inner": 2, "damping": 0.01}
+
+
+def test_activation_aware_same_bonds_lower_activation_error():
+    from compactify.lowrank import activation_error
+
+    plain, aware = model_of(llama2_shaped()), model_of(llama2_shaped())
+    dense = {n: m.weight.detach().clone() for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)}
+    stats = anisotropic_stats(plain)
+    T.tensorize(plain, MIXED_PLAN)
+    T.tensorize(aware, MIXED_PLAN, init="activation_aware", stats=stats, aa_options=AA_OPTIONS,
+                calibration={"split": "synthetic", "tokens": 512})
+    assert aware.num_parameters() == plain.num_parameters()
+    assert aware.config.compactify["modules"] == plain.config.compactify["modules"]  # factors, bonds, biases
+    assert aware.config.compactify["init"] == "activation_aware" and plain.config.compactify["init"] == "tt_svd"
+    assert "activation_errors" not in plain.config.compactify
+    assert aware.config.compactify["activation_aware"] == {**AA_OPTIONS, "calibration": {"split": "synthetic", "tokens": 512}}
+    recorded = aware.config.compactify["activation_errors"]
+    assert len(recorded) == 14
+    for b, m, _ in MIXED_PLAN.items():
+        name = f"model.layers.{b}.{T.MATRICES[m]}"
+        C = stats[(b, m)]
+        e_plain = activation_error(dense[name], plain.get_submodule(name).to_mpo().to_matrix(), C)
+        e_aware = activation_error(dense[name], aware.get_submodule(name).to_mpo().to_matrix(), C)
+        assert e_aware < 0.98 * e_plain, (name, e_aware, e_plain)
+        assert recorded[name]["aa"] == pytest.approx(e_aware, abs=2e-4)
+        assert recorded[name]["plain"] == pytest.approx(e_plain, abs=2e-4)
+        assert aware.config.compactify["relative_errors"][name] >= plain.config.compactify["relative_errors"][name] - 1e-6
+
+
+def test_activation_aware_save_load_and_mixed(tmp_path):
+    model = model_of(llama2_shaped())
+    stats = anisotropic_stats(model)
+    T.tensorize(model, T.Plan({"0.q": {"chi": 4}}))
+    T.tensorize(model, T.Plan.uniform(2, target_ratio=0.3, matrices=("k", "up")), init="activation_aware",
+                stats=stats, aa_options=AA_OPTIONS)
+    info = model.config.compactify
+    assert info["init"] == "mixed" and len(info["activation_errors"]) == 4
+    assert "model.layers.0.self_attn.q_proj" not in info["activation_errors"]
+    ref = logits(model)
+    model.save_pretrained(tmp_path)
+    for loaded in (T.load_compressed(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path).eval()):
+        assert torch.equal(logits(loaded), ref) and loaded.num_parameters() == model.num_parameters()
+        assert loaded.config.compactify["init"] == "mixed"
+        assert loaded.config.compactify["activation_errors"] == info["activation_errors"]
+    with pytest.raises(T.aa_init.InitError, match="already holds activation-aware MPOs"):
+        T.tensorize(model, T.Plan({"1.v": {"chi": 2}}), init="activation_aware", stats=stats,
+                    aa_options={**AA_OPTIONS, "inner": 3})
+
+
+def _stats_without_block_1(model):
+    return {k: v for k, v in anisotropic_stats(model).items() if k[0] != 1}
+
+
+def _wrong_shape(model):
+    stats = anisotropic_stats(model)
+    stats[(1, "down")] = torch.eye(128)  # down reads the 344-wide MLP activation
+    return stats
+
+
+# kind -> (tensorize keyword arguments given the model, words the message must hold)
+AA_FAILURES = {
+    "unknown init": (lambda m: {"init": "activation-aware"}, ["'activation-aware'", "Did you mean 'activation_aware'"]),
+    "no stats": (lambda m: {"init": "activation_aware"}, ["needs stats", "activation_stats"]),
+    "stats of a block missing": (lambda m: {"init": "activation_aware", "stats": _stats_without_block_1(m)},
+                                 ["6 planned matrices", "1.k", "Nothing was changed"]),
+    "stats of the wrong shape": (lambda m: {"init": "activation_aware", "stats": _wrong_shape(m)},
+                                 ["'1.down'", "(128, 128)", "not (344, 344)"]),
+    "unknown option": (lambda m: {"init": "activation_aware", "stats": anisotropic_stats(m), "aa_options": {"sweep": 2}},
+                       ["['sweep']", "inner"]),
+    "stats with tt_svd": (lambda m: {"stats": anisotropic_stats(m)}, ["init='tt_svd'", "init='activation_aware'"]),
+}
+
+
+@pytest.mark.parametrize("kind", AA_FAILURES)
+def test_bad_activation_aware_input_leaves_the_model_as_it_was(kind):
+    model = model_of(llama2_shaped())
+    T.tensorize(model, T.Plan({"0.q": {"chi": 4}}))  # an already-compact model: its state must survive too
+    before = _state(model)
+    kwargs, words = AA_FAILURES[kind]
+    with pytest.raises(ValueError) as err:
+        T.tensorize(model, T.Plan.uniform(2, target_ratio=0.3, matrices=("k", "v", "o", "gate", "up", "down")),
+                    **kwargs(model))
+    for w in words:
+        assert w in str(err.value), str(err.value)
+    _assert_unchanged(model, before)
+
+
+def test_failure_during_activation_aware_decomposition_rolls_back(monkeypatch):
+    model = model_of(llama2_shaped())
+    before = _state(model)
+    calls, real = {"n": 0}, T.aa_init.decompose
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(T.aa_init, "decompose", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        T.tensorize(model, T.Plan.uniform(2, chi=4), init="activation_aware", stats=anisotropic_stats(model))
+    _assert_unchanged(model, before)
+
+
+def test_config_init_choice_and_activation_stats(tiny_llama_dir):
+    from compactify import aa_init
+    from compactify.config import ConfigError, load_config
+    from compactify.frontier import FrontierError
+    from transformers import AutoTokenizer
+
+    with pytest.raises(ConfigError, match="tensorize.init.*'ttsvd'.*Did you mean 'tt_svd'"):
+        load_config(None, {"tensorize.init": "ttsvd"})
+    cfg = load_config(None, {"tensorize.init": "activation_aware", "frontier.calib_tokens": 300,
+                             "frontier.calib_seq_len": 64})
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    plan = T.Plan.uniform(2, target_ratio=0.5, blocks=[1], matrices=("q", "down"))
+    stats, calibration = aa_init.activation_stats(model, tok, cfg, plan)
+    assert calibration == {"split": "heal", "tokens": 256, "seq_len": 64, "seed": 0}
+    assert {b for b, _ in stats} == {1} and stats[(1, "down")].shape == (96, 96)
+    assert torch.linalg.eigvalsh(stats[(1, "q")].double()).min() > -1e-6  # a second moment: PSD
+    aa_init.tensorize_from_config(model, tok, plan, cfg)
+    assert model.config.compactify["init"] == "activation_aware"
+    assert model.config.compactify["activation_aware"]["calibration"]["split"] == "heal"
+    assert model.config.compactify["activation_aware"]["inner"] == cfg["frontier"]["aa_inner"]
+    with pytest.raises(FrontierError, match="heldout"):
+        aa_init.activation_stats(model, tok, load_config(None, {"frontier.calib_split": "heldout"}))

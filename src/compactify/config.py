@@ -159,6 +159,26 @@ def check_tasks(cfg: Mapping) -> None:
             raise ConfigError(f"eval.tasks names an unknown task {task!r}.{hint} Known tasks: {', '.join(TASKS)}.")
 
 
+def choices() -> dict:
+    """Keys that take one of a fixed set of strings, each set from the module that owns it."""
+    from .aa_init import INITS
+
+    return {"tensorize.init": INITS}
+
+
+def check_choices(cfg: Mapping) -> None:
+    """Every key of :func:`choices` holds one of its values (checked at load, not when the step
+    runs); an unknown one is an error naming the closest value."""
+    for dotted, allowed in choices().items():
+        node = cfg
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None and node not in allowed:
+            close = difflib.get_close_matches(str(node), allowed, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"Config key '{dotted}' is {node!r}.{hint} It must be one of: {', '.join(allowed)}.")
+
+
 def _merge(base: dict, new: Mapping, where: str) -> None:
     for key, value in new.items():
         if key not in base:
@@ -216,6 +236,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         _merge(cfg, _dotted(overrides), "")
     check_types(cfg)
     check_tasks(cfg)
+    check_choices(cfg)
     if not cfg.get("name"):
         cfg["name"] = Path(cfg.get("config_path") or "default").stem
     if not cfg.get("run_dir"):

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from . import remote_code
+from . import aa_init, remote_code
 from .compact_model import CompressedCheckpointError, check_checkpoint, compact_from_pretrained, compact_init
 from .mpo import MPOError, MPOLinear, MPOSweep, _resolve, count_params, decompose
 
@@ -170,7 +170,7 @@ def _sync(model: nn.Module) -> None:
         kept = {k: v for k, v in info.get("plan", {}).get("entries", {}).items() if _module_name(model, *k.split(".")) in modules}
         errors = {k: v for k, v in info.get("relative_errors", {}).items() if k in modules}
         model.config.compactify = {"plan": {**info.get("plan", {}), "entries": kept, "cores": info.get("plan", {}).get("cores", 3)},
-                                   "modules": modules, "relative_errors": errors}
+                                   "modules": modules, "relative_errors": errors, **aa_init.sync(info, modules)}
         model.__class__ = _COMPACT[base]
     else:
         if hasattr(model.config, "compactify"):
@@ -248,15 +248,21 @@ def check_plan(model: nn.Module, plan: Plan) -> list[tuple]:
     return targets
 
 
-def tensorize(model: nn.Module, plan: Plan, progress: bool = False, errors: bool = True) -> nn.Module:
+def tensorize(model: nn.Module, plan: Plan, progress: bool = False, errors: bool = True, init: str = "tt_svd",
+              stats=None, aa_options=None, calibration=None) -> nn.Module:
     """Replace every matrix named in ``plan`` by an :class:`MPOLinear` (TT-SVD of its weight),
     in place; return the model. All or nothing: :func:`check_plan` validates the whole plan
     first, every matrix is decomposed before any is swapped, and a failure (or an interrupt)
     at any point leaves the model, its class and its config exactly as they were.
     ``errors``: also record each matrix's relative error (rebuilds it once; a few seconds per
-    LLaMA-7B matrix) in ``model.config.compactify["relative_errors"]``."""
+    LLaMA-7B matrix) in ``model.config.compactify["relative_errors"]``.
+    ``init="activation_aware"`` fits each MPO, at the same bonds, to the layer's calibration
+    inputs (``stats[(block, matrix)] = C``; ``aa_options``: AAMPO's sweeps/inner/damping;
+    ``calibration``: a record of the text, kept in the config): see :mod:`compactify.aa_init`."""
     targets = check_plan(model, plan)
     info = copy.deepcopy(getattr(model.config, "compactify", None))
+    aa = aa_init.prepare(init, targets, stats, aa_options, calibration, info)
+    act_errors = dict((info or {}).get("activation_errors", {}))
     entries = {**(info or {}).get("plan", {}).get("entries", {}), **plan.entries}
     rel_errors = dict((info or {}).get("relative_errors", {}))
     if progress:
@@ -265,8 +271,12 @@ def tensorize(model: nn.Module, plan: Plan, progress: bool = False, errors: bool
     new = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="chi=.* exceeds the largest bond")  # said once by check_plan
-        for key, name, layer, spec, _ in targets:
-            mpo = decompose(layer.weight, cores=plan.cores, **spec)
+        for key, name, layer, spec, bonds in targets:
+            if aa is None:
+                mpo = decompose(layer.weight, cores=plan.cores, **spec)
+                act_errors.pop(name, None)
+            else:
+                mpo, act_errors[name] = aa_init.decompose(aa, key, layer.weight, plan.cores, bonds)
             if errors:
                 rel_errors[name] = round(mpo.relative_error(layer.weight), 6)
             new.append((name, layer, MPOLinear.from_mpo(mpo, layer.bias)))
@@ -276,7 +286,8 @@ def tensorize(model: nn.Module, plan: Plan, progress: bool = False, errors: bool
             model.set_submodule(name, mpo_layer)
             swapped.append((name, layer))
         kept = {"entries": entries, "cores": plan.cores, **({"allow_growth": True} if plan.allow_growth else {})}
-        model.config.compactify = {"plan": kept, "relative_errors": rel_errors}
+        model.config.compactify = {"plan": kept, "relative_errors": rel_errors, "activation_errors": act_errors,
+                                   "activation_aware": aa.record() if aa else (info or {}).get("activation_aware")}
         _sync(model)
     except BaseException:
         for name, layer in reversed(swapped):

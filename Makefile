@@ -14,13 +14,14 @@ PYTEST_ARGS ?=
 # MPO forward 28x slower (benchmarks/mpo_linear.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: env data reproduce test figures benchmarks clean-runs help
+.PHONY: env data reproduce test figures benchmarks gpu-check clean-runs help
 
 help:
 	@echo "make reproduce  - set up, fetch model+data, run every notebook with $(CONFIG), rebuild figures/"
 	@echo "make test       - set up, fetch model+data, run unit tests and nbval over the notebooks (smoke sizes)"
 	@echo "make figures    - rebuild figures/ from data/results/ (seconds, no model)"
 	@echo "make benchmarks - run benchmarks/*.py, results to data/results/benchmarks/"
+	@echo "make gpu-check  - one CUDA GPU, ~8 min: 7B-shape scale, dense/MPO/low-rank speed, roofline, notebooks; data/results/gpu/"
 
 env: $(VENV)/.installed
 
@@ -50,6 +51,10 @@ benchmarks: data
 	$(PY) benchmarks/materialize.py
 	$(PY) benchmarks/heal_speed.py --steps 3
 	$(PY) benchmarks/scale.py --device cpu --dtype bfloat16 --scale 0.25 --blocks 4 --repeats 5 --heal-steps 3 --out data/results/scale/cpu_scaled.json
+
+# Refuses (exit 2, nothing written) without a CUDA device; scripts/gpu_check.py --dry-run for a CPU.
+gpu-check: env
+	$(PY) scripts/gpu_check.py
 
 clean-runs:
 	rm -rf runs/

@@ -29,16 +29,49 @@ def apply_style() -> None:
                       "axes.spines.right": False, "legend.frameon": False})
 
 
+MODEL_NAMES = {"embedded": "SmolLM2-135M-Instruct"}  # the bundled checkpoint, by its name
+
+
+def model_name(text: str) -> str:
+    """``text`` with each config alias of a model ("embedded") replaced by the model's name."""
+    import re
+
+    for alias, name in MODEL_NAMES.items():
+        text = re.sub(rf"\b{alias}\b", name, str(text))
+    return text
+
+
 def footer(meta: Mapping | None) -> str:
     """'model · device · config · date' from a result's ``meta`` block."""
     if not meta:
         return ""
     dev = meta.get("device", {})
     where = dev.get("gpu") or f"{dev.get('device', '?')} ({dev.get('cpu', '?')}, {dev.get('torch_threads', '?')} threads)"
-    model = meta.get("model", "?")
-    model = "SmolLM2-135M-Instruct" if model == "embedded" else model
-    return (f"model: {model} · device: {where} · config: {meta.get('config_name', '?')} · "
+    return (f"model: {model_name(meta.get('model', '?'))} · device: {where} · config: {meta.get('config_name', '?')} · "
             f"seed {meta.get('seed', '?')} · {str(meta.get('timestamp', '?'))[:10]} · commit {meta.get('git_commit', '?')}")
+
+
+def caption(fig, text: str, fontsize: float = 7.5, top: float = 1.0) -> None:
+    """Lay the axes out above a small caption (``text``, may hold newlines) that sits above the
+    footer line :func:`save` adds."""
+    h = fig.get_figheight() * 72
+    y0 = 11 / h
+    fig.tight_layout(rect=(0, y0 + (text.count("\n") + 1) * 1.3 * fontsize / h + 4 / h, 1, top))
+    fig.text(0.01, y0, text, fontsize=fontsize, color="0.25", ha="left", va="bottom")
+
+
+def short_number(v: float) -> str:
+    """124, 12.4k, 3.1M, 2.3e8: a count or perplexity readable at a glance."""
+    if v != v:
+        return ""
+    if abs(v) < 1e3:
+        return f"{v:.3g}"
+    if abs(v) < 1e6:
+        return f"{v / 1e3:.3g}k"
+    if abs(v) < 1e8:
+        return f"{v / 1e6:.3g}M"
+    m, e = f"{v:.1e}".split("e")
+    return f"{m}e{int(e)}"
 
 
 def save(fig, out_dir: str | Path, name: str, meta: Mapping | None = None) -> Path:
@@ -56,105 +89,52 @@ def save(fig, out_dir: str | Path, name: str, meta: Mapping | None = None) -> Pa
 def param_breakdown(rows: Sequence[Mapping], counts: Mapping) -> plt.Figure:
     """Where a Llama model's parameters live: per matrix type in one block, and in the whole model."""
     apply_style()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [1.3, 1]})
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8.5, 3.2), gridspec_kw={"width_ratios": [1.3, 1]})
     block0 = [r for r in rows if r["block"] == rows[0]["block"]]
     a.barh([MATRIX_LABELS[r["type"]] + f"  {r['out']}×{r['in']}" for r in block0],
            [r["params"] / 1e6 for r in block0], color=[MATRIX_COLORS[r["type"]] for r in block0])
     a.invert_yaxis()
     a.set_xlabel("parameters per block (millions)")
     a.set_title("the seven matrices of one decoder block")
-    parts = {"block matrices\n(tensorizable)": counts["block_matrices"],
-             "embedding" + (" (= tied head)" if counts.get("tied_embeddings") else ""): counts["embedding"],
-             "lm head": counts.get("lm_head", 0), "norms etc.": counts.get("other", 0)}
+    parts = {"block\nmatrices\n(tensorizable)": counts["block_matrices"],
+             "embedding" + ("\n(= tied head)" if counts.get("tied_embeddings") else ""): counts["embedding"],
+             "lm head": counts.get("lm_head", 0), "norms\netc.": counts.get("other", 0)}
     parts = {k: v for k, v in parts.items() if v}
     b.bar(range(len(parts)), [v / 1e6 for v in parts.values()], color=["#fd8d3c", "#9e9ac8", "#bcbddc", "0.7"][:len(parts)])
     b.set_xticks(range(len(parts)), list(parts), fontsize=8)
     for i, v in enumerate(parts.values()):
-        b.text(i, v / 1e6, f"{100 * v / counts['total']:.0f}%", ha="center", va="bottom", fontsize=8)
+        share = 100 * v / counts["total"]
+        b.text(i, v / 1e6, f"{share:.0f}%" if share >= 0.5 else f"{share:.2f}%", ha="center", va="bottom", fontsize=8)
     b.set_ylabel("parameters (millions)")
+    b.set_ylim(0, 1.12 * max(parts.values()) / 1e6)
     b.set_title(f"whole model: {counts['total'] / 1e6:.1f} M")
     fig.tight_layout()
     return fig
 
 
+METRIC_SHORT = {"acc": "acc", "acc_norm": "acc-norm", "exact_match": "exact match", "word_perplexity": "word ppl"}
+
+
 def baseline_bars(tasks: Mapping[str, Mapping], title: str = "dense baseline") -> plt.Figure:
-    """Primary metric per task with its stderr, against chance (grey tick)."""
+    """Primary metric per task (%) with its stderr, against chance (red dashes)."""
     apply_style()
     names = list(tasks)
-    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) + 1.5), 3.2))
-    vals = [tasks[t]["value"] for t in names]
-    errs = [tasks[t].get("stderr") or 0 for t in names]
+    fig, ax = plt.subplots(figsize=(max(5, 0.75 * len(names) + 1.2), 3.3))
+    vals = [100 * tasks[t]["value"] for t in names]
+    errs = [100 * (tasks[t].get("stderr") or 0) for t in names]
     ax.bar(range(len(names)), vals, yerr=errs, color="#4c4c4c", capsize=3, width=0.6)
     for i, t in enumerate(names):
         if t in CHANCE:
-            ax.hlines(CHANCE[t], i - 0.38, i + 0.38, colors="#d62728", linestyles="--", lw=1.2)
-        ax.text(i, vals[i] + errs[i] + 0.01, f"{100 * vals[i]:.1f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(names)), [f"{t}\n({tasks[t].get('metric', '')}, n={tasks[t].get('n', '?')})"
-                                      for t in names], fontsize=7)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("score")
-    ax.set_title(f"{title}  (red dashes: chance)")
+            ax.hlines(100 * CHANCE[t], i - 0.38, i + 0.38, colors="#d62728", linestyles="--", lw=1.2)
+        ax.text(i, min(vals[i] + errs[i], 100) + 1, f"{vals[i]:.1f}", ha="center", va="bottom", fontsize=7)
+    labels = [f"{t}\n{METRIC_SHORT.get(m := tasks[t].get('metric', ''), m)}\nn={tasks[t].get('n', '?')}" for t in names]
+    ax.set_xticks(range(len(names)), labels, fontsize=7)
+    ax.set_ylim(0, 108)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_ylabel("score (%)")
+    ax.set_title(f"{model_name(title)}  (red dashes: chance)", fontsize=10)
     fig.tight_layout()
     return fig
-
-
-def sensitivity_panels(records: Sequence[Mapping], dense_ppl: float, x: str = "chi", y: str = "ppl",
-                       metric_label: str = "perplexity (calibration prose)") -> plt.Figure:
-    """The paper's Fig. 5: one panel per profiled block, the metric vs the bond dimension (Dmax),
-    one curve per matrix type (L1..L7), the dense model as a reference line."""
-    apply_style()
-    recs = [r for r in records if r.get("level") == "chi" and y in r]
-    block_ids = sorted({r["block"] for r in recs})
-    fig, axes = plt.subplots(1, len(block_ids), figsize=(3.1 * len(block_ids) + 0.6, 3.2), sharey=True, squeeze=False)
-    for ax, b in zip(axes[0], block_ids):
-        for t in MATRIX_LABELS:
-            pts = sorted((r[x], r[y]) for r in recs if r["block"] == b and r["type"] == t)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, lw=1.3, color=MATRIX_COLORS[t], label=MATRIX_LABELS[t])
-        ax.axhline(dense_ppl, color="k", ls="--", lw=1, label="original")
-        ax.set_yscale("log" if y == "ppl" else "linear")
-        ax.set_title(f"block {b}")
-        ax.set_xlabel("bond dimension Dmax" if x == "chi" else x)
-    axes[0][0].set_ylabel(metric_label)
-    axes[0][-1].legend(fontsize=7, loc="upper right")
-    fig.suptitle("Layer sensitivity: one matrix tensorized at a time (cf. paper Fig. 5)", y=1.02)
-    fig.tight_layout()
-    return fig
-
-
-def sensitivity_heatmap(records: Sequence[Mapping], ratio: float, dense_ppl: float) -> plt.Figure:
-    """Every block x every matrix type at one compression level: the increase in perplexity
-    when only that matrix is tensorized to keep ``ratio`` of its parameters."""
-    import numpy as np
-
-    apply_style()
-    recs = [r for r in records if r.get("level") == "ratio" and abs(r["value"] - ratio) < 1e-9 and "ppl" in r]
-    n_blocks = max(r["block"] for r in recs) + 1
-    types = list(MATRIX_LABELS)
-    grid = np.full((len(types), n_blocks), np.nan)
-    for r in recs:
-        grid[types.index(r["type"]), r["block"]] = 100 * (r["ppl"] / dense_ppl - 1)
-    grid = np.where(np.isfinite(grid), np.maximum(grid, 0.01), np.nan)  # a decrease shows as the floor
-    fig, ax = plt.subplots(figsize=(max(6, 0.32 * n_blocks + 2), 3.2))
-    sns.heatmap(grid, ax=ax, cmap="rocket_r", cbar_kws={"label": "perplexity increase (%)"},
-                norm=matplotlib_lognorm(grid), yticklabels=[MATRIX_LABELS[t] for t in types])
-    ax.grid(False)
-    ax.set_xticks(np.arange(n_blocks) + 0.5, range(n_blocks), fontsize=7, rotation=0)
-    ax.set_xlabel("decoder block")
-    ax.set_title(f"Tensorizing one matrix to {100 * ratio:.0f}% of its parameters (dense perplexity {dense_ppl:.2f})")
-    fig.tight_layout()
-    return fig
-
-
-def matplotlib_lognorm(grid):
-    """A log colour scale over the positive finite cells (increases span orders of magnitude)."""
-    import numpy as np
-    from matplotlib.colors import LogNorm
-
-    pos = grid[np.isfinite(grid) & (grid > 0)]
-    if pos.size == 0:
-        return None
-    return LogNorm(vmin=max(pos.min(), 1e-2), vmax=pos.max())
 
 
 def mpo_diagram(d: Mapping) -> plt.Figure:
@@ -261,53 +241,6 @@ def block_diagram(block: Mapping[str, Mapping], block_index: int, title: str = "
     return fig
 
 
-def plan_and_comparison(report: Mapping, comparison: Sequence[Mapping], dense_ppl: float) -> plt.Figure:
-    """Left: parameters each block keeps under a plan, stacked by matrix type. Right: held-out
-    perplexity of each plan at each budget (before healing), dense as a reference line."""
-    import numpy as np
-
-    apply_style()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.5), gridspec_kw={"width_ratios": [1.7, 1]})
-    rows = report["rows"]
-    n_blocks = max(r["block"] for r in rows) + 1
-    before = np.zeros(n_blocks)
-    for r in rows:
-        before[r["block"]] += r["params_before"]
-    bottom = np.zeros(n_blocks)
-    for t in MATRIX_LABELS:
-        kept = np.zeros(n_blocks)
-        for r in rows:
-            if r["matrix"] == t:
-                kept[r["block"]] = r["params_after"]
-        a.bar(range(n_blocks), 100 * kept / before, bottom=bottom, color=MATRIX_COLORS[t], label=MATRIX_LABELS[t], width=0.8)
-        bottom += 100 * kept / before
-    total = report["totals"]
-    a.axhline(100 * total["block_params_after"] / total["block_params_before"], color="k", ls="--", lw=1,
-              label="model average")
-    a.set_xlabel("decoder block")
-    a.set_ylabel("% of the block's parameters kept")
-    a.set_title("parameters kept per block (saved plan)")
-    a.legend(fontsize=6.5, ncol=4, loc="upper left")
-    a.set_ylim(0, max(bottom.max() * 1.35, 10))
-    levels = sorted({c["keep_target"] for c in comparison})
-    names = list(dict.fromkeys(c["plan"] for c in comparison))
-    w = 0.8 / len(names)
-    for j, name in enumerate(names):
-        vals = [next(c["ppl"] for c in comparison if c["plan"] == name and c["keep_target"] == lv) for lv in levels]
-        bars = b.bar(np.arange(len(levels)) + (j - (len(names) - 1) / 2) * w, vals, width=w, label=f"{name} plan",
-                     color=["#fd8d3c", "#9e9ac8", "#74c476"][j % 3])
-        for bar, v in zip(bars, vals):
-            b.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
-    b.axhline(dense_ppl, color="k", ls="--", lw=1, label=f"dense ({dense_ppl:.1f})")
-    b.set_yscale("log")
-    b.set_xticks(range(len(levels)), [f"{100 * lv:.0f}% kept\n({100 * (1 - lv):.0f}% fewer)" for lv in levels])
-    b.set_ylabel("held-out perplexity (before healing)")
-    b.set_title("sensitivity-planned vs uniform")
-    b.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
 def heal_figure(loss_curve: Sequence[Mapping], speed: Mapping[str, Mapping],
                 losses: Mapping[str, Mapping] | None = None, paper_ratio: float = 2.0,
                 starts: Mapping[str, Sequence[Mapping]] | None = None) -> plt.Figure:
@@ -355,72 +288,90 @@ PAPER_MODELS = ("original", "8-bit", "4-bit", "88%", "93%")
 
 def accuracy_bars(ours: Mapping[str, Mapping[str, Mapping]], paper: Mapping[str, Mapping[str, float]] | None,
                   tasks: Sequence[str], paired: Mapping[str, Mapping[str, Mapping]] | None = None) -> plt.Figure:
-    """Fig. 2. Left: scores, tasks x models (``ours[model][task] = {"value", "stderr", "n"}``, 0-1),
-    chance as a dotted line. Right (with ``paired[model][task]`` from ``compactify.compare``):
-    each model minus the original on the same documents, in points, with its paired 95% interval;
-    the paper's difference (``paper[task][model]``, Table II, %) as a faded diamond beside it."""
+    """Fig. 2. Left: scores (%, 0-100), tasks x models (``ours[model][task] = {"value", "stderr", "n"}``,
+    0-1), chance as a dotted line, the paper's score (``paper[task][model]``, Table II, %) as a
+    faded diamond on each bar. Right (with ``paired[model][task]`` from ``compactify.compare``):
+    each model minus the original on the same documents, in points, with its paired 95% interval,
+    the paper's difference as a faded diamond beside it. One legend below both panels."""
     import numpy as np
+    from matplotlib.lines import Line2D
 
     apply_style()
     models = [m for m in PAPER_MODELS if m in ours] + [m for m in ours if m not in PAPER_MODELS]
     right = paired is not None
-    fig, axes = plt.subplots(1, 2 if right else 1, figsize=(11.5 if right else 6.4, 0.5 * len(tasks) + 2.2),
+    fig, axes = plt.subplots(1, 2 if right else 1, figsize=(10 if right else 6, 0.45 * len(tasks) + 2.4),
                              squeeze=False, gridspec_kw={"width_ratios": [1.15, 1]} if right else None)
     ax = axes[0][0]
     h = 0.8 / len(models)
     for j, m in enumerate(models):
+        y = np.arange(len(tasks)) + (j - (len(models) - 1) / 2) * h
         vals = [100 * ours[m][t]["value"] if t in ours[m] else np.nan for t in tasks]
         errs = [100 * (ours[m][t].get("stderr") or 0) if t in ours[m] else 0 for t in tasks]
-        ax.barh(np.arange(len(tasks)) + (j - (len(models) - 1) / 2) * h, vals, height=h, xerr=errs,
-                color=MODEL_COLORS.get(m, "0.6"), label=m, error_kw={"lw": 0.6, "capsize": 1.2})
+        ax.barh(y, vals, height=h, xerr=errs, color=MODEL_COLORS.get(m, "0.6"), label=m,
+                error_kw={"lw": 0.6, "capsize": 1.2, "ecolor": "0.3"})
+        if paper:
+            ax.plot([paper[t][m] if t in paper and m in paper[t] else np.nan for t in tasks], y, "D", ms=3.5,
+                    color=MODEL_COLORS.get(m, "0.6"), mec="k", mew=0.4, alpha=0.45)
     for i, t in enumerate(tasks):
         ax.plot([100 * CHANCE.get(t, 0)] * 2, [i - 0.45, i + 0.45], ls=":", color="k", lw=1)
     n = {t: ours["original"][t]["n"] for t in tasks if t in ours.get("original", {})}
-    ax.set_yticks(range(len(tasks)), [f"{t} (n={n.get(t, '?')})" for t in tasks])
+    ax.set_yticks(range(len(tasks)), [f"{t} (n={n.get(t, '?')})" for t in tasks], fontsize=8)
     ax.set_ylim(len(tasks) - 0.5, -0.5)
-    ax.set_xlabel("score (%) ± stderr; dotted: chance")
-    ax.set_title("scores")
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("score (%) ± stderr")
+    ax.set_title("scores: ours (bars), paper (faded ◆)", fontsize=9)
     ax.grid(axis="y", visible=False)
-    fig.legend(*ax.get_legend_handles_labels(), loc="upper center", ncol=len(models), fontsize=8,
-               bbox_to_anchor=(0.5, 0.975))
     if right:
-        ax = axes[0][1]
-        others = [m for m in models if m != "original"]
-        h = 0.8 / max(1, len(others))
-        for j, m in enumerate(others):
-            y = np.arange(len(tasks)) + (j - (len(others) - 1) / 2) * h
-            d = [paired.get(m, {}).get(t) for t in tasks]
-            x = [r["diff"] if r else np.nan for r in d]
-            lo = [r["diff"] - r["lo"] if r else 0 for r in d]
-            hi = [r["hi"] - r["diff"] if r else 0 for r in d]
-            ax.errorbar(x, y, xerr=[lo, hi], fmt="o", ms=3.5, color=MODEL_COLORS.get(m, "0.6"), lw=1, capsize=1.5,
-                        label=m)
-            if paper:
-                px = [paper[t][m] - paper[t]["original"] if t in paper and m in paper[t] else np.nan for t in tasks]
-                ax.plot(px, y, "D", ms=4, color=MODEL_COLORS.get(m, "0.6"), alpha=0.3, mec="none")
-        ax.axvline(0, color="k", lw=0.8)
-        ax.axvspan(-3, 0, color="#fdd0a2", alpha=0.6, lw=0)
-        for k in range(len(tasks) - 1):
-            ax.axhline(k + 0.5, color="0.88", lw=0.6)
-        ax.grid(axis="y", visible=False)
-        ax.set_yticks(range(len(tasks)), [""] * len(tasks))
-        ax.set_ylim(len(tasks) - 0.5, -0.5)
-        ax.set_xlabel("model − original (points), paired 95% interval;\nshaded: the paper's 3-point drop"
-                      + ("; faded ◆: the paper's difference (LLaMA-2 7B)" if paper else ""))
-        ax.set_title("difference on the same documents")
-    fig.suptitle("Accuracy of the original, quantized and compressed models (cf. paper Fig. 2)", y=1.0)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+        _paired_panel(axes[0][1], [m for m in models if m != "original"], tasks, paired, paper)
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], ls=":", color="k", lw=1)]
+    labels += ["chance"]
+    if paper:
+        handles += [Line2D([], [], marker="D", ls="none", color="0.6", mec="k", mew=0.4, alpha=0.45, ms=4)]
+        labels += ["paper (LLaMA-2 7B, Table II)"]
+    fig.suptitle("Accuracy of the original, quantized and compressed models (cf. paper Fig. 2)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.075, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7.5, bbox_to_anchor=(0.5, 0.02),
+               handlelength=1.5, columnspacing=1.2)
     return fig
+
+
+def _paired_panel(ax, models, tasks, paired, paper) -> None:
+    """Fig. 2, right: paired differences to the original with 95% intervals, the paper's beside them."""
+    import numpy as np
+
+    h = 0.8 / max(1, len(models))
+    for j, m in enumerate(models):
+        y = np.arange(len(tasks)) + (j - (len(models) - 1) / 2) * h
+        d = [paired.get(m, {}).get(t) for t in tasks]
+        x = [r["diff"] if r else np.nan for r in d]
+        lo = [r["diff"] - r["lo"] if r else 0 for r in d]
+        hi = [r["hi"] - r["diff"] if r else 0 for r in d]
+        ax.errorbar(x, y, xerr=[lo, hi], fmt="o", ms=3.5, color=MODEL_COLORS.get(m, "0.6"), lw=1, capsize=1.5)
+        if paper:
+            px = [paper[t][m] - paper[t]["original"] if t in paper and m in paper[t] else np.nan for t in tasks]
+            ax.plot(px, y, "D", ms=3.5, color=MODEL_COLORS.get(m, "0.6"), mec="k", mew=0.4, alpha=0.45)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.axvspan(-3, 0, color="#fdd0a2", alpha=0.6, lw=0)
+    for k in range(len(tasks) - 1):
+        ax.axhline(k + 0.5, color="0.88", lw=0.6)
+    ax.grid(axis="y", visible=False)
+    ax.set_yticks(range(len(tasks)), [""] * len(tasks))
+    ax.set_ylim(len(tasks) - 0.5, -0.5)
+    ax.set_xlabel("model − original (points), paired 95% interval\nshaded: the paper's 3-point drop", fontsize=8)
+    ax.set_title("difference on the same documents", fontsize=9)
 
 
 def inference_time(task_time: Mapping[str, Mapping[str, float]], speed: Mapping[str, Mapping],
                    paper: Mapping[str, float] | None = None) -> plt.Figure:
     """Fig. 4: per task, evaluation wall time relative to the original (= 1), per model; and
-    prefill / decode tokens/s relative to the original, measured side by side."""
+    prefill / decode tokens/s relative to the original, measured side by side. ``paper`` (the
+    paper's time relative to the original, e.g. ``{"4-bit": 1.13, "88%": 0.75}``) is drawn as a
+    dotted line on the left and as its speed (1 / time) as a diamond on the right."""
     import numpy as np
 
     apply_style()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.4), gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1.6, 1]})
     models = [m for m in task_time if m != "original"]
     tasks = list(next(iter(task_time.values())))
     w = 0.8 / max(1, len(models))
@@ -429,19 +380,41 @@ def inference_time(task_time: Mapping[str, Mapping[str, float]], speed: Mapping[
               color=MODEL_COLORS.get(m, "0.6"), label=m)
     a.axhline(1, color="k", lw=1, ls="--")
     for m, v in (paper or {}).items():
-        a.axhline(v, color=MODEL_COLORS.get(m, "0.5"), lw=1, ls=":", label=f"paper {m}: {v:g}")
-    a.set_xticks(range(len(tasks)), tasks, fontsize=7)
+        a.axhline(v, color=MODEL_COLORS.get(m, "0.5"), lw=1.3, ls=":", label=f"paper {m}: {v:g}")
+    a.set_xticks(range(len(tasks)), tasks, fontsize=7, rotation=30, ha="right", rotation_mode="anchor")
     a.set_ylabel("evaluation time / original")
-    a.set_title("per-task inference time (cf. paper Fig. 4)")
-    a.legend(fontsize=6.5, ncol=2)
+    a.set_title("per-task wall time, lm-eval (cf. paper Fig. 4)", fontsize=9)
+    a.legend(fontsize=7, ncol=len(models) + len(paper or {}), loc="lower center", bbox_to_anchor=(0.5, 1.09),
+             handlelength=1.5, columnspacing=1)
     names = [m for m in speed if not m.startswith("_")]
     for k, (kind, hatch) in enumerate((("prefill", ""), ("decode", "//"))):
         b.bar(np.arange(len(names)) + (k - 0.5) * 0.38, [speed[n][f"{kind}_ratio"] for n in names], width=0.38,
               color=[MODEL_COLORS.get(n, "0.6") for n in names], hatch=hatch, edgecolor="white", label=kind)
+    for m, v in (paper or {}).items():
+        if m in names:
+            b.plot(names.index(m), 1 / v, "D", color="k", ms=5, ls="none", label="paper: 1 / time" if
+                   m == next(iter(paper)) else None)
     b.axhline(1, color="k", lw=1, ls="--")
-    b.set_xticks(range(len(names)), names)
+    b.set_xticks(range(len(names)), names, fontsize=8)
     b.set_ylabel("tokens/s relative to original")
-    b.set_title("prefill (plain) and decode (hatched) speed")
-    b.legend(fontsize=7)
-    fig.tight_layout()
+    b.set_ylim(0, 1.15 * max([1.0] + [1 / v for v in (paper or {}).values()]
+                            + [speed[n][f"{k}_ratio"] for n in names for k in ("prefill", "decode")]))
+    b.set_title("batch-1 prefill (plain) and decode (hatched)", fontsize=9)
+    b.legend(fontsize=7, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.09), handlelength=1.5)
+    caption(fig, "Left: wall time of each whole lm-eval task (many documents, prefill-dominated); right: batch-1 "
+                 "decode and a short prefill in tokens/s. They measure different regimes and need not agree.\n"
+                 "Paper (LLaMA-2 7B, GPU): 4-bit 1.13x and 88% 0.75x the original's time (dotted lines; ◆ = the same "
+                 "as a speed).", fontsize=7)
     return fig
+
+
+_PLAN_FIGURES = ("plan_and_comparison", "sensitivity_heatmap", "sensitivity_panels")
+
+
+def __getattr__(name: str):
+    """The sensitivity and plan figures (notebooks 02, 03; Fig. 5) live in figures_plan.py."""
+    if name in _PLAN_FIGURES:
+        from . import figures_plan
+
+        return getattr(figures_plan, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

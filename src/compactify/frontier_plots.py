@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 
-from .figures import apply_style
+from .figures import apply_style, caption
 
 # Plain methods grey/orange, activation-aware ones black/blue; more cores = darker.
 METHOD_STYLE = {
@@ -43,40 +43,54 @@ def frontier(points: Sequence[Mapping], dense: Mapping, metric: str = "ppl",
     """Quality vs size, one line per method: (left) against the fraction of block-matrix
     parameters kept, (right) against the bytes of the block matrices relative to fp32, where
     methods stored in fp16 (solid) meet the same methods with NF4-stored factors (dotted) and
-    the dense 4-bit model. Before healing solid markers; after healing (if present) dashed."""
+    the dense 4-bit model. Before healing solid markers; after healing (if present) dashed.
+    Two legends: colour/marker = method, line style = precision (and stage)."""
+    from matplotlib.lines import Line2D
+
     apply_style()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11.5, 4.2))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.0))
     stages = list(dict.fromkeys(p.get("stage", "before healing") for p in points))
+    methods = [p for p in points if p["method"] != "dense"]
     for stage, ls in zip(stages, ("-", "--")):
-        suffix = "" if len(stages) == 1 else f" ({stage})"
-        _lines(a, [p for p in points if p["method"] != "dense"], "ratio", metric, "fp16", stage, ls, suffix)
-        _lines(b, [p for p in points if p["method"] != "dense"], "bytes_ratio", metric, "fp16", stage, ls, suffix)
-        _lines(b, [p for p in points if p["method"] != "dense"], "bytes_ratio", metric, "nf4", stage, ":",
-               " + NF4" + suffix)
+        _lines(a, methods, "ratio", metric, "fp16", stage, ls)
+        _lines(b, methods, "bytes_ratio", metric, "fp16", stage, ls)
+        _lines(b, methods, "bytes_ratio", metric, "nf4", stage, ":")
     for p in points:
         if p["method"] == "dense" and p.get(metric) is not None:
             b.plot(p["bytes_ratio"], p[metric], marker="*", ms=11, color="#2ca02c" if p["precision"] == "nf4" else "k",
-                   ls="none", label=f"dense {p['precision']}")
+                   ls="none")
     for ax in (a, b):
         if metric in dense:
-            ax.axhline(dense[metric], color="k", ls="--", lw=1, label=f"dense fp32 ({dense[metric]:.3g})")
+            ax.axhline(dense[metric], color="k", ls="--", lw=1)
         if metric == "ppl":
             ax.set_yscale("log")
-        ax.set_ylabel(metric_label)
-    a.set_xlabel("fraction of block-matrix parameters kept")
-    a.set_title("equal parameters (before healing)")
+        ax.set_ylabel(metric_label, fontsize=9)
+    a.set_xlabel("fraction of block-matrix parameters kept", fontsize=9)
+    a.set_title("equal parameters", fontsize=9)
     b.set_xscale("log")
-    b.set_xlabel("bytes of the block matrices / fp32 dense (log)")
-    b.set_title("equal bytes: fp16 factors (solid) vs NF4 (dotted)")
-    handles, labels = [], []
-    for ax in (a, b):
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            if l not in labels:
-                handles.append(h)
-                labels.append(l)
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
-    fig.suptitle("Compression-quality frontier: all block matrices compressed by one method", y=1.02)
-    fig.tight_layout()
+    b.set_xlabel("bytes of the block matrices / fp32 dense (log)", fontsize=9)
+    b.set_title("equal bytes: fp16 factors vs NF4-stored factors", fontsize=9)
+    present = list(dict.fromkeys(p["method"] for p in methods))
+    method_handles = [Line2D([], [], color=_style(m)[0], marker=_style(m)[1], ms=4, lw=1.4, label=_style(m)[2])
+                      for m in present]
+    style_handles = [Line2D([], [], color="0.3", lw=1.4, marker="o", ms=4, label="fp16 factors"),
+                     Line2D([], [], color="0.3", lw=1.4, ls=":", marker="o", mfc="white", ms=4, label="NF4 factors"),
+                     Line2D([], [], color="k", marker="*", ms=9, ls="none", label="dense fp32"),
+                     Line2D([], [], color="#2ca02c", marker="*", ms=9, ls="none", label="dense NF4")]
+    if metric in dense:
+        style_handles.append(Line2D([], [], color="k", ls="--", lw=1, label=f"dense fp32: {dense[metric]:.3g}"))
+    if len(stages) > 1:
+        style_handles.append(Line2D([], [], color="0.3", ls="--", lw=1.4, label=f"dashed: {stages[1]}"))
+    fig.suptitle(f"Compression-quality frontier: all block matrices compressed by one method ({stages[0]})",
+                 fontsize=10)
+    caption(fig, "Plain SVD / MPO without healing reach perplexities of 1e6-1e10: the model is broken there, so the "
+                 "order of those points (non-monotone in size) is noise.", fontsize=7)
+    fig.subplots_adjust(right=0.77)
+    leg = fig.legend(handles=method_handles, loc="upper left", bbox_to_anchor=(0.78, 0.9), fontsize=7, title="method",
+                     title_fontsize=7.5, alignment="left")
+    fig.legend(handles=style_handles, loc="lower left", bbox_to_anchor=(0.78, 0.12), fontsize=7,
+               title="storage / reference", title_fontsize=7.5, alignment="left")
+    fig.add_artist(leg)
     return fig
 
 

@@ -8,11 +8,14 @@ the same run, measured side by side, so runs on different machines and shapes ca
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from .figures import MATRIX_COLORS, MODEL_COLORS, apply_style, footer, save
 
@@ -58,6 +61,21 @@ def _bar_labels(ax, bars, fmt="{:.2f}"):
             ax.text(b.get_x() + b.get_width() / 2, h, fmt.format(h), ha="center", va="bottom", fontsize=6)
 
 
+def _group_labels(ax, x, width, vals):
+    """Bar values of each group of bars (rows of ``vals`` = series): one label over the group when
+    every series shows the same number, else one small upright label per bar."""
+    for i, xi in enumerate(x):
+        col = [v for v in vals[:, i] if np.isfinite(v)]
+        texts = {f"{v:.2f}" for v in col}
+        if len(texts) == 1:
+            ax.text(xi, max(col) + 0.01, texts.pop(), ha="center", va="bottom", fontsize=7)
+            continue
+        for j, v in enumerate(vals[:, i]):
+            if np.isfinite(v):
+                ax.text(xi + (j - (len(vals) - 1) / 2) * width, v + 0.01, f"{v:.2f}", ha="center", va="bottom",
+                        fontsize=6, rotation=90)
+
+
 def _decomposition(ax, results, targets):
     x = np.arange(len(results))
     bottom = np.zeros(len(results))
@@ -73,10 +91,11 @@ def _decomposition(ax, results, targets):
             color="#d62728", fontsize=7, ha="right", va="bottom")
     ax.set_xticks(x, [label(r) for r in results], fontsize=7)
     ax.set_xlim(-0.6, len(results) - 0.4)
-    ax.set_ylim(0, 1.25 * max(bottom.max(), targets["decomposition_s"]))
+    ax.set_ylim(0, 1.45 * max(bottom.max(), targets["decomposition_s"]))
     ax.set_ylabel("seconds, all block matrices")
     ax.set_title("(a) decomposition time (TT-SVD, 3 cores)")
-    ax.legend(fontsize=6, ncol=4, loc="upper left")
+    ax.legend(fontsize=6.5, ncol=7, loc="upper left", handlelength=1, columnspacing=0.8, title="matrix type",
+              title_fontsize=6.5, alignment="left")
 
 
 def _bytes(ax, results, paper):
@@ -85,13 +104,14 @@ def _bytes(ax, results, paper):
     series.append(("LLaMA-2 7B, computed", {k: {"bytes": v} for k, v in results[0]["bytes"]["llama2_7b_computed"]["bytes"].items()}))
     x = np.arange(len(BYTES_ORDER))
     width = 0.8 / len(series)
+    all_vals = []
     for j, (name, sizes) in enumerate(series):
         ref = sizes["dense_fp32"]["bytes"]
         vals = [(sizes.get(k) or {}).get("bytes") for k, _ in BYTES_ORDER]
         vals = [np.nan if v is None else v / ref for v in vals]
         bars = ax.bar(x + (j - (len(series) - 1) / 2) * width, vals, width, color=[BYTES_COLORS[k] for k, _ in BYTES_ORDER],
                       hatch=HATCHES[j % len(HATCHES)], edgecolor="white", lw=0.5, label=name)
-        _bar_labels(ax, bars)
+        all_vals.append(vals)
         for xi, v in zip(x, vals):
             if not np.isfinite(v):
                 ax.text(xi + (j - (len(series) - 1) / 2) * width, 0.02, "n/a", ha="center", fontsize=6, rotation=90)
@@ -99,12 +119,13 @@ def _bytes(ax, results, paper):
     for xi, (k, _) in zip(x, BYTES_ORDER):
         if k in gb:
             ax.plot(xi, gb[k] / gb["dense_fp32"], marker="D", color="k", ms=4, ls="none")
-    ax.plot([], [], marker="D", color="k", ls="none", ms=4, label="paper, Table I")
-    ax.set_xticks(x, [n + (f"\npaper {gb[k]} GB" if k in gb else "\n(not in Table I)") for k, n in BYTES_ORDER], fontsize=7)
+    _group_labels(ax, x, width, np.array(all_vals))
+    ax.set_xticks(x, [n.replace(" (", "\n(").replace("dense ", "dense\n") + (f"\n{gb[k]} GB" if k in gb else "\n–")
+                      for k, n in BYTES_ORDER], fontsize=7)
+    ax.set_xlabel("model (third line: its size in the paper's Table I)", fontsize=7)
     ax.set_ylabel("size / dense fp32")
     ax.set_ylim(0, 1.15)
     ax.set_title("(b) bytes per model vs the paper's Table I")
-    ax.legend(fontsize=6, loc="upper right")
 
 
 def _ratio_axis(ax, ylabel, values):
@@ -143,9 +164,7 @@ def _speed(ax, results, paper, targets):
             color="#d62728", fontsize=7, ha="right", va="bottom")
     _ratio_axis(ax, "tokens/s relative to dense", allv)
     ax.set_xticks(x, [f"{n}\n{kind}" for _, n, kind in groups], fontsize=7)
-    ax.set_title("(c) prefill and batch-1 decode speed")
-    if len(results) > 1:
-        ax.legend(fontsize=6, loc="lower left")
+    ax.set_title("(c) prefill (light) and batch-1 decode (dark) speed")
 
 
 def _heal(ax, results, paper, targets):
@@ -170,8 +189,6 @@ def _heal(ax, results, paper, targets):
     _ratio_axis(ax, "MPO / dense", allv)
     ax.set_xticks(x, [n for _, n in keys], fontsize=7)
     ax.set_title("(d) one healing step, FSDP2: MPO relative to dense")
-    if len(results) > 1:
-        ax.legend(fontsize=6, loc="lower left")
 
 
 def _lighter(color: str) -> tuple:
@@ -183,29 +200,49 @@ def _lighter(color: str) -> tuple:
 def scale_figure(results: Mapping | Sequence[Mapping], paper: Mapping = PAPER, targets: Mapping = TARGETS) -> plt.Figure:
     """2x2: (a) decomposition time vs the 30 s target, (b) bytes per model vs Table I, (c) prefill
     (light) and decode (dark) tokens/s relative to dense with the paper's 1.25x claim, (d) healing
-    tokens/s and peak memory of the MPO model relative to dense with the targets."""
+    tokens/s and peak memory of the MPO model relative to dense with the targets. One legend
+    (hatch = run) under the title; each run's model and MPO forward in a caption; room at the
+    bottom for one provenance line per distinct run (:func:`save_scale_figure`)."""
     results = [results] if isinstance(results, Mapping) else list(results)
     if not results:
         raise ValueError("scale_figure needs at least one result of benchmarks/scale.py")
     apply_style()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.6))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.4))
     _decomposition(axes[0, 0], results, targets)
     _bytes(axes[0, 1], results, paper)
     _speed(axes[1, 0], results, paper, targets)
     _heal(axes[1, 1], results, paper, targets)
-    shapes = "; ".join(f"{label(r)}: {r['meta'].get('model', '')}, MPO forward {_forward(r)}" for r in results)
-    fig.suptitle(f"CompactifAI at LLaMA-2 7B shape: 70% fewer block parameters, side by side with dense\n{shapes}",
-                 fontsize=9)
-    fig.tight_layout(rect=(0, 0.02 * len(results), 1, 1))
+    fig.suptitle("CompactifAI at LLaMA-2 7B shape (70% fewer block parameters), side by side with dense",
+                 fontsize=10, y=0.995)
+    handles = [Patch(facecolor="0.55", edgecolor="white", hatch=HATCHES[j % len(HATCHES)], label=label(r))
+               for j, r in enumerate(results)]
+    handles += [Patch(facecolor="0.55", edgecolor="white", hatch=HATCHES[len(results) % len(HATCHES)],
+                      label="LLaMA-2 7B, computed (b)"),
+                Line2D([], [], marker="D", color="k", ls="none", ms=4, label="paper, Table I (b)")]
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=len(handles), fontsize=7,
+               handlelength=2.2, columnspacing=1.2)
+    models = list(dict.fromkeys(r["meta"].get("model", "") for r in results))
+    text = "; ".join(f"{label(r)}: MPO forward {_forward(r)}" for r in results)
+    text = textwrap.fill(f"Model: {'; '.join(models)}. {text}.", 175)
+    h = fig.get_figheight() * 72
+    bottom = (4 + 8 * len(_footers(results))) / h
+    fig.text(0.01, bottom, text, fontsize=7, color="0.25", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, bottom + (text.count("\n") + 1) * 9.5 / h + 3 / h, 1, 0.955), h_pad=1.0)
     return fig
 
 
+def _footers(results: Sequence[Mapping]) -> list[str]:
+    """One provenance line per distinct run description (runs that share it share the line)."""
+    return list(dict.fromkeys(_footer(r) for r in results))
+
+
 def save_scale_figure(results: Mapping | Sequence[Mapping], out_dir: str | Path, name: str, **kw) -> Path:
-    """:func:`scale_figure`, saved as ``name``.png/.pdf with one provenance line per run."""
+    """:func:`scale_figure`, saved as ``name``.png/.pdf with one provenance line per distinct run."""
     results = [results] if isinstance(results, Mapping) else list(results)
     fig = scale_figure(results, **kw)
-    for i, r in enumerate(results):
-        fig.text(0.01, 0.005 + 0.015 * i, _footer(r), fontsize=6, color="0.45", ha="left", va="bottom")
+    h = fig.get_figheight() * 72
+    for i, text in enumerate(reversed(_footers(results))):
+        fig.text(0.01, (2 + 8 * i) / h, text, fontsize=6, color="0.45", ha="left", va="bottom")
     path = save(fig, out_dir, name)
     plt.close(fig)
     return path

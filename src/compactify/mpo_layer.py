@@ -14,12 +14,32 @@ Mind the scaling: per parameter, an MPO matvec costs more multiply-adds than a d
 (every core entry meets a whole slice of the input), so the factored forward is cheaper in
 FLOPs than ``nn.Linear`` only at small bond dimensions; ``benchmarks/mpo_linear.py`` measures
 where the crossover lies.
+
+Inference modes (:attr:`MPOLinear.mode`, set for a whole model by :func:`set_inference_mode`;
+a run-time choice: the saved model holds only the cores, whatever the mode):
+
+* ``factored`` (the default): the forward above. Least memory: nothing but the cores.
+* ``contracted``: ``W`` is contracted from the cores once, cached, and every call is one dense
+  matmul (dense speed). Memory: ``out_features * in_features`` elements per layer on top of
+  the cores, i.e. the dense model's block matrices again.
+* ``auto``: per layer and per bucket of tokens (powers of two), whichever of the two is faster,
+  measured the first time the bucket is met (interleaved repeats on the layer's own device and
+  dtype, fastest of each) and kept in :attr:`MPOLinear.auto_decisions`; where the layer cannot be timed
+  (meta and other devices than CPU and CUDA, or the torch-only copy of this class saved beside
+  a model, which has no clock) it decides by the cost model (:meth:`MPOLinear.estimate_seconds`)
+  and records ``"decided_by": "cost model"``. Memory: ``W`` is kept only for layers for which
+  some bucket chose ``contracted``.
+
+The cached ``W`` serves a call only when no gradient to the cores is wanted (grad disabled, or
+no core requires grad): training and healing always take the factored path, so gradients
+reach the cores exactly as in ``factored`` mode. It is rebuilt whenever a core changed (another
+tensor, or an in-place write: an optimizer step, ``load_state_dict``), and dropped by ``.to()``.
 """
 from __future__ import annotations
 
 import contextlib
-
 import math
+import time
 from typing import Sequence
 
 import torch
@@ -131,9 +151,18 @@ class MPOLinear(nn.Module):
     32 tokens on materialized does (14-20 vs 6-11 ms; at 512 tokens 217-462 vs 15-43 ms, dense
     12-37 ms): many small einsums lose to one large GEMM, and W costs ``o*i*chi`` FLOPs once per
     call, not per token. Set the class attribute (or the instance's) to ``None`` for always-factored.
+
+    ``mode`` (class default ``"factored"``: the forward just described) may be set per instance
+    to ``"contracted"`` or ``"auto"``; see the module docstring and :func:`set_inference_mode`.
     """
 
     materialize_from: int | None = 32
+    MODES = ("factored", "contracted", "auto")
+    mode: str = "factored"
+    auto_repeats: int = 7     # interleaved timings per path when ``auto`` measures a bucket
+    auto_timer = None         # a seconds clock; compactify.mpo_layer sets time.perf_counter (None: cost model)
+    # Rough rates of the cost model auto falls back to where it cannot time (2 CPU cores, fp32).
+    cost_rates = {"flop_per_s": 3e10, "byte_per_s": 1e10, "call_s": 1e-5}
 
     def __init__(self, out_factors: Sequence[int], in_factors: Sequence[int], bond_dims: Sequence[int],
                  bias: bool = True, device=None, dtype=None):
@@ -150,7 +179,9 @@ class MPOLinear(nn.Module):
                                       for k, (o, i) in enumerate(zip(self.out_factors, self.in_factors)))
         self.bias = nn.Parameter(torch.zeros(self.out_features, **kw)) if bias else None
         self._plans: dict[int, tuple] = {}
-        self._dense: torch.Tensor | None = None   # set only inside contracted(): see there
+        self._dense: torch.Tensor | None = None   # the cached W of contracted / auto (never in the state_dict)
+        self._dense_src: list = []                # (core view, version) W was built from: the staleness check
+        self.auto_decisions: dict[int, dict] = {}  # auto: bucket of tokens -> {"path", "decided_by", ...}
 
     @classmethod
     def from_mpo(cls, mpo: MPO, bias: torch.Tensor | None = None) -> "MPOLinear":
@@ -183,8 +214,17 @@ class MPOLinear(nn.Module):
         return self._plans[batch]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._dense is not None:
-            return nn.functional.linear(x, self._dense, self.bias)
+        mode = self.mode
+        if mode != "factored":
+            if mode not in self.MODES:
+                raise ValueError(f"MPOLinear.mode is {mode!r}: use one of {', '.join(self.MODES)}.")
+            if self.cache_allowed() and (mode == "contracted" or self.auto_path(x) == "contracted"):
+                return nn.functional.linear(x, self.dense_matrix(), self.bias)
+        return self.forward_factored(x)
+
+    def forward_factored(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``factored`` forward: the planned einsum chain, or ``W`` rebuilt per call (with
+        its gradient path) from ``materialize_from`` tokens on."""
         lead = x.shape[:-1]
         batch = math.prod(lead)
         if self.materialize_from is not None and batch >= self.materialize_from:
@@ -199,6 +239,105 @@ class MPOLinear(nn.Module):
             env[out] = torch.einsum(equation, env[left], env[right])
         y = env[out].reshape(*lead, self.out_features)
         return y + self.bias if self.bias is not None else y
+
+    # -- contracted / auto
+    def cache_allowed(self) -> bool:
+        """Whether the cached ``W`` may serve this call: only when no gradient to the cores is
+        wanted (the cache has no gradient path), so training always runs factored."""
+        return not (torch.is_grad_enabled() and any(c.requires_grad for c in self.cores))
+
+    def dense_matrix(self) -> torch.Tensor:
+        """``W`` (``out x in``, the cores' dtype, built in fp32), cached; rebuilt when a core is
+        another tensor or was written in place since (data pointer and version counter)."""
+        cores = list(self.cores._parameters.values())  # = list(self.cores), without ParameterList's slow indexing
+        src = self._dense_src
+        if self._dense is None or len(src) != len(cores) or any(
+                c.data_ptr() != v.data_ptr() or (not c.is_inference() and c._version != n)
+                for c, (v, n) in zip(cores, src)):
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable outside inference mode
+                self._dense = None
+                self._dense = cores_to_matrix([c.detach().float() for c in cores]).to(cores[0].dtype).contiguous()
+                # the views keep the old storage alive, so that its address cannot be reused unnoticed
+                self._dense_src = [(c.detach(), -1 if c.is_inference() else c._version) for c in cores]
+        return self._dense
+
+    def release_dense(self) -> None:
+        """Drop the cached ``W`` (the memory of ``contracted``); it is rebuilt when next needed."""
+        self._dense, self._dense_src = None, []
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), .cuda(): the cache and auto's timings are for the old device/dtype
+        self.release_dense()
+        self.auto_decisions = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    @staticmethod
+    def bucket(tokens: int) -> int:
+        """The bucket of ``auto`` decisions a number of tokens falls in: the next power of two."""
+        return 1 << (max(int(tokens), 1) - 1).bit_length()
+
+    def auto_path(self, x: torch.Tensor) -> str:
+        """``auto``'s path for ``x``: the bucket's recorded decision, made now if there is none."""
+        bucket = self.bucket(x.numel() // self.in_features)
+        decision = self.auto_decisions.get(bucket)
+        if decision is None:
+            decision = self.auto_decisions[bucket] = self.decide(x)
+            if all(d["path"] == "factored" for d in self.auto_decisions.values()):
+                self.release_dense()  # measured, not needed: factored keeps only the cores
+        return decision["path"]
+
+    def decide(self, x: torch.Tensor) -> dict:
+        """Which path is faster for ``x`` (its number of tokens, this layer's device and dtype):
+        both timed on ``x``, interleaved, ``auto_repeats`` times after a warm-up call, and the
+        minima compared (a tie goes to factored, the smaller): on a shared CPU a pre-empted call
+        can take 10x its cost, which flips medians of a few repeats, while the minimum is the
+        uncontended cost (the medians are recorded too). Where no timing is possible, the cost
+        model decides and the record says so."""
+        tokens = max(x.numel() // self.in_features, 1)
+        record = {"tokens": tokens, "device": str(x.device), "dtype": str(self.cores[0].dtype).replace("torch.", "")}
+        clock, kind = self.auto_timer, x.device.type
+        if clock is None or kind not in ("cpu", "cuda"):
+            est = {p: self.estimate_seconds(p, tokens) for p in ("factored", "contracted")}
+            why = "no clock in this copy of MPOLinear" if clock is None else f"{kind} device cannot be timed"
+            return {**record, "path": "factored" if est["factored"] <= est["contracted"] else "contracted",
+                    "decided_by": "cost model", "why": why, "factored_s": est["factored"], "contracted_s": est["contracted"]}
+
+        def sync():
+            if kind == "cuda":
+                torch.cuda.synchronize(x.device)
+
+        with torch.no_grad():
+            w = self.dense_matrix()
+            paths = {"factored": lambda: self.forward_factored(x),
+                     "contracted": lambda: nn.functional.linear(x, w, self.bias)}
+            times: dict[str, list] = {p: [] for p in paths}
+            for run in paths.values():  # warm-up: the plan, allocations
+                run()
+            for _ in range(max(int(self.auto_repeats), 1)):
+                for p, run in paths.items():
+                    sync()
+                    t = clock()
+                    run()
+                    sync()
+                    times[p].append(clock() - t)
+        best = {p: min(ts) for p, ts in times.items()}
+        return {**record, "path": "factored" if best["factored"] <= best["contracted"] else "contracted",
+                "decided_by": "measurement", "factored_s": best["factored"], "contracted_s": best["contracted"],
+                **{f"{p}_median_s": sorted(ts)[len(ts) // 2] for p, ts in times.items()}}
+
+    def estimate_seconds(self, path: str, batch: int = 1) -> float:
+        """Cost-model seconds of one call of ``path`` for ``batch`` tokens: FLOPs and bytes at
+        :attr:`cost_rates` plus a fixed cost per kernel call (rough CPU rates, not calibrated
+        per machine: ``auto`` uses this only where it cannot measure)."""
+        r = self.cost_rates
+        if path == "contracted":
+            return self.dense_flops(batch) / r["flop_per_s"] + self.dense_bytes(batch) / r["byte_per_s"] + r["call_s"]
+        if path != "factored":
+            raise ValueError(f"path {path!r}: the cost model knows 'factored' and 'contracted'.")
+        if self.materialize_from is not None and batch >= self.materialize_from:  # W rebuilt, then one GEMM
+            rebuild = 2 * self.out_features * self.in_features * max(self.bond_dims, default=1)
+            return ((rebuild + self.dense_flops(batch)) / r["flop_per_s"] + 2 * self.dense_bytes(batch) / r["byte_per_s"]
+                    + len(self.cores) * r["call_s"])
+        return self.flops(batch) / r["flop_per_s"] + self.bytes(batch) / r["byte_per_s"] + len(self.plan(batch)[1]) * r["call_s"]
 
     # -- cost model
     def flops(self, batch: int = 1) -> int:
@@ -229,23 +368,7 @@ class MPOLinear(nn.Module):
                 f"in_factors={self.in_factors}, bond_dims={self.bond_dims}, bias={self.bias is not None}")
 
 
-@contextlib.contextmanager
-def contracted(model: nn.Module):
-    """Within this block every :class:`MPOLinear` of ``model`` multiplies by its cores contracted
-    once into the dense matrix: the same function (up to float rounding) at dense speed.
+MPOLinear.auto_timer = staticmethod(time.perf_counter)  # here, not in the class: its torch-only copy has no clock
 
-    For measuring *quality* only (perplexity, benchmark accuracy): on a CPU at batch 1 the
-    factored forward is 3-24x slower than the dense one (benchmarks/mpo_linear.py), which made a
-    tensorized model's benchmark suite take 5x the dense model's. Speed is always measured
-    with the factored forward (``compactify.speed``, ``evaluate.task_times``). Not for training:
-    the cache holds no gradient path to the cores.
-    """
-    layers = [m for m in model.modules() if isinstance(m, MPOLinear)]
-    try:
-        with torch.no_grad():
-            for m in layers:
-                m._dense = cores_to_matrix([c.detach().float() for c in m.cores]).to(m.cores[0].dtype).contiguous()
-        yield len(layers)
-    finally:
-        for m in layers:
-            m._dense = None
+# The model-level switches live in their own module; imported here, where they always were.
+from .mpo_modes import contracted, inference_mode_set, mode_summary, set_inference_mode  # noqa: E402,F401

@@ -15,9 +15,14 @@ Two regimes matter for a language model and behave differently:
   memory. This is where smaller weights (fewer parameters, fewer bits) can pay off. Measured as
   ``(k - 1) / (t(k new tokens) - t(1 new token))`` with greedy ``generate``, which removes the
   prompt's own cost.
+
+Tensorized models run their MPO layers in whichever inference mode they are in
+(:mod:`compactify.mpo_layer`: ``factored``, ``contracted``, ``auto``) unless :func:`compare` is
+given ``mpo_mode``, which sets it for the measurement only and records what the layers chose.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Callable, Mapping
@@ -99,7 +104,7 @@ def decode_tokens_per_s(model, tokenizer, prompt: str, new_tokens: int = 16, rep
 
 def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.Tensor,
             decode_prompt: str | torch.Tensor, new_tokens: int = 16, repeats: int = 3, reference: str | None = None,
-            progress: Callable | None = None) -> dict:
+            progress: Callable | None = None, mpo_mode: str | None = None) -> dict:
     """Prefill and decode tokens/s of several models, measured round-robin in this process.
 
     ``decode_prompt`` is text (tokenized with ``tokenizer``) or token ids of shape ``(1, n)``;
@@ -107,7 +112,30 @@ def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.
     {"prefill": stats, "decode": stats, "prefill_ratio": x, "decode_ratio": y}}`` where the
     ratios are median tokens/s relative to ``reference`` (default: the first model); a ratio
     above 1 means faster than the reference.
+
+    ``mpo_mode`` (``factored`` | ``contracted`` | ``auto``; None: leave the models as they are)
+    puts every model that has MPO layers in that inference mode before the warm-up (where
+    ``auto`` makes its decisions) and back afterwards; ``out["_setup"]["mpo_mode"]`` records it
+    and ``out[name]["mpo_mode"]`` the layers' state after timing (:func:`compactify.mpo_layer.mode_summary`:
+    paths chosen per bucket of tokens, bytes of cached matrices).
     """
+    if mpo_mode is not None:
+        from .mpo_layer import MPOLinear
+
+        if mpo_mode not in MPOLinear.MODES:
+            raise ValueError(f"Unknown MPO inference mode {mpo_mode!r}: use one of {', '.join(MPOLinear.MODES)} "
+                             "(or None to time the models as they are).")
+        with contextlib.ExitStack() as stack:
+            from .mpo_layer import inference_mode_set, mode_summary
+
+            mpo = [n for n, m in models.items() if any(isinstance(x, MPOLinear) for x in m.modules())]
+            for n in mpo:
+                stack.enter_context(inference_mode_set(models[n], mpo_mode))
+            out = compare(models, tokenizer, prompt_ids, decode_prompt, new_tokens, repeats, reference, progress)
+            for n in mpo:
+                out[n]["mpo_mode"] = mode_summary(models[n])
+        out["_setup"]["mpo_mode"] = mpo_mode
+        return out
     names = list(models)
     reference = reference or names[0]
     if isinstance(decode_prompt, str):
@@ -136,5 +164,5 @@ def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.
             out[n][f"{k}_ratio"] = out[n][k]["median"] / out[reference][k]["median"]
     out["_setup"] = {"reference": reference, "prefill_tokens": int(prompt_ids.numel()),
                      "decode_prompt_tokens": int(dec_ids.shape[1]), "new_tokens": new_tokens, "repeats": repeats,
-                     "threads": torch.get_num_threads()}
+                     "threads": torch.get_num_threads(), "mpo_mode": None}
     return out

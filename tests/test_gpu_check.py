@@ -88,6 +88,7 @@ def test_roofline_only_if_present(tmp_path, monkeypatch):
     (tmp_path / "benchmarks" / "roofline.py").write_text("import sys; sys.exit(3)\n")
     cmd, out_json = mod.stage_commands(args, sys.executable)["roofline"]
     assert cmd[1:4] == [str(tmp_path / "benchmarks" / "roofline.py"), "--device", "cpu"]
+    assert "--random-weights" in cmd   # the GPU machine has no copy of SmolLM2's weights
     rec = mod.run_stage("roofline", (cmd, out_json), __import__("time").monotonic() + 60, False, tmp_path / "l.log")
     assert rec["status"] == "failed" and rec["error"].startswith("exit 3") and rec["output"] is None
 

@@ -167,3 +167,111 @@ def test_format_names_and_the_writer_refuses_unknown_ones(tmp_path):
 def test_bad_token_counts_are_refused(tiny):
     with pytest.raises(R.RooflineError, match="context_tokens"):
         R.cost(tiny, tokens=4, context_tokens=2)
+
+
+# ----------------------------------------------------------------------------- devices, skipped formats, random weights
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks" / "roofline.py"
+SMOL = REPO / "data" / "cache" / "models" / "SmolLM2-135M-Instruct-fp32"
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("roofline_bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ceilings_on_cpu_report_what_they_did_before():
+    out = R.ceilings(threads=[1], dtypes=["float32"], seconds=0.01, mib=4, gemm_n={"float32": 64}, device="cpu")
+    assert list(out) == ["1"]
+    t = out["1"]
+    assert {"bandwidth", "bandwidth_roof", "gemm", "array_mib"} <= set(t) and t["array_mib"] == 4
+    assert t["device"] == "cpu" and t["threads"] == 1
+    assert set(t["bandwidth"]) == {"copy", "triad", "read"}
+    assert t["bandwidth_roof"]["from"] in t["bandwidth"]
+    g = t["gemm"]["float32"]
+    assert g["n"] == 64 and g["flops_per_s"] == pytest.approx(2 * 64**3 / g["median_s"]) and g["repeats"] >= 3
+    assert R.call_overhead(calls=20, device="cpu")["device"] == "cpu"
+
+
+def test_unknown_device_or_cuda_without_cuda_is_refused(monkeypatch):
+    with pytest.raises(R.RooflineError, match="Unknown device 'tpu'"):
+        R.ceilings(device="tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(R.RooflineError, match="no CUDA device is available"):
+        R.ceilings(threads=[1], seconds=0.01, mib=1, device="cuda")
+
+
+def test_bench_cuda_without_cuda_exits_2_and_writes_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(BENCH), "--device", "cuda", "--quick", "--out", str(tmp_path / "r.json"),
+                        "--figure", str(tmp_path / "r.png")], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=180)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "--device cuda: no CUDA device is available here" in p.stderr and "nothing was measured or written" in p.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_unknown_device_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        _bench().parse(["--device", "tpu"])
+    assert e.value.code == 2 and "invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+def test_a_format_whose_library_is_missing_is_recorded_as_skipped(tiny, tmp_path, monkeypatch):
+    def build(base, name, device):
+        if name == "int8":
+            raise ImportError("int8 needs the package 'bitsandbytes', which is not installed here")
+        return R.build_format(base, name, device)
+
+    models, records = R.build_formats(tiny, ["fp32", "int8"], "cpu", build=build, log=lambda s: None)
+    assert list(models) == ["fp32"] and records["fp32"]["build_s"] >= 0
+    assert records["int8"] == {"skipped": "not built: int8 needs the package 'bitsandbytes', which is not installed here"}
+    # the real builder says the same where bitsandbytes is absent
+    import importlib.util
+    import sys
+
+    real = importlib.util.find_spec
+    with monkeypatch.context() as mp:
+        mp.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+        _, rec = R.build_formats(tiny, ["nf4"], "cpu", log=lambda s: None)
+    assert rec["nf4"] == {"skipped": "not built: nf4 needs the package 'bitsandbytes', which is not installed here"}
+    c = R.decode_cost(models["fp32"], 4)
+    path = R.save_roofline(tmp_path / "r.json", {"formats": {"fp32": {"decode_cost": c.to_dict()}, "int8": records["int8"]}})
+    assert json.loads(path.read_text())["formats"]["int8"] == records["int8"]
+    m = models["fp32"]
+    want = sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])   # tied head: once
+    assert R.stored_bytes(m) == want
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)   # its import fails: the fallback count, the same here
+    assert R.stored_bytes(m) == want
+
+
+@pytest.mark.skipif(not (SMOL / "config.json").is_file(), reason="SmolLM2's config is not cached (make data)")
+def test_random_weights_build_smollm2_from_its_config_alone(tmp_path):
+    import shutil
+
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SMOL / f, tmp_path / f)   # no weight file in the folder: none can be read
+    cfg = json.loads((SMOL / "config.json").read_text())
+    h, i, n, v, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    want = v * h + n * (2 * h * q + 2 * h * kv + 3 * h * i + 2 * h) + h   # tied head: the embedding once
+    assert want == 134_515_008
+    bench = _bench()
+    args = bench.parse(["--random-weights", "--meta", str(tmp_path), "--quick"])
+    model, tok, weights = bench.load_base(args)
+    assert sum(p.numel() for p in model.parameters()) == want
+    assert weights["random"] is True and weights["config"] == str(tmp_path / "config.json")
+    assert tok("hello").input_ids and not any(tmp_path.glob("*.safetensors"))
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert 0.015 < float(w.detach().std()) < 0.025   # transformers' init (std initializer_range = 0.02), not pretrained values
+    with pytest.raises(SystemExit):
+        bench.parse(["--meta", str(tmp_path)])   # --meta without --random-weights

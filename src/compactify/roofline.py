@@ -35,10 +35,14 @@ copy/triad/read for bandwidth, a large matmul for FLOP/s) into attainable tokens
 ``min(bandwidth / bytes, flops_rate / flops)``. :func:`call_overhead` and
 :func:`calls_per_token` measure the fixed cost that no roofline sees: Python and dispatcher time
 per module call and per operator, times how many of them one decoded token makes.
+
+The ceilings and the overhead are measured on a ``device`` (``cpu``, or ``cuda``: operands on
+the GPU, every timing synchronized, no thread counts). The formats themselves, built on that
+device, and the random-weight SmolLM2-135M for machines without its weights, are in
+:mod:`compactify.roofline_formats` (re-exported here).
 """
 from __future__ import annotations
 
-import copy
 import math
 import re
 import statistics
@@ -52,84 +56,12 @@ from torch import nn
 
 from .mpo_layer import MPOLinear
 
+from .roofline_formats import (ALL_FORMATS, DEVICES, KEEPS, QUICK_FORMATS, RooflineError, build_format,  # noqa: F401
+                               build_formats, check_device, check_formats, lowrank_model, parse_format,
+                               random_model, smollm2_meta_dir)
+from .speed import _sync
+
 PARTS = ("blocks", "attention", "lm_head", "other")
-KEEPS = (0.7, 0.5, 0.3)
-ALL_FORMATS = ("fp32", "bf16", "int8", "nf4", *(f"{m}-{round(k * 100)}" for m in ("mpo2", "mpo3", "svd") for k in KEEPS))
-QUICK_FORMATS = ("fp32", "int8", "nf4", "mpo3-30", "svd-30")
-_FORMAT = re.compile(r"^(fp32|bf16|int8|nf4|(mpo[23]|svd)-(\d{1,2}))$")
-
-
-class RooflineError(ValueError):
-    """A format, model or result that the roofline cannot handle; the message names the fix."""
-
-
-# ----------------------------------------------------------------------------- formats
-
-def parse_format(name: str) -> dict:
-    """``"mpo3-30"`` -> ``{"kind": "mpo", "cores": 3, "keep": 0.3}``; an unknown name is an error."""
-    m = _FORMAT.match(str(name))
-    if not m or (m.group(2) and int(m.group(3)) not in [round(k * 100) for k in KEEPS]):
-        raise RooflineError(f"Unknown format {name!r}. Use one of {', '.join(ALL_FORMATS)} (mpo2/mpo3/svd keep "
-                            f"{'/'.join(str(round(k * 100)) for k in KEEPS)}% of the block parameters).")
-    if not m.group(2):
-        return {"kind": name}
-    kind = m.group(2)
-    return {"kind": "svd" if kind == "svd" else "mpo", "cores": int(kind[3]) if kind != "svd" else None,
-            "keep": int(m.group(3)) / 100}
-
-
-def check_formats(names: Iterable[str]) -> list[str]:
-    """The names, each checked by :func:`parse_format` (the first unknown one raises)."""
-    names = list(names)
-    for n in names:
-        parse_format(n)
-    return names
-
-
-def lowrank_model(model: nn.Module, keep: float, method: str = "svd", types: Iterable[str] | None = None) -> nn.Module:
-    """Replace (in place) each decoder-block matrix by its rank-r factors ``A B`` as
-    ``nn.Sequential(Linear(in, r), Linear(r, out))`` (:func:`compactify.lowrank.compress`)."""
-    from . import lowrank
-    from .models import MATRIX_PATHS, MATRIX_TYPES, blocks
-
-    if lowrank.parse_method(method)[0] != "svd":
-        raise RooflineError(f"lowrank_model builds plain low-rank factors; method must be 'svd', not {method!r} "
-                            "(activation-aware methods need calibration statistics).")
-    for block in blocks(model):
-        for t in types or MATRIX_TYPES:
-            lin = block.get_submodule(MATRIX_PATHS[t])
-            c = lowrank.compress(method, lin.weight.detach(), keep)
-            A, B = c.factors
-            first = nn.Linear(lin.in_features, A.shape[1], bias=False, dtype=A.dtype)
-            second = nn.Linear(A.shape[1], lin.out_features, bias=lin.bias is not None, dtype=A.dtype)
-            with torch.no_grad():
-                first.weight.copy_(B)
-                second.weight.copy_(A)
-                if lin.bias is not None:
-                    second.bias.copy_(lin.bias)
-            block.set_submodule(MATRIX_PATHS[t], nn.Sequential(first, second))
-    return model
-
-
-def build_format(base: nn.Module, name: str) -> nn.Module:
-    """A copy of the dense fp32 ``base`` in format ``name``, made by the package's own functions."""
-    from . import quantize
-    from .models import blocks
-    from .tensorize import Plan, tensorize
-
-    spec = parse_format(name)
-    model = copy.deepcopy(base).eval()
-    kind = spec["kind"]
-    if kind == "bf16":
-        return quantize.to_half(model, "bfloat16")
-    if kind in ("int8", "nf4"):
-        return quantize.quantize(model, 8 if kind == "int8" else 4, quant_type="nf4").eval()
-    if kind == "mpo":
-        plan = Plan.uniform(len(blocks(model)), target_ratio=spec["keep"], cores=spec["cores"])
-        return tensorize(model, plan, errors=False).eval()
-    if kind == "svd":
-        return lowrank_model(model, spec["keep"]).eval()
-    return model
 
 
 # ----------------------------------------------------------------------------- cost per token
@@ -271,18 +203,32 @@ def part_seconds(c: Cost, bandwidth: float, flops_rate: float) -> dict:
 
 # ----------------------------------------------------------------------------- the machine's ceilings
 
-def _median_seconds(fn, seconds: float, min_repeats: int = 3) -> tuple[float, int]:
-    fn()  # warm-up: page faults, thread pool start
-    times, t_end = [], time.perf_counter() + seconds
-    while len(times) < min_repeats or time.perf_counter() < t_end:
+def _median_seconds(fn, seconds: float, min_repeats: int = 3, sync: torch.Tensor | None = None) -> tuple[float, int]:
+    """Median seconds of ``fn()`` over repeats for ``seconds``; with ``sync`` (a tensor on the GPU) the
+    device's queue is drained before and after every call (:func:`compactify.speed._sync`)."""
+    def call():
+        if sync is not None:
+            _sync(sync)
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
+        if sync is not None:
+            _sync(sync)
+        return time.perf_counter() - t
+
+    call()  # warm-up: page faults, thread pool start, CUDA kernels' first launch
+    times, t_end = [], time.perf_counter() + seconds
+    while len(times) < min_repeats or time.perf_counter() < t_end:
+        times.append(call())
     return statistics.median(times), len(times)
 
 
+GEMM_N = {"cpu": {"float32": 2048}, "cuda": {"float32": 8192, "bfloat16": 8192}}
+GEMM_N_OTHER = {"cpu": 512, "cuda": 8192}
+ARRAY_MIB = {"cpu": 256, "cuda": 1024}
+
+
 def ceilings(threads: Iterable[int] = (1, 2), dtypes: Iterable[str] = ("float32", "bfloat16"), seconds: float = 2.0,
-             mib: int = 256, gemm_n: Mapping[str, int] | None = None) -> dict:
+             mib: int | None = None, gemm_n: Mapping[str, int] | None = None, device: str = "cpu") -> dict:
     """Sustained bandwidth and GEMM FLOP/s of this machine at each thread count (medians of repeats).
 
     Bandwidth: ``copy`` (``b.copy_(a)``, 2 arrays' bytes), ``triad`` (``a = b + 2 c``, 3 arrays),
@@ -290,51 +236,69 @@ def ceilings(threads: Iterable[int] = (1, 2), dtypes: Iterable[str] = ("float32"
     fp32 (far beyond the last-level cache); the roof used is the largest of the three. GEMM: an
     ``n x n`` matmul per dtype (2 n^3 FLOPs; n = 2048 for fp32, 512 for other types: bf16 runs
     ~75x slower than fp32 on this CPU without AVX512-BF16, seconds per 1024^3 call).
+
+    ``device="cuda"``: arrays and operands on the GPU, every timed call synchronized, arrays of
+    1 GiB (beyond any GPU's L2), n = 8192 for every dtype; thread counts do not apply: one pass,
+    returned under the key ``"cuda"`` with ``threads: None`` (and ``float32_matmul_precision``:
+    ``highest`` = no TF32).
     """
+    dev = check_device(device)
+    cuda = dev.type == "cuda"
+    mib = mib or ARRAY_MIB[dev.type]
     n_el = mib * 2**20 // 4
-    a, b, c = torch.ones(n_el), torch.ones(n_el), torch.ones(n_el)
+    a, b, c = (torch.ones(n_el, device=dev) for _ in range(3))
     nbytes = n_el * 4
-    sizes = {"float32": 2048, **(gemm_n or {})}
+    sizes = {**GEMM_N[dev.type], **(gemm_n or {})}
+    sync = a if cuda else None
     before, out = torch.get_num_threads(), {}
     try:
-        for t in threads:
-            torch.set_num_threads(int(t))
+        for t in ([None] if cuda else threads):
+            if t is not None:
+                torch.set_num_threads(int(t))
             bw = {}
             for kind, fn, moved in (("copy", lambda: b.copy_(a), 2), ("triad", lambda: torch.add(b, c, alpha=2.0, out=a), 3),
                                     ("read", lambda: a.sum(), 1)):
-                s, reps = _median_seconds(fn, seconds / 3)
+                s, reps = _median_seconds(fn, seconds / 3, sync=sync)
                 bw[kind] = {"bytes_per_s": moved * nbytes / s, "median_s": s, "repeats": reps}
             gemm = {}
             for name in dtypes:
                 dt = getattr(torch, name)
-                n = sizes.get(name, 512)
-                x, y = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-                s, reps = _median_seconds(lambda: x @ y, seconds)
+                n = sizes.get(name, GEMM_N_OTHER[dev.type])
+                x, y = torch.randn(n, n, device=dev).to(dt), torch.randn(n, n, device=dev).to(dt)
+                s, reps = _median_seconds(lambda: x @ y, seconds, sync=sync)
                 gemm[name] = {"flops_per_s": 2 * n**3 / s, "n": n, "median_s": s, "repeats": reps}
+                del x, y
             roof = max(bw, key=lambda k: bw[k]["bytes_per_s"])
-            out[str(t)] = {"bandwidth": bw, "bandwidth_roof": {"bytes_per_s": bw[roof]["bytes_per_s"], "from": roof},
-                           "gemm": gemm, "array_mib": mib}
+            out["cuda" if cuda else str(t)] = {
+                "bandwidth": bw, "bandwidth_roof": {"bytes_per_s": bw[roof]["bytes_per_s"], "from": roof},
+                "gemm": gemm, "array_mib": mib, "device": dev.type, "threads": t,
+                **({"device_name": torch.cuda.get_device_name(dev),
+                    "float32_matmul_precision": torch.get_float32_matmul_precision()} if cuda else {})}
     finally:
         torch.set_num_threads(before)
     return out
 
 
-def call_overhead(calls: int = 5000) -> dict:
+def call_overhead(calls: int = 5000, device: str = "cpu") -> dict:
     """Seconds per call of a 1x1 ``nn.Linear`` module and of one 1x1 ``F.linear`` operator: the fixed
-    Python and dispatcher cost that every layer call and every operator pays whatever its size."""
-    lin, x = nn.Linear(1, 1), torch.ones(1, 1)
+    Python and dispatcher cost that every layer call and every operator pays whatever its size
+    (on CUDA the launch cost too: each repeat of ``calls`` calls is synchronized at both ends)."""
+    dev = check_device(device)
+    lin, x = nn.Linear(1, 1).to(dev), torch.ones(1, 1, device=dev)
     w, bias = lin.weight.detach(), lin.bias.detach()
     with torch.inference_mode():
         out = {}
         for kind, fn in (("module_call_s", lambda: lin(x)), ("op_call_s", lambda: nn.functional.linear(x, w, bias))):
             reps = []
             for _ in range(5):
+                _sync(x)
                 t = time.perf_counter()
                 for _ in range(calls):
                     fn()
+                _sync(x)
                 reps.append((time.perf_counter() - t) / calls)
             out[kind] = statistics.median(reps)
-    return {**out, "calls": calls, "repeats": 5}
+    return {**out, "calls": calls, "repeats": 5, "device": dev.type}
 
 
 def calls_per_token(model: nn.Module, input_ids: torch.Tensor) -> dict:
@@ -373,16 +337,31 @@ def overhead_seconds(calls: Mapping, per_call: Mapping) -> float:
 
 # ----------------------------------------------------------------------------- results
 
-def save_roofline(path: str | Path, data: Mapping, **extra) -> Path:
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes the model holds (:func:`compactify.quantize.model_size`); without bitsandbytes installed
+    (then no quantized layer can exist) every parameter and buffer counted once (tied ones once)."""
+    try:
+        from .quantize import model_size
+
+        return model_size(model)["bytes"]
+    except ImportError:
+        seen = {(t.data_ptr(), t.numel(), t.dtype): t.numel() * t.element_size()
+                for t in [*model.parameters(), *model.buffers()] if t.numel()}
+        return sum(seen.values())
+
+
+def save_roofline(path: str | Path, data: Mapping, device: str = "cpu", **extra) -> Path:
     """Write the roofline results atomically with provenance (:func:`compactify.results.save_results`),
-    after checking every format name under ``data["formats"]`` and that each has a decode cost."""
+    after checking every format name under ``data["formats"]`` and that each has a decode cost or
+    says why it was skipped (``{"skipped": why}``)."""
     from .results import save_results
 
     formats = data.get("formats")
     if not isinstance(formats, Mapping) or not formats:
         raise RooflineError("Roofline results need a non-empty 'formats' mapping {format name: results}.")
     check_formats(formats)
-    missing = [n for n, f in formats.items() if "decode_cost" not in f]
+    missing = [n for n, f in formats.items() if "decode_cost" not in f and not f.get("skipped")]
     if missing:
-        raise RooflineError(f"Formats {missing} have no 'decode_cost'; compute it with decode_cost(model) first.")
-    return save_results(path, data, device="cpu", **extra)
+        raise RooflineError(f"Formats {missing} have no 'decode_cost' (nor a 'skipped' reason); compute it with "
+                            "decode_cost(model) first.")
+    return save_results(path, data, device=device, **extra)

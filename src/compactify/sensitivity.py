@@ -165,12 +165,13 @@ def profile(model, replay: BlockReplay, block_ids: Sequence[int], types: Sequenc
     for b, t in todo:
         lin = _linear(model, b, t)
         original = lin.weight.data.clone()
-        sweep = mpo_mod.MPOSweep(original, cores=cores)
+        with mpo_mod.single_thread():
+            sweep = mpo_mod.MPOSweep(original, cores=cores)
         levels = [("chi", c) for c in chis] + [("ratio", r) for r in ratios]
         try:
             for kind, value in levels:
                 try:
-                    with warnings.catch_warnings():  # a chi above full rank is clamped: expected in a sweep
+                    with warnings.catch_warnings(), mpo_mod.single_thread():  # a chi above full rank is clamped
                         warnings.simplefilter("ignore", UserWarning)
                         m = sweep.at(chi=int(value)) if kind == "chi" else sweep.at(target_ratio=float(value))
                 except mpo_mod.MPOError as e:  # e.g. a ratio below what chi=1 gives for this shape
@@ -274,6 +275,13 @@ def error_curve(weight: torch.Tensor, ratios: Sequence[float], cores: int = 3) -
 
 def choices_from_profile(model, records: Sequence[Mapping], ratios: Sequence[float], cores: int = 3,
                          allow_dense: bool = True, dense_types: Sequence[str] = ()) -> list[Choice]:
+    """See :func:`_choices`; the SVDs run on one thread (:func:`compactify.mpo.single_thread`)."""
+    with mpo_mod.single_thread():
+        return _choices(model, records, ratios, cores, allow_dense, dense_types)
+
+
+def _choices(model, records: Sequence[Mapping], ratios: Sequence[float], cores: int = 3,
+             allow_dense: bool = True, dense_types: Sequence[str] = ()) -> list[Choice]:
     """Predict every matrix's loss increase on a grid of ratios from its measured point(s).
 
     Second-order model: near a trained minimum the loss grows with the *square* of a weight

@@ -111,7 +111,8 @@ def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.
     ``tokenizer`` may be None with ids (pad id 0: batch 1 never pads). Returns ``{name:
     {"prefill": stats, "decode": stats, "prefill_ratio": x, "decode_ratio": y}}`` where the
     ratios are median tokens/s relative to ``reference`` (default: the first model); a ratio
-    above 1 means faster than the reference.
+    above 1 means faster than the reference. ``prefill_ratio_rounds`` / ``decode_ratio_rounds``:
+    median and IQR of the per-round ratios (each round times every model back to back).
 
     ``mpo_mode`` (``factored`` | ``contracted`` | ``auto``; None: leave the models as they are)
     puts every model that has MPO layers in that inference mode before the warm-up (where
@@ -160,8 +161,10 @@ def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.
             dec[n].append((new_tokens - 1) / max(many - one, 1e-9))
     out = {n: {"prefill": stats(pre[n]), "decode": stats(dec[n])} for n in names}
     for n in names:
-        for k in ("prefill", "decode"):
+        for k, rates in (("prefill", pre), ("decode", dec)):
             out[n][f"{k}_ratio"] = out[n][k]["median"] / out[reference][k]["median"]
+            # the same ratio per round (both models timed back to back): its spread is the ratio's noise
+            out[n][f"{k}_ratio_rounds"] = stats([a / b for a, b in zip(rates[n], rates[reference])])
     out["_setup"] = {"reference": reference, "prefill_tokens": int(prompt_ids.numel()),
                      "decode_prompt_tokens": int(dec_ids.shape[1]), "new_tokens": new_tokens, "repeats": repeats,
                      "threads": torch.get_num_threads(), "mpo_mode": None}

@@ -40,7 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import aa_init, remote_code
 from .compact_model import CompressedCheckpointError, check_checkpoint, compact_from_pretrained, compact_init
-from .mpo import MPOError, MPOLinear, MPOSweep, _resolve, count_params, decompose
+from .mpo import MPOError, MPOLinear, MPOSweep, _resolve, count_params, decompose, single_thread
 
 MATRICES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -269,7 +269,7 @@ def tensorize(model: nn.Module, plan: Plan, progress: bool = False, errors: bool
         from tqdm.auto import tqdm
         targets = tqdm(targets, desc="tensorize")
     new = []
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), single_thread():
         warnings.filterwarnings("ignore", message="chi=.* exceeds the largest bond")  # said once by check_plan
         for key, name, layer, spec, bonds in targets:
             if aa is None:

@@ -246,7 +246,10 @@ def run_tasks(model, tokenizer, tasks=PAPER_TASKS, limit=None, num_fewshot=None,
             # subprocesses: ~2 s per task here). Our results carry their own provenance
             # (compactify.results.metadata), so skip it.
             try:
-                quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())
+                quiet = contextlib.ExitStack()
+                if not verbose:  # its bars go to stderr; "bootstrapping for stddev: ..." is a print
+                    quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+                    quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
                 with mock.patch("lm_eval.evaluator.add_env_info", lambda results: None), quiet:
                     res = simple_evaluate(model=lm, tasks=[spec.lm_eval_name], task_manager=tm, limit=lim,
                                           num_fewshot=shots, gen_kwargs={"max_gen_toks": int(gen)} if gen else None,

@@ -40,8 +40,15 @@ data: env
 reproduce: data
 	$(PY) scripts/run_notebooks.py --config $(CONFIG) --publish
 
+# Two pytest processes side by side, one per core, one torch thread each: the notebooks under
+# nbval (in order: each reads the previous one's results) and the unit tests. The notebooks' log
+# is printed when both are done; the target fails if either does.
 test: data
-	$(PY) -m pytest -q -p no:cacheprovider tests notebooks --nbval-lax --durations=15 $(PYTEST_ARGS)
+	@rm -f .nbval.log; OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider notebooks --nbval-lax \
+	  --durations=10 > .nbval.log 2>&1 & nb=$$!; \
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests --durations=25 $(PYTEST_ARGS); unit=$$?; \
+	wait $$nb; nbval=$$?; echo "=== notebooks (nbval, configs/smoke.yaml)"; cat .nbval.log; \
+	echo "unit tests: exit $$unit; notebooks: exit $$nbval"; test $$unit -eq 0 && test $$nbval -eq 0
 
 figures: env
 	$(PY) scripts/run_notebooks.py --config $(CONFIG) --only 08_figures --set figures.out_dir=figures

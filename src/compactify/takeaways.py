@@ -280,7 +280,9 @@ def takeaway(chapter: str, results_dir) -> str:
     except ResultFileError as e:
         return f"**Takeaway unavailable:** {e}"
     try:
-        return "**Takeaway.** " + CHAPTERS[chapter](d, Path(results_dir))
+        from .figures import model_name
+
+        return "**Takeaway.** " + model_name(CHAPTERS[chapter](d, Path(results_dir)))
     except (_Missing, KeyError) as e:
         return (f"**Takeaway incomplete:** `{name}` is missing `{e.args[0]}` (an older or smaller run than this "
                 f"notebook writes): rerun notebook {notebook}.")

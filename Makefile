@@ -56,9 +56,11 @@ figures: env
 benchmarks: data
 	$(PY) benchmarks/mpo_linear.py
 	$(PY) benchmarks/materialize.py
+	$(PY) benchmarks/mpo_modes.py --repeats 5
 	$(PY) benchmarks/heal_speed.py --steps 3
 	$(PY) benchmarks/roofline.py
 	$(PY) benchmarks/scale.py --device cpu --dtype bfloat16 --scale 0.25 --blocks 4 --repeats 5 --heal-steps 3 --out data/results/scale/cpu_scaled.json
+	$(PY) benchmarks/scale.py --device cpu --dtype bfloat16 --scale 0.25 --blocks 4 --repeats 5 --heal-steps 3 --materialize-from none --out data/results/scale/cpu_scaled_factored.json
 
 # Refuses (exit 2, nothing written) without a CUDA device; scripts/gpu_check.py --dry-run for a CPU.
 gpu-check: env

@@ -44,7 +44,7 @@ reproduce: data
 # nbval (in order: each reads the previous one's results) and the unit tests. The notebooks' log
 # is printed when both are done; the target fails if either does.
 test: data
-	@rm -f .nbval.log; OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider notebooks --nbval-lax \
+	@rm -f .nbval.log; COMPACTIFY_PROGRESS=log OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider notebooks --nbval-lax \
 	  --durations=10 > .nbval.log 2>&1 & nb=$$!; \
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests --durations=25 $(PYTEST_ARGS); unit=$$?; \
 	wait $$nb; nbval=$$?; echo "=== notebooks (nbval, configs/smoke.yaml)"; cat .nbval.log; \

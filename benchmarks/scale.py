@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+from compactify.progress import progress as tqdm  # noqa: E402
 
 from compactify.config import REPO_ROOT  # noqa: E402
 from compactify.mpo import MPOError, MPOLinear, bond_dims, chi_for_ratio, count_params, factorize  # noqa: E402

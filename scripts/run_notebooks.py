@@ -5,10 +5,12 @@ Executed copies go to runs/<config name>/notebooks/. With --publish, the run's r
 (runs/<name>/results/) is copied to data/results/ and its figures to figures/ *before* notebook
 08 runs, and 08 then rebuilds the paper's figures and tables from those just-published results
 straight into figures/: every published artefact comes from this run. The executed notebooks are
-copied to reports/ at the end. A failing notebook stops the run and names itself.
+copied to reports/ at the end and the README's generated blocks (compactify.readme) rewritten from
+the published results. A failing notebook stops the run and names itself.
 """
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import papermill as pm
 
-from compactify import report
+from compactify import readme, report
 from compactify.config import REPO_ROOT, load_config, run_dir
 from compactify.results import write_json
 
@@ -40,6 +42,8 @@ def main() -> int:
     notebooks = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     if args.only:
         notebooks = [n for n in notebooks if any(n.stem.startswith(p) for p in args.only)]
+    # the executed notebooks are kept: progress as a line a minute, not a bar saved once per redraw
+    os.environ.setdefault("COMPACTIFY_PROGRESS", "log")  # (compactify.progress; the kernels inherit it)
     timings, published = {}, False
     for nb in notebooks:
         print(f"\n=== {nb.name}  (config {cfg['config_path']})", flush=True)
@@ -64,6 +68,8 @@ def main() -> int:
         if not published:
             publish(cfg)
         publish_notebooks(out_dir, notebooks)
+        if readme.update(REPO_ROOT / "README.md", REPO_ROOT / "data" / "results"):  # its numbers: this run's
+            print("[publish] README.md (generated blocks, compactify.readme)")
     print(json.dumps(timings, indent=1))
     return 0
 

@@ -259,3 +259,20 @@ def test_speed_compare_sets_and_reports_the_mode():
     assert out["_setup"]["mpo_mode"] is None and "mpo_mode" not in out["mpo"]
     out = speed.compare({"dense": dense}, None, ids, ids, new_tokens=2, repeats=1, mpo_mode="contracted")
     assert out["_setup"]["mpo_mode"] == "contracted" and "mpo_mode" not in out["dense"]  # no MPO layer: left alone
+
+
+def test_auto_records_what_its_decisions_cost_so_timings_can_leave_it_out():
+    from compactify.mpo_modes import decide_seconds
+
+    model = tiny()
+    set_inference_mode(model, "auto")
+    assert decide_seconds(model) == 0.0
+    outputs(model, INPUTS[:1])
+    first = decide_seconds(model)
+    layers = [m for m in model if isinstance(m, MPOLinear)]
+    assert first > 0 and all(d["decide_s"] > 0 for m in layers for d in m.auto_decisions.values())
+    outputs(model, INPUTS[:1])  # same bucket again: decided already, nothing more spent
+    assert decide_seconds(model) == first
+    outputs(model, INPUTS[1:2])  # a new bucket: a new decision per layer
+    assert decide_seconds(model) > first
+    assert decide_seconds(torch.nn.Linear(3, 3)) == 0.0

@@ -102,7 +102,7 @@ def precompute_topk(teacher, data: torch.Tensor, rows: torch.Tensor, k: int, pat
                     progress: bool = True) -> Path:
     """Write the teacher's top-``k`` logits (bf16) and ids (int32) for ``data[rows]`` to ``path``
     (atomically: a stopped run leaves no half file). Keyed by row index and the data's hash."""
-    from tqdm.auto import tqdm
+    from .progress import progress as tqdm
 
     rows = torch.as_tensor(rows, dtype=torch.long).unique()
     device = next(teacher.parameters()).device

@@ -23,7 +23,6 @@ import contextlib
 import io
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from unittest import mock
@@ -31,8 +30,7 @@ from typing import Mapping
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-from tqdm.std import tqdm as tqdm_text
+from .progress import progress as tqdm, quiet_third_party
 
 from .tasks.prepare import prepare_eval_data
 
@@ -234,9 +232,11 @@ def run_tasks(model, tokenizer, tasks=PAPER_TASKS, limit=None, num_fewshot=None,
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, mixed_precision_dtype=ac)
     out = {}
     try:
-        # One progress bar over the tasks; lm-eval's own bars and messages (several per call) go to a buffer.
-        # a text bar (not a notebook widget, whose saved copy shows a frozen 0%), updated at most every 10 s
-        for name in tqdm_text(names, desc="tasks", disable=verbose or len(names) < 2, mininterval=10, file=sys.stderr):
+        # One progress bar over the tasks (compactify.progress: one line per minute in a kept run);
+        # lm-eval's own bars and messages (several per call) go to a buffer, datasets' bars are off.
+        if not verbose:
+            quiet_third_party()
+        for name in tqdm(names, desc="tasks", disable=verbose or len(names) < 2):
             spec = SPECS[name]
             lim, shots = _per_task(limit, name, "limit"), _per_task(num_fewshot, name)
             gen = _per_task(max_gen_toks, name) if spec.generative else None
@@ -389,23 +389,35 @@ def evaluate_model(model, tokenizer, cfg: Mapping, heldout_ids: Mapping | None =
             "seconds": time.perf_counter() - start, "mpo_forward": ("contracted" if contract else "factored") if has_mpo else None}
 
 
-def task_times(models: Mapping, tokenizer, cfg: Mapping, tasks=None, progress: bool = True) -> dict:
+def task_times(models: Mapping, tokenizer, cfg: Mapping, tasks=None, progress: bool = True,
+               decisions: dict | None = None) -> dict:
     """Fig. 4's per-task inference time: each task run with ``eval.timing_limit`` documents on
     every model, round-robin over the models per task (so load on the machine hits all alike),
     with the models' real forward (factored MPOs, bitsandbytes kernels). Returns
-    ``{model: {task: seconds}}`` (wall time of lm-eval's whole pass, forward passes dominate)."""
+    ``{model: {task: seconds}}`` (wall time of lm-eval's whole pass, forward passes dominate).
+
+    MPO layers in ``auto`` mode time both paths the first time they meet a size of input
+    (:meth:`compactify.mpo_layer.MPOLinear.decide`): a one-off cost that landed on whichever task
+    came first. It is left out of the seconds returned, and recorded per model and task in
+    ``decisions`` if a dict is given."""
+    from .mpo_modes import decide_seconds
+
     ev = cfg["eval"]
     tasks = list(ev["tasks"] if tasks is None else tasks)
     out = {name: {} for name in models}
     for task in tqdm(tasks, desc="timing tasks", disable=not progress):
         for name, model in models.items():
+            before = decide_seconds(model)
             # lm-eval draws several progress bars per call; 45 short calls flooded a notebook's
             # output channel (nbval lost the cell's end and timed out), so they go to a buffer.
             with contextlib.redirect_stderr(io.StringIO()):
                 r = run_tasks(model, tokenizer, [task], limit=ev["timing_limit"], num_fewshot=ev["num_fewshot"] or None,
                               batch_size=ev["batch_size"], seed=cfg.get("seed", 0), source=ev["source"],
                               max_gen_toks=ev["max_gen_toks"] or None, autocast=ev["autocast"])
-            out[name][task] = r[task]["seconds"]
+            spent = decide_seconds(model) - before
+            out[name][task] = r[task]["seconds"] - spent
+            if decisions is not None:
+                decisions.setdefault(name, {})[task] = spent
     return out
 
 

@@ -164,7 +164,7 @@ def mpo_diagram(d: Mapping) -> plt.Figure:
             a.text(k + 0.5, 0.1, f"χ{k + 1}={d['bond_dims'][k]}", ha="center", va="bottom", fontsize=9, color="#d94701")
         a.add_patch(Circle((k, 0), 0.25, facecolor="#fdd0a2", edgecolor="#a63603", lw=1.5, zorder=3))
         a.text(k, 0, f"G{k + 1}", ha="center", va="center", fontsize=10, zorder=4)
-    a.set_title(f"{d['name']} ({d['shape'][0]}×{d['shape'][1]}) as a {n}-core MPO, Dmax={d['chi']}\n"
+    a.set_title(f"{d['name']} ({d['shape'][0]}×{d['shape'][1]}) as a {n}-core MPO, χ={d['chi']}\n"
                 f"{d['params']:,} of {d['dense_params']:,} parameters ({100 * d['params'] / d['dense_params']:.1f}%), "
                 f"relative error {d['rel_error']:.3f}", fontsize=9)
     for k, s in enumerate(d["spectra"]):

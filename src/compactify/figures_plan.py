@@ -16,7 +16,7 @@ PLAN_COLORS = ("#fd8d3c", "#9e9ac8", "#2171b5", "#74c476")
 
 def sensitivity_panels(records: Sequence[Mapping], dense_ppl: float, x: str = "chi", y: str = "ppl",
                        metric_label: str = "perplexity (calibration prose)") -> plt.Figure:
-    """The paper's Fig. 5: one panel per profiled block, the metric vs the bond dimension (Dmax),
+    """The paper's Fig. 5: one panel per profiled block, the metric vs the bond dimension χ,
     one curve per matrix type (L1..L7), the dense model as a reference line. Each panel has its
     own y-axis (log where its values span a decade or more), so blocks with small changes show."""
     apply_style()
@@ -33,7 +33,7 @@ def sensitivity_panels(records: Sequence[Mapping], dense_ppl: float, x: str = "c
         if y == "ppl" and max(vals) / min(vals) >= 10:
             ax.set_yscale("log")
         ax.set_title(f"block {b}", fontsize=9)
-        ax.set_xlabel("bond dimension Dmax" if x == "chi" else x, fontsize=8)
+        ax.set_xlabel("bond dimension χ" if x == "chi" else x, fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0][0].set_ylabel(metric_label, fontsize=8)
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(0.86, 0.55), fontsize=7)

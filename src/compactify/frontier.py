@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from .progress import progress as tqdm
 
 from . import lowrank
 from .models import MATRIX_PATHS, MATRIX_TYPES, blocks

@@ -159,7 +159,7 @@ def _global_mean(*xs) -> list:
 def train(model_dir, out_dir, cfg: dict) -> dict | None:
     """Heal ``model_dir`` into ``out_dir`` (each rank runs this); rank 0 returns heal.json's data."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from tqdm.auto import tqdm
+    from .progress import progress as tqdm
 
     from .models import check_seq_len, load_model
 

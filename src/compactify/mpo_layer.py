@@ -280,7 +280,10 @@ class MPOLinear(nn.Module):
         bucket = self.bucket(x.numel() // self.in_features)
         decision = self.auto_decisions.get(bucket)
         if decision is None:
-            decision = self.auto_decisions[bucket] = self.decide(x)
+            t0 = time.perf_counter()
+            decision = self.decide(x)
+            decision["decide_s"] = time.perf_counter() - t0  # a one-off cost: timings of later work can leave it out
+            self.auto_decisions[bucket] = decision
             if all(d["path"] == "factored" for d in self.auto_decisions.values()):
                 self.release_dense()  # measured, not needed: factored keeps only the cores
         return decision["path"]

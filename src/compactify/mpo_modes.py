@@ -49,6 +49,13 @@ def mode_summary(model: nn.Module) -> dict:
             "core_bytes": sum(c.numel() * c.element_size() for m in layers for c in m.cores)}
 
 
+def decide_seconds(model: nn.Module) -> float:
+    """Seconds the model's ``auto`` layers have spent deciding so far (timing both paths on the
+    first input of each size: a one-off cost, to be left out of a speed measurement). 0 without
+    MPO layers."""
+    return sum(d.get("decide_s", 0.0) for m in _mpo_layers(model) for d in m.auto_decisions.values())
+
+
 def set_inference_mode(model: nn.Module, mode: str, tokens: Sequence[int] | None = None) -> dict:
     """Put every :class:`MPOLinear` of ``model`` in ``mode`` (see the module docstring) and
     return :func:`mode_summary`. Earlier ``auto`` decisions and cached matrices are dropped;

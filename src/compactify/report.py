@@ -92,6 +92,13 @@ def _frontier(r: Path, out: Path) -> None:
         F.save(FP.matrix_errors(d["matrices"], keep), out, f"frontier_matrix_errors_{int(round(100 * keep))}", d["meta"])
 
 
+def _pipeline(r: Path, out: Path) -> None:
+    from . import pipeline_figure as PF
+
+    d = load(r, "00_baseline.json")  # the run's provenance; the other steps' numbers where they exist
+    F.save(PF.pipeline(PF.measured(r), d["meta"].get("model", "embedded")), out, "pipeline", d["meta"])
+
+
 def scale_results(results_dir: Path) -> list[dict]:
     """benchmarks/scale.py's runs under ``results_dir/scale/`` (GPU runs first)."""
     runs = [read_json(f) for f in sorted((Path(results_dir) / "scale").glob("*.json"))]
@@ -163,7 +170,7 @@ def show(out_dir: Path, *patterns: str, width: int = 720) -> list[Path]:
 
 
 def artefacts(repo_root: Path) -> dict[str, Callable[[Path, Path], None]]:
-    return {"Fig. 1a": _fig1a, "Fig. 1b": _fig1b, "Fig. 2": lambda r, o: _fig2(r, o, repo_root), "Fig. 3": _fig3,
+    return {"Pipeline overview": _pipeline, "Fig. 1a": _fig1a, "Fig. 1b": _fig1b, "Fig. 2": lambda r, o: _fig2(r, o, repo_root), "Fig. 3": _fig3,
             "Fig. 4": _fig4, "Fig. 5": _fig5, "Tables I-II": lambda r, o: _tables(r, o, repo_root), "Frontier (beyond the paper)": _frontier,
             "Scale (7B shape, Figs. 3-4)": _scale}
 

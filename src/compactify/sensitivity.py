@@ -1,6 +1,6 @@
 """Layer sensitivity profiling (the paper's Method 3, Fig. 5) and a plan built from it.
 
-The paper tensorizes **one** matrix at a time at a maximum bond dimension ``Dmax``, measures
+The paper tensorizes **one** matrix at a time at a maximum bond dimension χ (the paper's ``Dmax``), measures
 the model, and puts it back. We do the same, with two savings that change no number:
 
 * **Replay from the block.** Tensorizing a matrix of block ``b`` cannot change what blocks
@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import progress as tqdm
 
 from . import mpo as mpo_mod
 from .models import MATRIX_PATHS, MATRIX_TYPES, blocks

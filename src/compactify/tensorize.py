@@ -266,7 +266,7 @@ def tensorize(model: nn.Module, plan: Plan, progress: bool = False, errors: bool
     entries = {**(info or {}).get("plan", {}).get("entries", {}), **plan.entries}
     rel_errors = dict((info or {}).get("relative_errors", {}))
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress as tqdm
         targets = tqdm(targets, desc="tensorize")
     new = []
     with warnings.catch_warnings(), single_thread():

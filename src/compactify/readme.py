@@ -1,0 +1,168 @@
+"""The README's numbers, written from the published results and nowhere else.
+
+Each block of the README between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->`` is
+the output of one function here on ``data/results/``: ``make reproduce`` rewrites them when it
+publishes (:func:`update`, called by ``scripts/run_notebooks.py --publish``), and a test fails
+when the committed README and the committed results disagree (:func:`check`). So a number a
+reader finds in the README's results is the number the run wrote, with its text, tokens and
+interval. Prose outside the blocks carries no measured number of the reference run.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Callable
+
+from . import compare as C
+from . import report
+from .figures import footer
+from .results import atomic_write_bytes, read_json
+
+
+def _j(r: Path, name: str) -> dict | None:
+    p = Path(r) / name
+    return read_json(p) if p.is_file() else None
+
+
+def _ppl(p: dict) -> str:
+    return f"{p['ppl']:,.0f}" if p["ppl"] >= 1000 else f"{p['ppl']:.1f}"
+
+
+def _ratio(r: dict) -> str:
+    return f"x{r['ppl_ratio']:.2f} [{r['ppl_ratio_lo']:.2f}, {r['ppl_ratio_hi']:.2f}]"
+
+
+def baseline(r: Path) -> str:
+    """The dense model's scores and perplexities (notebook 00), one row each."""
+    b = _j(r, "00_baseline.json")
+    if b is None:
+        return "(notebook 00 has not been published)"
+    rows = ["| task | metric | score | ± stderr | documents | shots |", "|---|---|---|---|---|---|"]
+    for t, x in b["baseline"]["tasks"].items():
+        rows.append(f"| {t} | {x['metric']} | {100 * x['value']:.1f} | {100 * (x['stderr'] or 0):.1f} | {x['n']} | "
+                    f"{x['num_fewshot']} |")
+    for name, p in b["baseline"]["perplexity_texts"].items():
+        lo, hi = C.ppl_interval(p)
+        rows.append(f"| perplexity, {name} | ppl (seq_len {p['seq_len']}) | {p['ppl']:.2f} | 95% CI {lo:.2f}-{hi:.2f} | "
+                    f"{p['tokens']:,} tokens | |")
+    m = b["meta"]
+    return "\n".join(rows) + f"\n\n({footer(m)})"
+
+
+def claims(r: Path) -> str:
+    """The paper's claims beside ours (the same table as ``figures/claims.md``)."""
+    return report.claims_markdown(report.claims(Path(r))).rstrip("\n")
+
+
+def headline(r: Path) -> str:
+    """The study's result in one paragraph: compression, healing, accuracy, memory, speed."""
+    b, t, h, e = (_j(r, n) for n in ("00_baseline.json", "03_tensorize.json", "05_heal.json", "06_evaluate.json"))
+    if not all((b, t, h, e)):
+        return "(notebooks 00, 03, 05 and 06 have not all been published)"
+    tot = t["main"]["size_report"]["totals"]
+    ev = t["main"]["evaluation"]["perplexity"]
+    text, dense = ev.get("text") or "brown-heldout", b["baseline"]["perplexity_texts"]
+    uniform = [c["ppl"] for c in t["comparison"] if c["plan"] == "uniform"]
+    aa = (t.get("improved") or {}).get("evaluation", {}).get("perplexity")
+    hh, hs = h["heal"], h["settings"]
+    healed = e["paired_nll"].get("healed (fp32)", {})
+    out = [f"On SmolLM2-135M, the sensitivity plan that keeps {100 * tot['block_params_after'] / tot['block_params_before']:.0f}% "
+           f"of the block parameters ({tot['matrices_tensorized']} of the {tot['matrices']} block matrices as MPOs, the rest "
+           f"left dense) takes perplexity on `{text}` ({ev['tokens']:,} tokens, windows of {ev['seq_len']}) from "
+           f"{_ppl(dense[text])} to {_ppl(ev)} before healing"
+           + (f" (a uniform plan at the same budget: {uniform[0]:.2g})" if uniform else "")
+           + (f"; the same plan with activation-aware MPO cores starts at {_ppl(aa)}" if aa else "") + "."]
+    out.append(f"Healing ({hh['plan']['tokens']:,} tokens of Brown, {hh['loss']} loss, lr {hs['lr']:.0e}, {hh['compute']}, "
+               f"{hh['world_size']} process{'es' if hh['world_size'] > 1 else ''}, {hh['tokens_per_s_steady']:.0f} tok/s) brings the paper's TT-SVD start to "
+               f"{_ppl(h['after']['perplexity'])}"
+               + (": " + ", ".join(f"{_ratio(p)} the dense perplexity on {x}" for x, p in healed.items()) if healed else "")
+               + " (paired over the same windows).")
+    imp = h.get("improved") or {}
+    if imp.get("after"):
+        pn = imp["paired_nll_vs_tt_svd"]
+        out.append(f"The activation-aware start heals to {_ppl(imp['after']['perplexity'])} with the same recipe: "
+                   + ", ".join(f"x{math.exp(p['diff']):.2f} [{math.exp(p['lo']):.2f}, {math.exp(p['hi']):.2f}] "
+                               f"the TT-SVD start's perplexity on {x}" for x, p in pn.items())
+                   + " (paired over the same windows).")
+    for row in report.accuracy_claims(e):
+        out.append(f"{row['claim'].replace('2-3 point accuracy drop', 'Accuracy')}: {row['ours'].split('; at chance')[0]}; "
+                   f"verdict: {row['verdict']}.")
+    q = e["paired_nll"]
+    out.append("bitsandbytes: " + ", ".join(f"{m} perplexity {_ratio(q[m][text])} on {text}" for m in ("8-bit", "4-bit") if m in q)
+               + ".")
+    sp = e["speed"]
+    out.append("Batch-1 decode, tokens/s relative to the original (median of round-robin rounds, IQR): "
+               + ", ".join(f"{m} {v['decode_ratio']:.2f}x ({v['decode_ratio_rounds']['q1']:.2f}-{v['decode_ratio_rounds']['q3']:.2f})"
+                           for m, v in sp.items() if not m.startswith("_") and m != "original")
+               + f"; healing the MPO model runs at {h['speed_ratio_tensorized_vs_dense']:.2f}x the dense model's tokens/s.")
+    return " ".join(out)
+
+
+def frontier(r: Path) -> str:
+    """Notebook 07: every method's held-out perplexity at each budget, the winner, the NF4 points."""
+    f = _j(r, "07_frontier.json")
+    if f is None:
+        return "(notebook 07 has not been published)"
+    d = f["dense"]
+    pts = [p for p in f["points"] if p["method"] != "dense"]
+    out = [f"All {f['n_matrices']} block matrices compressed by one method, no healing; held-out perplexity on "
+           f"{d['tokens']:,} tokens of `{d.get('text') or 'brown-heldout'}` (windows of {d['seq_len']}; dense {d['ppl']:.1f})."]
+    for keep, w in f["winners"].items():
+        out.append(f"At {100 * float(keep):.0f}% of the block parameters kept: " +
+                   ", ".join(f"{m} {v:,.0f}" if v < 1e5 else f"{m} {v:.1e}" for m, v in w["ranking"]) +
+                   f" (winner: **{w['winner']}**).")
+    nf4 = [p for p in f["points"] if p["method"] == "dense" and p["precision"] == "nf4"]
+    q = sorted((p for p in pts if p["precision"] == "nf4"), key=lambda p: p["ppl"])
+    if nf4:
+        out.append(f"At equal bytes: the dense NF4 model, {100 * nf4[0]['bytes_ratio']:.1f}% of the fp32 bytes, scores "
+                   f"{nf4[0]['ppl']:.1f}" + (f"; the best NF4-stored factorisation, {q[0]['method']} at "
+                                             f"{100 * q[0]['keep']:.0f}% kept ({100 * q[0]['bytes_ratio']:.1f}% of the bytes), "
+                                             f"{q[0]['ppl']:,.0f}" if q else "") + ".")
+    return " ".join(out)
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline, "baseline": baseline, "claims": claims,
+                                            "frontier": frontier}
+_BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(\n<!-- /generated:\2 -->)", re.S)
+
+
+def render(readme: str, results_dir: Path) -> str:
+    """``readme`` with every generated block rewritten from ``results_dir``."""
+    def sub(m):
+        name = m.group(2)
+        if name not in BLOCKS:
+            raise ValueError(f"README block 'generated:{name}' has no generator: use one of {', '.join(BLOCKS)}")
+        return m.group(1) + BLOCKS[name](Path(results_dir)) + m.group(4)
+    return _BLOCK.sub(sub, readme)
+
+
+def check(readme: str, results_dir: Path) -> list[str]:
+    """The generated blocks whose text differs from what ``results_dir`` gives (empty: all agree);
+    a block named in :data:`BLOCKS` but missing from the README is a problem too."""
+    found = {m.group(2): m.group(3) for m in _BLOCK.finditer(readme)}
+    problems = [f"block '{n}' is missing (add <!-- generated:{n} --> ... <!-- /generated:{n} -->)"
+                for n in BLOCKS if n not in found]
+    for n, body in found.items():
+        want = BLOCKS[n](Path(results_dir)) if n in BLOCKS else None
+        if body != want:
+            problems.append(f"block '{n}' differs from {results_dir}: run `python -m compactify.readme` "
+                            "(make reproduce does it when it publishes)")
+    return problems
+
+
+def update(readme_path: Path, results_dir: Path) -> bool:
+    """Rewrite the README's generated blocks in place (atomically); True if anything changed."""
+    path = Path(readme_path)
+    old = path.read_text()
+    new = render(old, results_dir)
+    if new != old:
+        atomic_write_bytes(path, new.encode())
+    return new != old
+
+
+if __name__ == "__main__":
+    from .config import REPO_ROOT
+
+    changed = update(REPO_ROOT / "README.md", REPO_ROOT / "data" / "results")
+    print("README.md: generated blocks " + ("rewritten from data/results/" if changed else "already agree with data/results/"))

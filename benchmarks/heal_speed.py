@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     ap.add_argument("--skip-quantized", action="store_true")
     args = ap.parse_args(argv)
 
-    cfg = load_config(args.config, {"heal.steps": args.steps, "heal.tokens": None, "heal.resume": False,
+    cfg = load_config(args.config, {"heal.steps": args.steps, "heal.resume": False,  # steps override heal.tokens
                                     "heal.checkpoint_every": 10**6, "heal.nproc": args.nproc, "device": "cpu",
                                     "heal.activation_checkpointing": bool(args.activation_checkpointing)})
     hc = HealConfig.from_cfg(cfg)

@@ -151,6 +151,16 @@ def check(readme: str, results_dir: Path) -> list[str]:
     return problems
 
 
+def section(readme_path: Path, title: str) -> str:
+    """The README's section under the heading ``title`` (to its next heading of any level), so a
+    notebook can show it without keeping a second copy."""
+    text = Path(readme_path).read_text()
+    m = re.search(rf"^(#+) {re.escape(title)}\s*$\n(.*?)(?=^#+ |\Z)", text, flags=re.M | re.S)
+    if not m:
+        raise KeyError(f"README has no section '{title}'")
+    return m.group(2).strip()
+
+
 def update(readme_path: Path, results_dir: Path) -> bool:
     """Rewrite the README's generated blocks in place (atomically); True if anything changed."""
     path = Path(readme_path)

@@ -54,3 +54,27 @@ def test_producers_agree_with_the_report():
     from compactify import report, results
 
     assert results.PRODUCERS == report.PRODUCERS
+
+
+def test_dirty_means_code_changed_not_that_a_run_wrote_its_outputs(tmp_path, monkeypatch):
+    import subprocess
+
+    from compactify import results as R
+
+    def git(*a):
+        subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+
+    git("init", "-q")
+    for rel in ("src/code.py", "data/results/a.json", "figures/f.png", "README.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("0")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    monkeypatch.setattr(R, "REPO_ROOT", tmp_path)
+    clean = R.git_commit()
+    assert clean and not clean.endswith("+dirty")
+    for rel in ("data/results/a.json", "figures/f.png", "README.md"):  # what runs write
+        (tmp_path / rel).write_text("1")
+    assert R.git_commit() == clean
+    (tmp_path / "src/code.py").write_text("1")
+    assert R.git_commit() == clean + "+dirty"

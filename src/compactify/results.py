@@ -105,13 +105,20 @@ def read_json(path: str | Path) -> Any:
                           "to write it again, or restore it (git checkout for the published data/results/).")
 
 
+OUTPUT_PATHS = ("data/results", "figures", "reports", "README.md")  # written by runs, not code
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=5)
         if out.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+        # "+dirty": code or configs differ from the commit. The folders runs write into (published
+        # results, figures, executed notebooks, the README's generated blocks) do not count, or a
+        # benchmark would mark the next one dirty by writing its own result first.
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", *(f":(exclude){p}" for p in OUTPUT_PATHS)],
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,7 +32,7 @@ from compactify.lowrank import CompressError, lowrank_rank
 from compactify.mpo import MPOError, bond_dims, chi_for_ratio, factorize
 from compactify.mpo_layer import MPOLinear
 
-LLAMA2_7B = {"hidden": 4096, "intermediate": 11008, "heads": 32, "blocks": 32, "vocab": 32000}
+from compactify.paper import LLAMA2_7B  # noqa: E402
 MATRICES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

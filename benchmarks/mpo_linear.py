@@ -225,7 +225,7 @@ def figure(data, path: Path):
     axes[0].legend(fontsize=7, ncol=2)
     d = data["decomposition"]
     n = d["smollm2_matrices"]
-    labels = [f"SmolLM2,\n{n} matrices", f"same, LAPACK\nSVD (est.)"] + [
+    labels = [f"SmolLM2,\n{n} matrices", "same, LAPACK\nSVD (est.)"] + [
         f"{r['shape'][0]}x{r['shape'][1]}\n{r['cores']} cores" for r in d["llama"]]
     values = [d["smollm2_total_s"], d["tensorly_truncated_svd_all_blocks_estimate_s"]] + [r["seconds"] for r in d["llama"]]
     bars = axes[2].bar(range(len(values)), values, color=["#2171b5", "#9ecae1"] + ["#fd8d3c"] * len(d["llama"]))

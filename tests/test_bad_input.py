@@ -6,7 +6,6 @@ their own tables in their modules' tests."""
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable

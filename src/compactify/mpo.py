@@ -358,4 +358,4 @@ def low_rank_curve(weight: torch.Tensor) -> tuple[list[int], list[float]]:
     return [r * (out + inp) for r in range(1, len(s2) + 1)], tail.sqrt().tolist()
 
 
-from .mpo_layer import MPOLinear, cores_to_matrix  # noqa: E402  (the layer lives in its own module; re-exported here)
+from .mpo_layer import MPOLinear, cores_to_matrix  # noqa: E402,F401  (the layer lives in its own module; re-exported here)

@@ -37,7 +37,6 @@ tensor, or an in-place write: an optimizer step, ``load_state_dict``), and dropp
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Sequence

@@ -84,7 +84,7 @@ def _probe(bits: int, device_type: str) -> str | None:
     A real forward pass is the only reliable test: which kernels a bitsandbytes build registers
     depends on its version, its native library and the CPU's instruction set.
     """
-    bnb = _bnb()
+    _bnb()  # a QuantizeError naming what is missing, before the probe
     try:
         torch.manual_seed(0)
         lin = nn.Linear(64, 64, bias=False)
@@ -397,54 +397,6 @@ def load_quantized(directory: str | Path, bits: int, quant_type: str = "nf4",
 
 # ----------------------------------------------------------------------------- the paper's Table I
 
-# LLaMA-2 7B (meta-llama/Llama-2-7b-hf config.json): hidden 4096, MLP 11008, 32 blocks, vocab 32000,
-# untied embedding and head, RMSNorm scales (two per block and a final one).
-LLAMA2_7B = {"hidden": 4096, "intermediate": 11008, "blocks": 32, "vocab": 32000}
-# Table I of the paper: size in GB (10^9 bytes), parameters, precision.
-PAPER_TABLE1 = {"original": (27.1, 7.0e9, "fp32"), "8-bit": (6.8, 7.0e9, "int8"), "4-bit": (3.4, 7.0e9, "int4"),
-                "88%": (4.1, 2.1e9, "fp16"), "93%": (2.1, 2.1e9, "mixed")}
-NF4_BITS_DQ = 4 + 8 / 64 + 32 / (64 * 256)  # NF4, blocksize 64, 8-bit scales with one fp32 scale per 256 of them
 
-
-def paper_table1_check(shapes: dict = LLAMA2_7B) -> dict:
-    """Which layers must be 4-bit in the paper's "93%" model for Table I's 2.1 GB? The arithmetic.
-
-    The "88%" model is all fp16: 4.1 GB / 2 bytes = 2.05 B parameters. The "93%" model has the
-    same parameters, ``x`` in fp16 MPO cores and ``y`` in int4, so 2x + 0.5y = 2.1 GB with
-    x + y = 2.05 B, i.e. ``y = (2 * 2.05 - 2.1) / 1.5 = 1.33 B`` parameters must be int4. The
-    candidates below place the dense layers differently and give the size each implies.
-    """
-    h, f, nb, v = shapes["hidden"], shapes["intermediate"], shapes["blocks"], shapes["vocab"]
-    per_block = {"q": h * h, "k": h * h, "v": h * h, "o": h * h, "gate": h * f, "up": h * f, "down": f * h}
-    matrices = nb * sum(per_block.values())
-    down, emb_head, norms = nb * per_block["down"], 2 * v * h, (2 * nb + 1) * h
-    total = matrices + emb_head + norms
-    gb = 1e9
-    p88 = PAPER_TABLE1["88%"][0] * gb / 2                     # parameters of the fp16 88% model
-    int4_needed = (2 * p88 - PAPER_TABLE1["93%"][0] * gb) / 1.5  # int4 parameters of the 93% model
-
-    def size(int4, fp16, bits4=4.0):
-        return (fp16 * 2 + int4 * bits4 / 8) / gb
-
-    candidates = []
-    for name, int4 in [("embedding + head only (all seven matrices tensorized)", emb_head),
-                       ("down_proj of every block + embedding + head", down + emb_head),
-                       ("down_proj of every block; embedding + head stay fp16", down),
-                       ("everything, MPO cores included", p88)]:
-        fp16 = p88 - int4
-        candidates.append({"int4": name, "int4_params": int4, "fp16_params": fp16, "gb_at_4_bits": size(int4, fp16),
-                           "gb_nf4_double_quant": size(int4, fp16, NF4_BITS_DQ)})
-    rows = {"original": {"formula_gb": 4 * total / gb},
-            "8-bit": {"formula_gb": total / gb,  # every parameter in one byte
-                      "bnb_gb": (matrices + 4 * nb * (4 * h + 2 * f + h) + 2 * (emb_head + norms)) / gb},
-            "4-bit": {"formula_gb": total / 2 / gb,
-                      "bnb_gb": (matrices * NF4_BITS_DQ / 8 + 2 * (emb_head + norms)) / gb},
-            "88%": {"params_from_size": p88}, "93%": {"int4_params_needed": int4_needed, "fp16_params": p88 - int4_needed,
-                    # Table I rounds to 0.1 GB: 88% in [4.05, 4.15], 93% in [2.05, 2.15] GB
-                    "int4_params_range": ((4.05 - 2.15) * gb / 1.5, (4.15 - 2.05) * gb / 1.5)}}
-    for k, (paper_gb, paper_params, prec) in PAPER_TABLE1.items():
-        rows[k].update({"paper_gb": paper_gb, "paper_params": paper_params, "precision": prec})
-    return {"shapes": shapes, "params": {"total": total, "block_matrices": matrices, "down_proj": down,
-                                         "embedding_and_head": emb_head, "norms": norms, "per_block": per_block},
-            "rows": rows, "candidates_93": candidates,
-            "tensorized_keep_ratio_if_down_dense": (p88 - down - emb_head - norms) / (matrices - down)}
+# The paper's Table I arithmetic lives with the paper's numbers; re-exported for callers of this module.
+from .paper import LLAMA2_7B, NF4_BITS_DQ, PAPER_TABLE1, paper_table1_check  # noqa: E402,F401

@@ -265,7 +265,7 @@ def ceilings(threads: Iterable[int] = (1, 2), dtypes: Iterable[str] = ("float32"
                 dt = getattr(torch, name)
                 n = sizes.get(name, GEMM_N_OTHER[dev.type])
                 x, y = torch.randn(n, n, device=dev).to(dt), torch.randn(n, n, device=dev).to(dt)
-                s, reps = _median_seconds(lambda: x @ y, seconds, sync=sync)
+                s, reps = _median_seconds(lambda x=x, y=y: x @ y, seconds, sync=sync)
                 gemm[name] = {"flops_per_s": 2 * n**3 / s, "n": n, "median_s": s, "repeats": reps}
                 del x, y
             roof = max(bw, key=lambda k: bw[k]["bytes_per_s"])

@@ -312,7 +312,9 @@ def _choices(model, records: Sequence[Mapping], ratios: Sequence[float], cores: 
             opts_r, opts_p, opts_c = ([1.0], [dense], [0.0]) if (allow_dense or t in dense_types) else ([], [], [])
             if t not in dense_types:
                 for r, (params, err) in sorted(error_curve(w, ratios, cores).items()):
-                    opts_r.append(r); opts_p.append(params); opts_c.append(c * err ** 2)
+                    opts_r.append(r)
+                    opts_p.append(params)
+                    opts_c.append(c * err ** 2)
             out.append(Choice(b, t, dense, opts_r, opts_p, opts_c))
     return out
 

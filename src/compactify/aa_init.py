@@ -33,7 +33,7 @@ from typing import Mapping
 
 import torch
 
-from .lowrank import AAMPO
+from .aa_mpo import AAMPO
 from .mpo import MPO, count_params, factorize
 
 INITS = ("tt_svd", "activation_aware")

@@ -373,28 +373,6 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path) -> dict:
     return _dir_bytes(out, dir=str(out))
 
 
-def load_quantized(directory: str | Path, bits: int, quant_type: str = "nf4",
-                   compute_dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """``(model, tokenizer)`` from a dense HF directory, quantized while loading: ``from_pretrained``
-    with a ``BitsAndBytesConfig`` (embedding and head stay unquantized). Works on CPU with
-    bitsandbytes 0.50.2, but is slower there than :func:`quantize` of a model in memory (~45 s
-    against ~20 s for SmolLM2-135M 4-bit on 2 busy cores)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(directory)
-    if not (path / "config.json").is_file():
-        raise QuantizeError(f"'{directory}' holds no Hugging Face model (no config.json); give a directory written by "
-                            "save_pretrained.")
-    check_support(bits, device)
-    qcfg = _bnb_config(bits, quant_type, compute_dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, dtype=torch.float32,
-                                                 device_map=str(device))
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model.eval(), tok
-
-
 # ----------------------------------------------------------------------------- the paper's Table I
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .progress import progress as tqdm
 
 from . import mpo as mpo_mod
+from .frontier import swapped
 from .models import MATRIX_PATHS, MATRIX_TYPES, blocks
 
 
@@ -178,9 +179,8 @@ def profile(model, replay: BlockReplay, block_ids: Sequence[int], types: Sequenc
                     records.append({"block": b, "type": t, "level": kind, "value": value, "error": str(e)})
                     bar.update()
                     continue
-                lin.weight.data.copy_(m.to_matrix().to(original.dtype))
-                loss = measure(b)
-                lin.weight.data.copy_(original)
+                with swapped(model, {(b, t): m.to_matrix().to(original.dtype)}):  # the one swap-and-restore
+                    loss = measure(b)
                 records.append({"block": b, "type": t, "level": kind, "value": value, "chi": max(m.bond_dims),
                                 "bond_dims": list(m.bond_dims), "params": m.num_params,
                                 "dense_params": original.numel(), "ratio": m.num_params / original.numel(),
@@ -188,7 +188,7 @@ def profile(model, replay: BlockReplay, block_ids: Sequence[int], types: Sequenc
                                 "delta_loss": loss - dense, "dense_ppl": math.exp(dense)})
                 bar.update()
         finally:
-            lin.weight.data.copy_(original)
+            lin.weight.data.copy_(original)  # whatever happened inside, the dense matrix is back
     bar.close()
     return records
 

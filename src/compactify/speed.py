@@ -78,30 +78,6 @@ def time_forward(model, input_ids: torch.Tensor, repeats: int = 5, warmup: int =
             "repeats": repeats, "times_s": s["values"]}
 
 
-def prefill_tokens_per_s(model, input_ids: torch.Tensor, repeats: int = 5, warmup: int = 1) -> dict:
-    """Prompt tokens per second of one forward pass (median over ``repeats``, with its IQR)."""
-    t = time_forward(model, input_ids, repeats, warmup)
-    return {"tokens_per_s": stats([input_ids.numel() / x for x in t["times_s"]]), "tokens": input_ids.numel(), **t}
-
-
-def decode_tokens_per_s(model, tokenizer, prompt: str, new_tokens: int = 16, repeats: int = 3,
-                        warmup: int = 1) -> dict:
-    """Generated tokens per second after the prompt, from ``generate`` runs of k and of 1 new tokens."""
-    if new_tokens < 2:
-        raise ValueError(f"new_tokens must be at least 2 to separate decoding from the prompt, not {new_tokens}.")
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for _ in range(warmup):
-        _generate_seconds(model, ids, 2, pad)
-    rates = []
-    for _ in range(repeats):
-        one = _generate_seconds(model, ids, 1, pad)
-        many = _generate_seconds(model, ids, new_tokens, pad)
-        rates.append((new_tokens - 1) / max(many - one, 1e-9))
-    return {"tokens_per_s": stats(rates), "new_tokens": new_tokens, "prompt_tokens": ids.shape[1]}
-
-
 def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.Tensor,
             decode_prompt: str | torch.Tensor, new_tokens: int = 16, repeats: int = 3, reference: str | None = None,
             progress: Callable | None = None, mpo_mode: str | None = None) -> dict:
@@ -120,6 +96,8 @@ def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.
     and ``out[name]["mpo_mode"]`` the layers' state after timing (:func:`compactify.mpo_layer.mode_summary`:
     paths chosen per bucket of tokens, bytes of cached matrices).
     """
+    if new_tokens < 2:  # decode rate = (k - 1) / (t_k - t_1): one new token is the prompt's cost only
+        raise ValueError(f"new_tokens must be at least 2 to separate decoding from the prompt, not {new_tokens}.")
     if mpo_mode is not None:
         from .mpo_layer import MPOLinear
 

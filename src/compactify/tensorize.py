@@ -3,9 +3,9 @@
 The paper tensorizes the seven matrices of each decoder block: attention ``q, k, v, o`` and
 MLP ``gate, up, down``. A :class:`Plan` says which (block, matrix) pairs become MPOs and how
 hard (a bond dimension ``chi`` or a ``target_ratio`` of parameters kept); everything else
-stays dense. :func:`tensorize` applies it in place, :func:`size_report` counts parameters
-and bytes before/after, and :func:`tensorize_matrix` swaps one matrix temporarily (for the
-sensitivity scan: tensorize, measure, ``restore()``).
+stays dense. :func:`tensorize` applies it in place and :func:`size_report` counts parameters
+and bytes before/after. (The sensitivity scan's one-matrix-at-a-time swaps copy weights in and
+out with :func:`compactify.frontier.swapped`.)
 
 Saving and loading use the normal Hugging Face API. A tensorized model becomes an instance
 of a registered subclass (``CompactLlamaForCausalLM``, config ``model_type =
@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import aa_init, remote_code
 from .compact_model import CompressedCheckpointError, check_checkpoint, compact_from_pretrained, compact_init
-from .mpo import MPOError, MPOLinear, MPOSweep, _resolve, count_params, decompose, single_thread
+from .mpo import MPOError, MPOLinear, _resolve, count_params, decompose, single_thread
 
 MATRICES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
@@ -299,53 +299,6 @@ def tensorize(model: nn.Module, plan: Plan, progress: bool = False, errors: bool
         model.config.__class__ = cfg_cls
         raise
     return model
-
-
-@dataclass
-class Swap:
-    """One matrix temporarily tensorized by :func:`tensorize_matrix`; ``restore()`` (or leaving
-    a ``with`` block) puts the original dense layer back, bit for bit."""
-
-    model: nn.Module
-    name: str
-    original: nn.Module
-    layer: MPOLinear
-    relative_error: float
-
-    def restore(self) -> None:
-        if self.model.get_submodule(self.name) is self.layer:
-            self.model.set_submodule(self.name, self.original)
-            _sync(self.model)
-
-    def __enter__(self) -> "Swap":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
-
-
-def matrix_sweep(model: nn.Module, block: int, matrix: str, cores: int = 3) -> MPOSweep:
-    """The first-cut SVD of one matrix, to be reused by :func:`tensorize_matrix` at many chi."""
-    return MPOSweep(model.get_submodule(_module_name(model, block, matrix)).weight, cores=cores)
-
-
-def tensorize_matrix(model: nn.Module, block: int, matrix: str, chi: int | None = None,
-                     target_ratio: float | None = None, cores: int = 3, sweep: MPOSweep | None = None) -> Swap:
-    """Tensorize one matrix now; return a :class:`Swap` whose ``restore()`` undoes it.
-
-    With ``sweep=matrix_sweep(model, block, matrix)`` the first (largest) SVD is reused, and
-    the result equals a fresh decomposition at this chi (see :class:`compactify.mpo.MPOSweep`).
-    """
-    name = _module_name(model, block, matrix)
-    original = model.get_submodule(name)
-    if not isinstance(original, nn.Linear):
-        raise PlanError(f"{name} is a {type(original).__name__}, not a dense nn.Linear (already tensorized?).")
-    mpo = (sweep.at(chi, target_ratio) if sweep is not None
-           else decompose(original.weight, chi=chi, target_ratio=target_ratio, cores=cores))
-    layer = MPOLinear.from_mpo(mpo, original.bias)
-    model.set_submodule(name, layer)
-    _sync(model)
-    return Swap(model, name, original, layer, mpo.relative_error(original.weight))
 
 
 # ---------------------------------------------------------------- loading

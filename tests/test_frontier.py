@@ -216,3 +216,24 @@ def test_parallel_workers_give_the_same_result(tiny):
         torch.testing.assert_close(w1[0.4][k], w2[0.4][k])
     with pytest.raises(F.FrontierError, match="do not exist"):
         F.compress_model(model, "svd", [0.4], block_ids=[5])
+
+
+def test_speed_quality_points_take_each_methods_speed_from_its_formats_roofline_timing():
+    from compactify import frontier_plots as FP
+
+    def timed(rate, ratio):
+        return {"by_threads": {"2": {"decode": {"median": rate}, "decode_ratio_to_fp32": ratio}}}
+
+    roofline = {"formats": {"fp32": timed(20.0, 1.0), "nf4": timed(8.0, 0.4), "svd-50": timed(30.0, 1.5),
+                            "mpo3-50": timed(6.0, 0.3)}}
+    pts = [{"method": "dense", "keep": 1.0, "precision": "fp32", "ppl": 40.0, "bytes_ratio": 1.0},
+           {"method": "dense", "keep": 1.0, "precision": "nf4", "ppl": 50.0, "bytes_ratio": 0.13},
+           {"method": "asvd", "keep": 0.5, "precision": "fp16", "ppl": 900.0, "bytes_ratio": 0.25},
+           {"method": "asvd", "keep": 0.5, "precision": "nf4", "ppl": 1600.0, "bytes_ratio": 0.06},  # no NF4 timing
+           {"method": "aa_mpo3", "keep": 0.5, "precision": "fp16", "ppl": 8000.0, "bytes_ratio": 0.25},
+           {"method": "mpo3", "keep": 0.3, "precision": "fp16", "ppl": 1e8, "bytes_ratio": 0.15}]  # 30% not timed
+    got = {(p["method"], p["precision"]): (p["format"], p["decode_ratio"]) for p in FP.speed_quality_points(pts, roofline)}
+    assert got == {("dense", "fp32"): ("fp32", 1.0), ("dense", "nf4"): ("nf4", 0.4), ("asvd", "fp16"): ("svd-50", 1.5),
+                   ("aa_mpo3", "fp16"): ("mpo3-50", 0.3)}
+    fig = FP.speed_quality(pts, {"ppl": 40.0, "tokens": 1020}, roofline)
+    assert len(fig.axes) == 2

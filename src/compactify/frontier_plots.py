@@ -115,3 +115,75 @@ def matrix_errors(matrices: Sequence[Mapping], keep: float) -> plt.Figure:
     ax.legend(fontsize=7, markerscale=2)
     fig.tight_layout()
     return fig
+
+
+# Which roofline format runs a frontier method's matrices: the same shapes, so the same speed
+# (activation awareness changes the values of the factors, not their sizes).
+SPEED_FORMAT = {"svd": "svd", "asvd": "svd", "mpo2": "mpo2", "mpo3": "mpo3", "aa_mpo2": "mpo2", "aa_mpo3": "mpo3"}
+
+
+def speed_quality_points(points: Sequence[Mapping], roofline: Mapping, threads: str = "2") -> list[dict]:
+    """Each fp16 point of the frontier (and the dense fp32 / NF4 references) with the batch-1
+    decode rate of its format in ``benchmarks/roofline.py``'s run at ``threads`` (tokens/s, and
+    as a ratio to dense fp32 measured in the same round-robin). Points whose format the roofline
+    did not time are left out."""
+    formats = roofline["formats"]
+
+    def rate(name):
+        f = formats.get(name, {}).get("by_threads", {}).get(threads)
+        return (f["decode"]["median"], f["decode_ratio_to_fp32"]) if f else None
+
+    out = []
+    for p in points:
+        if p["method"] == "dense":
+            name = "fp32" if p["precision"] == "fp32" else p["precision"]
+        elif p["precision"] == "fp16" and p["method"] in SPEED_FORMAT:
+            name = f"{SPEED_FORMAT[p['method']]}-{round(100 * p['keep'])}"
+        else:
+            continue
+        r = rate(name)
+        if r and p.get("ppl") is not None:
+            out.append({**p, "format": name, "decode_tokens_per_s": r[0], "decode_ratio": r[1]})
+    return out
+
+
+def speed_quality(points: Sequence[Mapping], dense: Mapping, roofline: Mapping, threads: str = "2") -> plt.Figure:
+    """Which format to deploy: held-out perplexity (log) against batch-1 decode speed relative to
+    dense fp32 (left) and against bytes relative to fp32 (right), one marker per method and budget,
+    dense fp32 and NF4 as stars. Lower and further right (left panel) or left (right panel) is better."""
+    apply_style()
+    pts = speed_quality_points(points, roofline, threads)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.0), sharey=True)
+    for ax, x in ((a, "decode_ratio"), (b, "bytes_ratio")):
+        for m in dict.fromkeys(p["method"] for p in pts):
+            mine = sorted((p for p in pts if p["method"] == m), key=lambda p: p["keep"])
+            color, marker, label = _style(m)
+            if m == "dense":
+                for p in mine:
+                    ax.plot(p[x], p["ppl"], marker="*", ms=12, ls="none",
+                            color="#2ca02c" if p["precision"] == "nf4" else "k",
+                            label=f"dense {p['precision'].upper() if p['precision'] == 'nf4' else 'fp32'}")
+                continue
+            ax.plot([p[x] for p in mine], [p["ppl"] for p in mine], marker=marker, ms=5, lw=1.2, color=color, label=label)
+            for p in mine:
+                ax.annotate(f"{round(100 * p['keep'])}%", (p[x], p["ppl"]), xytext=(4, 3), textcoords="offset points",
+                            fontsize=6.5, color=color)
+        ax.axhline(dense["ppl"], color="k", ls="--", lw=0.8)
+        ax.set_yscale("log")
+    a.axvline(1.0, color="0.5", ls=":", lw=0.8)
+    a.set_xlabel(f"batch-1 decode tokens/s / dense fp32 ({threads} threads, same run)", fontsize=9)
+    a.set_ylabel(f"held-out perplexity ({dense['tokens']:,} tokens, before healing; log)", fontsize=9)
+    b.set_xscale("log")
+    b.set_xlabel("bytes of the block matrices / fp32 dense (log)", fontsize=9)
+    a.set_title("quality against speed", fontsize=9)
+    b.set_title("quality against size", fontsize=9)
+    handles, labels = a.get_legend_handles_labels()
+    fig.subplots_adjust(right=0.78)
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.79, 0.55), fontsize=7, title="format",
+               title_fontsize=7.5, alignment="left")
+    fig.suptitle("Speed-quality frontier: perplexity from notebook 07, decode speed from benchmarks/roofline.py",
+                 fontsize=10)
+    caption(fig, "Speed of each format's shapes in fp32, MPO layers factored (the format's own cost; in auto mode an MPO "
+                 "model decodes at about dense speed, see mpo_modes.json). Labels: % of block parameters kept. "
+                 "Activation-aware methods share their plain twin's speed (same shapes).", fontsize=7)
+    return fig

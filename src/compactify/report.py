@@ -95,6 +95,17 @@ def _pipeline(r: Path, out: Path) -> None:
     F.save(PF.pipeline(PF.measured(r), d["meta"].get("model", "embedded")), out, "pipeline", d["meta"])
 
 
+def _speed_quality(r: Path, out: Path) -> None:
+    from . import frontier_plots as FP
+
+    d = load(r, "07_frontier.json")
+    roof = Path(r) / "benchmarks" / "roofline.json"
+    if not roof.is_file():
+        raise MissingResult(f"{roof} is missing: run benchmarks/roofline.py (make benchmarks).")
+    rf = read_json(roof)
+    F.save(FP.speed_quality(d["points"], d["dense"], rf), out, "speed_quality", rf["meta"])
+
+
 def scale_results(results_dir: Path) -> list[dict]:
     """benchmarks/scale.py's runs under ``results_dir/scale/`` (GPU runs first)."""
     runs = [read_json(f) for f in sorted((Path(results_dir) / "scale").glob("*.json"))]
@@ -167,7 +178,7 @@ def show(out_dir: Path, *patterns: str, width: int = 720) -> list[Path]:
 
 def artefacts(repo_root: Path) -> dict[str, Callable[[Path, Path], None]]:
     return {"Pipeline overview": _pipeline, "Fig. 1a": _fig1a, "Fig. 1b": _fig1b, "Fig. 2": lambda r, o: _fig2(r, o, repo_root), "Fig. 3": _fig3,
-            "Fig. 4": _fig4, "Fig. 5": _fig5, "Tables I-II": lambda r, o: _tables(r, o, repo_root), "Frontier (beyond the paper)": _frontier,
+            "Fig. 4": _fig4, "Fig. 5": _fig5, "Tables I-II": lambda r, o: _tables(r, o, repo_root), "Frontier (beyond the paper)": _frontier, "Speed-quality frontier": _speed_quality,
             "Scale (7B shape, Figs. 3-4)": _scale}
 
 

@@ -32,9 +32,8 @@ from compactify.lowrank import CompressError, lowrank_rank
 from compactify.mpo import MPOError, bond_dims, chi_for_ratio, factorize
 from compactify.mpo_layer import MPOLinear
 
-from compactify.paper import LLAMA2_7B  # noqa: E402
-MATRICES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+from compactify.models import MATRIX_PATHS as MATRICES
+from compactify.paper import LLAMA2_7B
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import seaborn as sns
 
+from .evaluate import SPECS
 from .paper import PAPER_MODELS  # noqa: F401  (the five models of the paper; re-exported)
 
 # One colour per matrix type (the paper's L1..L7) and one per model, used everywhere.
@@ -21,8 +22,7 @@ MATRIX_LABELS = {"q": "L1 q_proj", "k": "L2 k_proj", "v": "L3 v_proj", "o": "L4 
 MODEL_COLORS = {"original": "#4c4c4c", "8-bit": "#6baed6", "4-bit": "#2171b5", "88%": "#fd8d3c",
                 "93%": "#d94701"}
 # Chance accuracy of each benchmark's primary metric (multiple choice: 1/choices; generation: 0).
-CHANCE = {"mmlu": 0.25, "hellaswag": 0.25, "boolq": 0.5, "triviaqa": 0.0, "gsm8k": 0.0, "lambada": 0.0,
-          "piqa": 0.5, "arc_easy": 0.25, "winogrande": 0.5}
+CHANCE = {name: spec.chance for name, spec in SPECS.items()}  # each task's chance level (compactify.evaluate)
 
 
 def apply_style() -> None:

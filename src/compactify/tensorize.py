@@ -38,11 +38,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import aa_init, remote_code
+from .models import MATRIX_PATHS
 from .compact_model import CompressedCheckpointError, check_checkpoint, compact_from_pretrained, compact_init
 from .mpo import MPOError, MPOLinear, _resolve, count_params, decompose, single_thread
 
-MATRICES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+MATRICES = MATRIX_PATHS  # matrix type -> its path in a decoder block (compactify.models, the one map)
 WITHOUT_DOWN = ("q", "k", "v", "o", "gate", "up")  # the paper advises leaving the block's output (down) dense
 FAMILIES = ("llama", "mistral", "qwen2")  # same block layout; each gets a registered compact class
 

@@ -40,10 +40,11 @@ data: env
 reproduce: data
 	$(PY) scripts/run_notebooks.py --config $(CONFIG) --publish
 
-# Two pytest processes side by side, one per core, one torch thread each: the notebooks under
+# ruff (lint: errors, not style; pyproject.toml), then two pytest processes side by side, one per core, one torch thread each: the notebooks under
 # nbval (in order: each reads the previous one's results) and the unit tests. The notebooks' log
 # is printed when both are done; the target fails if either does.
 test: data
+	$(PY) -m ruff check .
 	@rm -f .nbval.log; COMPACTIFY_PROGRESS=log OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider notebooks --nbval-lax \
 	  --durations=10 > .nbval.log 2>&1 & nb=$$!; \
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests --durations=25 $(PYTEST_ARGS); unit=$$?; \

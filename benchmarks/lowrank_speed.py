@@ -33,8 +33,9 @@ from compactify.mpo import MPOError, bond_dims, chi_for_ratio, factorize
 from compactify.mpo_layer import MPOLinear
 
 from compactify.models import MATRIX_PATHS as MATRICES
+from compactify.models import DTYPES as _MODEL_DTYPES  # noqa: E402
 from compactify.paper import LLAMA2_7B
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {k: v for k, v in _MODEL_DTYPES.items() if k in ("float32", "bfloat16", "float16")}  # the long names
 
 
 def mpo_layer(out_f: int, in_f: int, keep: float, cores: int, device, dtype) -> MPOLinear:

@@ -60,6 +60,7 @@ from compactify.mpo import MPOError, MPOLinear, bond_dims, chi_for_ratio, count_
 from compactify.speed import stats  # noqa: E402
 
 from compactify import paper  # noqa: E402
+from compactify.models import DTYPES as _MODEL_DTYPES  # noqa: E402
 from compactify.paper import LLAMA2_7B  # noqa: E402
 
 # The targets at the 7B shape, beside the paper's own (compactify.paper: 1 / 0.75 and "about 2x").
@@ -67,7 +68,7 @@ TARGETS = {"decomposition_s": 30.0, "decode_ratio": 1.5, "paper_decode_ratio": p
            "heal_tokens_ratio": 1.5, "paper_heal_ratio": paper.claims()["healing_speedup_tensorized"]["value"],
            "heal_peak_memory_ratio": 0.5}
 TRAINABLE = ["mpo", "dense", "norms"]  # heal's default: the blocks train, embedding and head do not
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {k: v for k, v in _MODEL_DTYPES.items() if k in ("float32", "bfloat16", "float16")}  # the long names
 
 
 @dataclass

@@ -54,14 +54,18 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+# Every dtype name the configs and command lines accept (the one table; half = the 16-bit ones).
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+HALF_DTYPES = {k: v for k, v in DTYPES.items() if v in (torch.bfloat16, torch.float16)}
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if str(dtype) not in names:
-        raise ModelLoadError(f"Unknown dtype '{dtype}'. Use one of: {', '.join(names)}.")
-    return names[str(dtype)]
+    if str(dtype) not in DTYPES:
+        raise ModelLoadError(f"Unknown dtype '{dtype}'. Use one of: {', '.join(DTYPES)}.")
+    return DTYPES[str(dtype)]
 
 
 def embedded_gguf_path() -> Path:

@@ -14,12 +14,14 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from .models import HALF_DTYPES
+
 
 class EvalError(ValueError):
     """An evaluation request that cannot be run as given; the message names the fix."""
 
 
-AUTOCAST = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+AUTOCAST = HALF_DTYPES  # the dtypes autocast may compute in (compactify.models.DTYPES)
 
 
 def fast_bf16(device: torch.device) -> bool:

@@ -43,6 +43,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .models import DTYPES, HALF_DTYPES  # noqa: F401  (HALF_DTYPES re-exported: the names to_half takes)
+
 # bitsandbytes logs two messages that say nothing new here: at import, that the optional
 # `kernels` package (a faster fused CPU 4-bit kernel) is absent, so its own bf16 kernel is used;
 # and at *every* int8 call, that fp32 inputs are cast to fp16 (documented above). Printed
@@ -59,7 +61,6 @@ for _name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops
 
 BITS = (8, 4)
 QUANT_TYPES = ("nf4", "fp4")
-HALF_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 class QuantizeError(ValueError):
@@ -196,7 +197,7 @@ def quantize(model: nn.Module, bits: int, skip: Iterable[str] = (), quant_type: 
     if quant_type not in QUANT_TYPES:
         raise QuantizeError(f"quant_type must be one of {QUANT_TYPES}, not {quant_type!r}.")
     if isinstance(compute_dtype, str):
-        compute_dtype = {**HALF_DTYPES, "float32": torch.float32, "fp32": torch.float32}.get(compute_dtype, compute_dtype)
+        compute_dtype = DTYPES.get(compute_dtype, compute_dtype)
         if isinstance(compute_dtype, str):
             raise QuantizeError(f"Unknown compute_dtype {compute_dtype!r}; use float32, bfloat16 or float16.")
     dev = torch.device(device) if device is not None else next(model.parameters()).device

@@ -42,3 +42,10 @@ def test_a_missing_or_unknown_block_is_named():
     assert any("'claims' is missing" in p for p in readme.check("no blocks here", RESULTS))
     with pytest.raises(ValueError, match="generated:nonsense"):
         readme.render("<!-- generated:nonsense -->\nx\n<!-- /generated:nonsense -->", RESULTS)
+
+
+def test_a_section_is_read_from_the_readme_and_a_missing_one_is_named():
+    text = readme.section(REPO_ROOT / "README.md", "Why our numbers differ from the paper's")
+    assert text.startswith("| difference | ours | the paper |") and "\n#" not in text
+    with pytest.raises(KeyError, match="no section"):
+        readme.section(REPO_ROOT / "README.md", "No such heading")

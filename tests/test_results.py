@@ -50,10 +50,12 @@ def test_corrupt_result_names_the_file_and_its_notebook(tmp_path, name, content,
         read_json(tmp_path / "nope.json")
 
 
-def test_producers_agree_with_the_report():
-    from compactify import report, results
+def test_one_map_names_the_producer_of_every_result_file():
+    from compactify import report, results, run
 
-    assert results.PRODUCERS == report.PRODUCERS
+    assert results.PRODUCERS is run.PRODUCERS and report.PRODUCERS is run.PRODUCERS
+    assert set(run.PRODUCERS) >= {"00_baseline.json", "03_tensorize.json", "04_quantize.json", "05_heal.json",
+                                  "06_evaluate.json", "07_frontier.json"}
 
 
 def test_dirty_means_code_changed_not_that_a_run_wrote_its_outputs(tmp_path, monkeypatch):

@@ -13,9 +13,10 @@ from typing import Callable
 
 from . import figures as F
 from . import paper as P
-from .results import PRODUCERS, ResultFileError, read_json
+from .results import ResultFileError, read_json
+from .run import PRODUCERS
 
-# PRODUCERS (result file -> the notebook that writes it) lives in compactify.results.
+# PRODUCERS (result file -> the notebook that writes it) lives in compactify.run.
 
 
 class MissingResult(FileNotFoundError):

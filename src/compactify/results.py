@@ -62,11 +62,13 @@ def write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
-# Which notebook (or script) writes each result file: named when one cannot be read. The same
-# map as compactify.report.PRODUCERS (tests/test_results.py checks that they agree).
-PRODUCERS = {"00_baseline.json": "00_model_and_baseline", "02_layer_sensitivity.json": "02_layer_sensitivity",
-             "03_tensorize.json": "03_tensorize", "05_heal.json": "05_heal", "06_evaluate.json": "06_evaluate",
-             "07_frontier.json": "07_frontier"}
+def __getattr__(name: str):
+    """``PRODUCERS`` (result file -> the notebook that writes it) is compactify.run's."""
+    if name == "PRODUCERS":
+        from .run import PRODUCERS
+
+        return PRODUCERS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ResultFileError(ValueError):
@@ -75,6 +77,8 @@ class ResultFileError(ValueError):
 
 def producer(path: str | Path) -> str:
     """What to rerun to write ``path`` again, in words."""
+    from .run import PRODUCERS
+
     path = Path(path)
     if path.name in PRODUCERS:
         return f"notebook {PRODUCERS[path.name]} (make reproduce runs every notebook, then publishes to data/results/)"

@@ -17,7 +17,8 @@ from typing import Callable
 
 from . import compare as C, report
 from .config import REPO_ROOT
-from .results import PRODUCERS, ResultFileError, read_json
+from .results import ResultFileError, read_json
+from .run import PRODUCERS
 
 FILES = {n[:2]: (n, PRODUCERS.get(n, n.removesuffix(".json"))) for n in (
     "00_baseline.json", "01_mpo_primer.json", "02_layer_sensitivity.json", "03_tensorize.json", "04_quantize.json",

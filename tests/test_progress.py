@@ -53,3 +53,12 @@ def test_log_style_switches_off_datasets_bars(monkeypatch):
     P.quiet_third_party()
     assert not datasets.is_progress_bar_enabled()
     datasets.enable_progress_bars()
+
+
+def test_log_style_has_no_monitor_thread_to_print_extra_lines(monkeypatch):
+    monkeypatch.setenv("COMPACTIFY_PROGRESS", "log")
+    bar = P.progress(total=3, desc="x")
+    try:
+        assert bar.monitor is None  # tqdm's monitor refreshes a bar on its own after maxinterval
+    finally:
+        bar.close()

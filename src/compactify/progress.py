@@ -53,11 +53,13 @@ class _Lines:
 class LogBar(_tqdm_std):
     """tqdm printing a line at most every ``mininterval`` seconds, none at the start, one at the end."""
 
+    monitor_interval = 0  # no monitor thread: its forced refreshes printed a second line beside the next update's
+
     def __init__(self, *args, interval: float = INTERVAL, **kwargs):
         kwargs.pop("file", None)
         kwargs.setdefault("bar_format", BAR_FORMAT)
-        super().__init__(*args, file=_Lines(sys.stdout), mininterval=interval, maxinterval=interval,
-                         delay=interval, dynamic_ncols=False, **kwargs)
+        super().__init__(*args, file=_Lines(sys.stdout), mininterval=interval, delay=interval,
+                         dynamic_ncols=False, **kwargs)
 
     def close(self) -> None:
         if not self.disable:

@@ -42,3 +42,28 @@ def test_notebooks_are_parameterised_chapters():
         for cell in nb["cells"]:
             for o in cell.get("outputs", []):
                 assert o.get("output_type") != "error", f"{nb_path.name} is committed with an error output"
+
+
+def test_published_notebooks_have_clean_outputs():
+    """reports/: what a reader opens on GitHub. A long step prints a few lines (compactify.progress),
+    never one saved output per redraw of a bar, a widget frozen at 0%, an error or third-party spam."""
+    reports = sorted((REPO_ROOT / "reports").glob("[0-9][0-9]_*.ipynb"))
+    assert len(reports) == len(list((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")))
+    spam = ("Failed to load CPU gemm_4bit_forward", "use_cache=True", "Loading weights", "Filter:",
+            "Generating test split", "Generating validation split", "\r")
+    for path in reports:
+        nb = json.loads(path.read_text())
+        for i, cell in enumerate(nb["cells"]):
+            outs = cell.get("outputs", [])
+            streams = [o for o in outs if o.get("output_type") == "stream"]
+            text = "".join("".join(o["text"]) for o in streams)
+            where = f"{path.name} cell {i}"
+            minutes = (cell.get("metadata", {}).get("papermill", {}).get("duration") or 0) / 60
+            allowed = 6 + 2 * minutes  # a line a minute per bar (compactify.progress), a few prints
+            assert len(streams) <= allowed, (f"{where}: {len(streams)} stream outputs in {minutes:.1f} min "
+                                             "(a progress bar saved per redraw?)")
+            assert len(text) <= 4000, f"{where}: {len(text)} characters of printed text"
+            assert not any(s in text for s in spam), f"{where}: {[s for s in spam if s in text]}"
+            for o in outs:
+                assert o.get("output_type") != "error", f"{where}: an error output"
+                assert "application/vnd.jupyter.widget-view+json" not in o.get("data", {}), f"{where}: a widget"

@@ -177,13 +177,16 @@ def speed_quality(points: Sequence[Mapping], dense: Mapping, roofline: Mapping, 
     b.set_xlabel("bytes of the block matrices / fp32 dense (log)", fontsize=9)
     a.set_title("quality against speed", fontsize=9)
     b.set_title("quality against size", fontsize=9)
+    from matplotlib.ticker import NullFormatter
+
+    b.xaxis.set_minor_formatter(NullFormatter())  # log axis: label the decades only
     handles, labels = a.get_legend_handles_labels()
-    fig.subplots_adjust(right=0.78)
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.79, 0.55), fontsize=7, title="format",
-               title_fontsize=7.5, alignment="left")
     fig.suptitle("Speed-quality frontier: perplexity from notebook 07, decode speed from benchmarks/roofline.py",
                  fontsize=10)
-    caption(fig, "Speed of each format's shapes in fp32, MPO layers factored (the format's own cost; in auto mode an MPO "
+    caption(fig, "Speed of each format's shapes in fp32, MPO layers factored (the format's own cost; in auto mode an MPO\n"
                  "model decodes at about dense speed, see mpo_modes.json). Labels: % of block parameters kept. "
                  "Activation-aware methods share their plain twin's speed (same shapes).", fontsize=7)
+    fig.subplots_adjust(right=0.76)  # after caption's tight_layout: room for the legend
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.77, 0.55), fontsize=7, title="format",
+               title_fontsize=7.5, alignment="left")
     return fig

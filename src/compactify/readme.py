@@ -122,8 +122,39 @@ def frontier(r: Path) -> str:
     return " ".join(out)
 
 
+def speed(r: Path) -> str:
+    """benchmarks/roofline.py and mpo_modes.py: each format's decode rate, its bound, and the MPO modes."""
+    rf, mm = _j(Path(r) / "benchmarks", "roofline.json"), _j(Path(r) / "benchmarks", "mpo_modes.json")
+    if rf is None:
+        return "(benchmarks/roofline.py has not been published: make benchmarks)"
+    key = "2" if "2" in rf["settings"]["passes"] else rf["settings"]["passes"][-1]
+    c = rf["ceilings"][key]
+    fp32_bytes = rf["formats"]["fp32"]["stored_bytes"]
+    rows = [f"Measured on {footer(rf['meta'])}; {key} thread(s): memory bandwidth "
+            f"{c['bandwidth_roof']['bytes_per_s'] / 1e9:.1f} GB/s, fp32 GEMM {c['gemm']['float32']['flops_per_s'] / 1e9:.0f} GFLOP/s.",
+            "", "| format | bytes / fp32 | FLOPs / fp32 (decode) | decode tok/s (IQR) | x dense fp32 | % of its bound | "
+            "prefill tok/s |", "|---|---|---|---|---|---|---|"]
+    fp32_flops = rf["formats"]["fp32"]["decode_cost"]["flops_per_token"]
+    for name, f in rf["formats"].items():
+        if "skipped" in f:
+            rows.append(f"| {f['label']} | | | skipped: {f['skipped']} | | | |")
+            continue
+        t = f["by_threads"][key]
+        d = t["decode"]
+        rows.append(f"| {f['label']} | {f['stored_bytes'] / fp32_bytes:.2f} | "
+                    f"{f['decode_cost']['flops_per_token'] / fp32_flops:.2f} | {d['median']:.1f} ({d['q1']:.1f}-{d['q3']:.1f}) | "
+                    f"{t['decode_ratio_to_fp32']:.2f} | {100 * t['decode_fraction_of_bound']:.0f}% | {t['prefill']['median']:.0f} |")
+    text = "\n".join(rows)
+    if mm:
+        runs = mm["runs"]
+        text += ("\n\nMPO layers by inference mode (SmolLM2 at 30% kept, batch-1 decode vs dense, `mpo_modes.json`): " +
+                 "; ".join(f"{t} thread(s): " + ", ".join(f"{m} {v['decode_ratio_to_dense']:.2f}x" for m, v in run["models"].items()
+                                                         if m != "dense") for t, run in runs.items()) + ".")
+    return text
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline, "baseline": baseline, "claims": claims,
-                                            "frontier": frontier}
+                                            "frontier": frontier, "speed": speed}
 _BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(\n<!-- /generated:\2 -->)", re.S)
 
 

@@ -2,6 +2,8 @@
 not one saved output per redraw of a bar; a bad style is refused by name."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from compactify import progress as P
@@ -57,8 +59,13 @@ def test_log_style_switches_off_datasets_bars(monkeypatch):
 
 def test_log_style_has_no_monitor_thread_to_print_extra_lines(monkeypatch):
     monkeypatch.setenv("COMPACTIFY_PROGRESS", "log")
+    from tqdm.std import tqdm
+
+    other = tqdm(total=1, file=open(os.devnull, "w"))  # a live bar elsewhere: tqdm starts its monitor thread
     bar = P.progress(total=3, desc="x")
     try:
-        assert bar.monitor is None  # tqdm's monitor refreshes a bar on its own after maxinterval
+        assert other.monitor is not None and bar.monitor is None
+        assert bar not in tqdm._instances  # so the monitor never refreshes it on its own
     finally:
         bar.close()
+        other.close()

@@ -75,7 +75,7 @@ def test_saved_directory_has_auto_map_and_the_package_source(compressed):
     tree = ast.parse(code)
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
-    assert imported == {"__future__", "json", "math", "os", "struct", "pathlib", "typing", "torch", "transformers"}  # every name the generated module reads is defined in it (or a builtin)
+    assert imported == {"__future__", "json", "math", "os", "struct", "time", "pathlib", "typing", "torch", "transformers"}  # every name the generated module reads is defined in it (or a builtin)
     bound = set(dir(builtins))
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from weakref import WeakSet
 
 from tqdm.std import tqdm as _tqdm_std
 
@@ -53,7 +54,11 @@ class _Lines:
 class LogBar(_tqdm_std):
     """tqdm printing a line at most every ``mininterval`` seconds, none at the start, one at the end."""
 
-    monitor_interval = 0  # no monitor thread: its forced refreshes printed a second line beside the next update's
+    # No monitor thread: its forced refreshes printed a second line beside the next update's. tqdm keeps
+    # the monitor and the bars it watches on the class, so this class gets its own, empty ones.
+    monitor_interval = 0
+    monitor = None
+    _instances = WeakSet()
 
     def __init__(self, *args, interval: float = INTERVAL, **kwargs):
         kwargs.pop("file", None)

@@ -43,6 +43,7 @@ import json
 import math
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Sequence
 

@@ -375,3 +375,26 @@ def test_launch_forwards_whole_lines_and_throttles_progress_bar_refreshes():
     shown.write("\nheal: saved checkpoint step_2\nHEAL-ERROR rank 1 boom\n")
     shown.flush()
     assert out.getvalue() == "heal: 0%\nheal: 100%\nheal: saved checkpoint step_2\nHEAL-ERROR rank 1 boom\n"
+
+
+def test_lr_sweep_heals_once_per_rate_from_the_same_start_and_names_the_best(tiny, tiny_mpo, tmp_path):
+    """notebook 05's learning-rate sweep: one fresh healing per rate, same tokens, paired against the
+    first rate; a rate too small to move the weights must lose to one that learns the grammar."""
+    from compactify import heal_study
+    from compactify.models import load_model
+
+    root, _, text = tiny
+    cfg = heal_cfg(text, steps=None)
+    cfg["eval"]["perplexity"].update(seq_len=32, batch_size=4)
+    cfg["eval"]["autocast"] = None
+    _, tok = load_model(tiny_mpo)
+    heldout = {"synthetic": torch.tensor(tok(synthetic_text(12, seed=7)).input_ids)}
+    r = heal_study.lr_sweep(tiny_mpo, tmp_path / "sweep", cfg, [1e-7, 1e-2], tokens=6 * 2 * 32, heldout=heldout)
+    assert set(r["lrs"]) == {"1e-07", "0.01"} and r["tokens"] == 384 and r["judged_on"] == "synthetic"
+    assert all(v["settings"] == {"heal.lr": float(k)} and len(v["curve"]) == 6 for k, v in r["lrs"].items())
+    assert r["best"] == 0.01
+    paired = r["paired_vs_first"]["0.01"]["synthetic"]
+    assert paired["diff"] < 0 and paired["hi"] < 0     # the learning rate that learns is better on the same windows
+    assert not any((tmp_path / "sweep").iterdir())       # only the numbers are kept
+    with pytest.raises(ValueError, match="at least one learning rate"):
+        heal_study.lr_sweep(tiny_mpo, tmp_path / "none", cfg, [], tokens=64)

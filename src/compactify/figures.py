@@ -245,10 +245,12 @@ def block_diagram(block: Mapping[str, Mapping], block_index: int, title: str = "
 
 def heal_figure(loss_curve: Sequence[Mapping], speed: Mapping[str, Mapping],
                 losses: Mapping[str, Mapping] | None = None, paper_ratio: float = 2.0,
-                starts: Mapping[str, Sequence[Mapping]] | None = None) -> plt.Figure:
+                starts: Mapping[str, Sequence[Mapping]] | None = None,
+                control: Sequence[Mapping] | None = None) -> plt.Figure:
     """Left: the healing run's next-token loss over training tokens (log axis), with the loss
-    comparison's runs (``losses[loss]["curve"]``, notebook 05) and the healings of other starting
-    points (``starts[label]``: their loss curves, same recipe) beside it. Right (Fig. 3
+    comparison's runs (``losses[loss]["curve"]``, notebook 05), the healings of other starting
+    points (``starts[label]``: their loss curves, same recipe) and the dense model healed the same
+    way (``control``: the floor a compressed model heals towards) beside it. Right (Fig. 3
     analogue): training tokens/s of the dense and the tensorized model, same steps and data; the
     dotted line is the paper's "about 2x faster" applied to our dense rate."""
     apply_style()
@@ -258,6 +260,9 @@ def heal_figure(loss_curve: Sequence[Mapping], speed: Mapping[str, Mapping],
     for (label, curve), c in zip((starts or {}).items(), ("#2171b5", "#6a51a3")):
         a.plot([p["tokens"] for p in curve], [p.get("lm_loss", p["loss"]) for p in curve], marker="s", ms=2.5,
                color=c, label=f"{label}: next-token loss")
+    if control:
+        a.plot([p["tokens"] for p in control], [p.get("lm_loss", p["loss"]) for p in control], ls="--", color="0.35",
+               lw=1.2, label="original dense model, healed the same way")
     styles = {"lm": ("#6baed6", "-"), "kd": ("#31a354", "--"), "mix": ("#756bb1", ":")}
     for loss, v in (losses or {}).items():
         c, ls = styles.get(loss, ("0.5", "-"))
@@ -279,7 +284,7 @@ def heal_figure(loss_curve: Sequence[Mapping], speed: Mapping[str, Mapping],
         b.axhline(ref, ls=":", color="k", lw=1)
         b.text(-0.4, ref, f"paper: ~{paper_ratio:g}x dense", va="bottom", fontsize=7)
     b.set_ylabel("healing tokens / s")
-    b.set_title("Fig. 3 analogue: same steps, same data")
+    b.set_title("Fig. 3 analogue: same recipe, same data")
     b.set_ylim(0, max(vals + [paper_ratio * speed.get("original", {"tokens_per_s": 0})["tokens_per_s"]]) * 1.3)
     fig.tight_layout()
     return fig

@@ -1,11 +1,14 @@
 """Notebook 05's experiments around a healing run, as functions a reader can rerun and test.
 
-* :func:`loss_comparison`: the same start healed with each loss (``lm``, ``kd``, ...) for the
-  same tokens, then scored on every held-out text, with the paired NLL difference of each loss
-  against the first (``compactify.compare``): the measurement that picks ``heal.loss``.
+* :func:`variant_comparison`: the same start healed once per variant of the recipe for the same
+  tokens, then scored on every held-out text, with the paired NLL difference of each variant
+  against the first (``compactify.compare``). :func:`loss_comparison` (which ``heal.loss``) and
+  :func:`lr_sweep` (which ``heal.lr``) are the two measurements built on it.
 * :func:`speed_comparison`: the paper's Fig. 3 -- the same steps healed by the dense and the
   compressed model, one after the other, steady-state tokens/s (step 1, which also allocates
-  the AdamW state, left out) and peak memory.
+  the AdamW state, left out) and peak memory (:func:`speed_record`).
+* :func:`dense_control`: the original dense model healed with the same recipe and tokens, the
+  fair reference for a healed compressed model (its whole run also times Fig. 3).
 """
 from __future__ import annotations
 
@@ -26,11 +29,12 @@ def _cfg(cfg: Mapping, overrides: Mapping) -> dict:
     return out
 
 
-def loss_comparison(model_dir, out_root: Path, cfg: Mapping, losses=("lm", "kd"), tokens: int = 8192,
-                    heldout: Mapping | None = None, device="cpu") -> dict:
-    """Heal ``model_dir`` once per loss for ``tokens`` tokens (fresh runs in ``out_root/<loss>``),
-    score each healed model on every held-out text; returns per loss the run's tokens/s and
-    final losses, the perplexities, and the paired NLL difference against ``losses[0]``."""
+def variant_comparison(model_dir, out_root: Path, cfg: Mapping, variants: Mapping[str, Mapping], tokens: int = 8192,
+                       heldout: Mapping | None = None, device="cpu") -> dict:
+    """Heal ``model_dir`` once per variant ({name: {"heal.key": value}}, e.g. a loss or a learning
+    rate) for the same ``tokens`` from the same start (fresh runs in ``out_root/<name>``), score each
+    healed model on every held-out text; returns per variant its settings, tokens/s, final losses,
+    curve and perplexities, and the paired NLL difference of each variant against the first."""
     from . import compare as C
     from .evaluate import heldout_ids_for, perplexity
     from .heal import launch
@@ -38,28 +42,62 @@ def loss_comparison(model_dir, out_root: Path, cfg: Mapping, losses=("lm", "kd")
     from .mpo_layer import contracted
 
     pc = cfg["eval"]["perplexity"]
-    out: dict = {"tokens": int(tokens), "losses": {}}
-    for loss in losses:
-        d = Path(out_root) / loss
+    out: dict = {"tokens": int(tokens), "variants": {}}
+    for name, overrides in variants.items():
+        d = Path(out_root) / str(name)
         shutil.rmtree(d, ignore_errors=True)
-        r = launch(model_dir, d, _cfg(cfg, {"heal.loss": loss, "heal.tokens": int(tokens), "heal.steps": None,
+        r = launch(model_dir, d, _cfg(cfg, {**dict(overrides), "heal.tokens": int(tokens), "heal.steps": None,
                                             "heal.resume": False, "heal.checkpoint_every": 10**6}),
                    stream=io.StringIO())
         model, tok = load_model(d / "model", device=device)
         texts = heldout if heldout is not None else heldout_ids_for(tok, cfg)
         with contracted(model):
-            ppl = {name: perplexity(model, tok, ids, seq_len=pc["seq_len"], batch_size=pc["batch_size"],
-                                    autocast=cfg["eval"]["autocast"], text_name=name) for name, ids in texts.items()}
+            ppl = {t: perplexity(model, tok, ids, seq_len=pc["seq_len"], batch_size=pc["batch_size"],
+                                 autocast=cfg["eval"]["autocast"], text_name=t) for t, ids in texts.items()}
         last = r["loss_curve"][-1]
-        out["losses"][loss] = {"tokens_per_s": r["tokens_per_s_steady"], "final_lm_loss": last["lm_loss"],
-                               "final_kd_loss": last["kd_loss"], "perplexity": ppl,
-                               "curve": [{k: p[k] for k in ("tokens", "lm_loss", "kd_loss")} for p in r["loss_curve"]]}
+        out["variants"][name] = {"settings": dict(overrides), "tokens_per_s": r["tokens_per_s_steady"],
+                                 "compute": r["compute"], "final_lm_loss": last["lm_loss"],
+                                 "final_kd_loss": last["kd_loss"], "perplexity": ppl,
+                                 "curve": [{k: p[k] for k in ("tokens", "lm_loss", "kd_loss")} for p in r["loss_curve"]]}
         del model
         shutil.rmtree(d, ignore_errors=True)  # the checkpoints and the model: only the numbers are kept
-    base = losses[0]
-    out["paired_vs_" + base] = {
-        loss: {text: C.compare_nll(out["losses"][base]["perplexity"][text], v["perplexity"][text], base, loss)
-               for text in v["perplexity"]} for loss, v in out["losses"].items() if loss != base}
+    base = next(iter(variants))
+    out["paired_vs_first"] = {
+        name: {text: C.compare_nll(out["variants"][base]["perplexity"][text], v["perplexity"][text], str(base), str(name))
+               for text in v["perplexity"]} for name, v in out["variants"].items() if name != base}
+    return out
+
+
+def loss_comparison(model_dir, out_root: Path, cfg: Mapping, losses=("lm", "kd"), tokens: int = 8192,
+                    heldout: Mapping | None = None, device="cpu") -> dict:
+    """The same start healed with each loss for the same tokens (:func:`variant_comparison`); the
+    measurement that picks ``heal.loss``. Keys: ``losses`` and ``paired_vs_<first loss>``."""
+    r = variant_comparison(model_dir, out_root, cfg, {loss: {"heal.loss": loss} for loss in losses}, tokens,
+                           heldout, device)
+    return {"tokens": r["tokens"], "losses": r["variants"], "paired_vs_" + losses[0]: r["paired_vs_first"]}
+
+
+def lr_sweep(model_dir, out_root: Path, cfg: Mapping, lrs, tokens: int = 8192, heldout: Mapping | None = None,
+             device="cpu") -> dict:
+    """The same start healed at each peak learning rate (same schedule shape, loss and tokens);
+    the measurement behind ``heal.lr``. Keys: ``lrs`` ({lr as text: run}), ``paired_vs_first`` and
+    ``best`` (the lr with the lowest perplexity on the first held-out text)."""
+    if not lrs:
+        raise ValueError("lr_sweep needs at least one learning rate, e.g. [3e-4, 1e-3].")
+    r = variant_comparison(model_dir, out_root, cfg, {f"{float(lr):g}": {"heal.lr": float(lr)} for lr in lrs}, tokens,
+                           heldout, device)
+    first_text = next(iter(next(iter(r["variants"].values()))["perplexity"]))
+    best = min(r["variants"], key=lambda k: r["variants"][k]["perplexity"][first_text]["ppl"])
+    return {"tokens": r["tokens"], "lrs": r["variants"], "paired_vs_first": r["paired_vs_first"],
+            "best": float(best), "judged_on": first_text}
+
+
+def speed_record(r: Mapping) -> dict:
+    """The Fig. 3 numbers of one healing run's record (``heal.json``): steady tokens/s, time, memory."""
+    out = {k: r[k] for k in ("train_seconds", "wall_seconds", "steps_this_run", "tokens_this_run",
+                             "peak_rss_mib_per_rank", "compute", "threads_per_rank")}
+    out.update({"tokens_per_s": r["tokens_per_s_steady"], "tokens_per_s_all_steps": r["tokens_per_s"],
+                "trainable_params": r["params"], "peak_rss_mib": max(r["peak_rss_mib_per_rank"])})
     return out
 
 
@@ -73,9 +111,28 @@ def speed_comparison(sources: Mapping[str, str], out_root: Path, cfg: Mapping, s
         shutil.rmtree(d, ignore_errors=True)
         r = launch(src, d, _cfg(cfg, {"heal.steps": int(steps), "heal.resume": False, "heal.checkpoint_every": 10**6,
                                       "heal.loss": "lm"}), stream=io.StringIO())
-        speed[name] = {k: r[k] for k in ("train_seconds", "wall_seconds", "steps_this_run", "tokens_this_run",
-                                         "peak_rss_mib_per_rank", "compute", "threads_per_rank")}
-        speed[name].update({"tokens_per_s": r["tokens_per_s_steady"], "tokens_per_s_all_steps": r["tokens_per_s"],
-                            "trainable_params": r["params"], "peak_rss_mib": max(r["peak_rss_mib_per_rank"])})
+        speed[name] = speed_record(r)
         shutil.rmtree(d, ignore_errors=True)
     return speed
+
+
+def dense_control(source, out_dir: Path, cfg: Mapping, tokenizer, heldout: Mapping, baseline: Mapping,
+                  device="cpu") -> dict:
+    """The fair reference for a healed compressed model: the *original* dense model healed with the
+    same recipe, tokens and data (a fine-tune of its blocks on the healing text), then evaluated like
+    the others. Returns its run record (``heal``), its evaluation (``after``) and the paired
+    differences from the untouched original (``paired``, ``paired_nll``: what the fine-tune alone
+    does). Resumable like any healing run (``out_dir``)."""
+    from . import compare as C
+    from .evaluate import evaluate_model
+    from .heal import launch
+    from .models import load_model
+
+    r = launch(source, Path(out_dir), cfg, stream=io.StringIO())
+    model, _ = load_model(Path(out_dir) / "model", device=device)
+    after = evaluate_model(model, tokenizer, cfg, heldout_ids=heldout)
+    del model
+    return {"heal": r, "after": after,
+            "paired": C.compare_tasks(baseline, after, "original", "dense healed", seed=cfg["seed"]),
+            "paired_nll": {x: C.compare_nll(baseline["perplexity_texts"][x], after["perplexity_texts"][x], "original",
+                                            "dense healed") for x in after["perplexity_texts"]}}

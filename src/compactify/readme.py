@@ -78,6 +78,12 @@ def headline(r: Path) -> str:
                f"{_ppl(h['after']['perplexity'])}"
                + (": " + ", ".join(f"{_ratio(p)} the dense perplexity on {x}" for x, p in healed.items()) if healed else "")
                + " (paired over the same windows).")
+    ctl = h.get("dense_control") or {}
+    if ctl.get("paired_nll_vs_tt_svd"):
+        out.append("The original dense model healed the same way (the fair reference) goes "
+                   + ", ".join(f"from {_ppl({'ppl': p['ppl_a']})} to {_ppl({'ppl': p['ppl_b']})} on {x}" for x, p in ctl["paired_nll"].items())
+                   + "; against it the healed TT-SVD start is "
+                   + ", ".join(f"{_ratio(p)} on {x}" for x, p in ctl["paired_nll_vs_tt_svd"].items()) + ".")
     imp = h.get("improved") or {}
     if imp.get("after"):
         pn = imp["paired_nll_vs_tt_svd"]

@@ -62,8 +62,9 @@ def _fig3(r: Path, out: Path) -> None:
     d = load(r, "05_heal.json")
     imp = d.get("improved") or {}
     starts = {f"{imp['init'].replace('_', '-')} start": imp["heal"]["loss_curve"]} if imp.get("heal") else None
+    control = (d.get("dense_control") or {}).get("heal") or {}
     F.save(F.heal_figure(d["heal"]["loss_curve"], d["speed"], (d.get("loss_comparison") or {}).get("losses"),
-                         starts=starts), out, "fig3_healing", d["meta"])
+                         starts=starts, control=control.get("loss_curve")), out, "fig3_healing", d["meta"])
 
 
 def _fig4(r: Path, out: Path) -> None:

@@ -204,9 +204,18 @@ def _t05(d, rdir):
                     + (f", its perplexity {_ratio_text(r)} relative to the healed TT-SVD start." if r else "."))
     else:
         improved = f"No activation-aware start healed in this run ({_absent(d, 'improved')})."
+    ctl = d.get("dense_control") or {}
+    if ctl.get("after") and ctl.get("paired_nll_vs_tt_svd"):
+        x = next(iter(ctl["paired_nll_vs_tt_svd"]))
+        r0, r1 = ctl["paired_nll"][x], ctl["paired_nll_vs_tt_svd"][x]
+        control = (f" The original dense model healed the same way goes from {fmt_ppl(r0['ppl_a'])} to "
+                   f"{fmt_ppl(r0['ppl_b'])} on {x}; against it, the healed TT-SVD start's perplexity is {_ratio_text(r1)}.")
+    else:
+        control = ""
     row = _claim_rows(rdir, FILES["05"][0])["healing ~2x faster"]
-    return (f"Healing ({h['tokens_this_run']:,} tokens, {h['loss']} loss) took the held-out perplexity from {per}. "
-            f"{improved} The tensorized model healed at {d['speed_ratio_tensorized_vs_dense']:.2f}x the dense model's "
+    lr = (d.get("settings") or {}).get("lr")
+    return (f"Healing ({h['tokens_this_run']:,} tokens, {h['loss']} loss{f', lr {lr:g}' if lr else ''}) took "
+            f"the held-out perplexity from {per}.{control} {improved} The tensorized model healed at {d['speed_ratio_tensorized_vs_dense']:.2f}x the dense model's "
             f"tokens/s ({h['world_size']} {h['device'].split(':')[0].upper()} process(es)); the paper: about "
             f"{float(paper_claims()['healing_speedup_tensorized']):.1f}x (claims.csv, 8 A10G). Verdict: healing speed "
             f"{row['verdict']}; whether healing wins back the paper's 2-3 points is chapter 06's test.")

@@ -185,14 +185,16 @@ OFFSETS = [(6, 3), (6, -11), (-6, 3), (-6, -11), (0, 9), (0, -16), (10, 14), (10
            (18, 0), (-18, 0), (14, 26), (14, -34), (-14, 26), (-14, -34), (30, 8), (-30, 8), (30, -20), (-30, -20)]
 
 
-def place_labels(ax, points, texts, colors) -> int:
-    """Label each point at the first offset whose box overlaps no other label, point or the axes'
-    edge (greedy, checked in display coordinates); returns how many labels still overlap."""
+def place_labels(ax, points, texts, colors, lines=()) -> int:
+    """Label each point at the first offset whose box overlaps no other label, point, roof line
+    (``lines``) or the axes' edge (greedy, checked in display coordinates); returns how many labels
+    still overlap."""
     fig = ax.figure
     fig.canvas.draw()
     rend = fig.canvas.get_renderer()
     frame = ax.get_window_extent(rend)
     dots = [ax.transData.transform(p) for p in points]
+    paths = [ln.get_transform().transform_path(ln.get_path()) for ln in lines]
     placed, clashes = [], 0
     for k in sorted(range(len(points)), key=lambda k: -points[k][1]):
         best = None
@@ -202,7 +204,8 @@ def place_labels(ax, points, texts, colors) -> int:
                             arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5} if abs(dx) + abs(dy) > 20 else None)
             bb = a.get_window_extent(rend).expanded(1.05, 1.15)
             ok = (frame.contains(bb.x0, bb.y0) and frame.contains(bb.x1, bb.y1) and not any(bb.overlaps(o) for o in placed)
-                  and not any(bb.contains(*d) for j, d in enumerate(dots) if j != k))
+                  and not any(bb.contains(*d) for j, d in enumerate(dots) if j != k)
+                  and not any(p.intersects_bbox(bb, filled=False) for p in paths))
             if ok:
                 best = (a, bb)
                 break
@@ -250,11 +253,11 @@ def figure(data: dict, path: Path) -> Path:
         c = data["ceilings"][t]
         bw, f32 = c["bandwidth_roof"]["bytes_per_s"], c["gemm"]["float32"]["flops_per_s"]
         x = np.logspace(-1.5, 2.5, 200)
-        ax.plot(x, np.minimum(bw * x, f32), color="k", lw=1.2, label=f"roof: {bw / 1e9:.1f} GB/s ({c['bandwidth_roof']['from']}), "
+        roofs = ax.plot(x, np.minimum(bw * x, f32), color="k", lw=1.2, label=f"roof: {bw / 1e9:.1f} GB/s ({c['bandwidth_roof']['from']}), "
                 f"fp32 GEMM {f32 / 1e9:.0f} GFLOP/s")
         if "bfloat16" in c["gemm"]:
             b16 = c["gemm"]["bfloat16"]["flops_per_s"]
-            ax.plot(x, np.minimum(bw * x, b16), color="k", lw=0.9, ls="--", label=f"bf16 GEMM roof {b16 / 1e9:.1f} GFLOP/s")
+            roofs += ax.plot(x, np.minimum(bw * x, b16), color="k", lw=0.9, ls="--", label=f"bf16 GEMM roof {b16 / 1e9:.1f} GFLOP/s")
         pts, txt, cols = [], [], []
         for n in names:
             f, r = formats[n], formats[n]["by_threads"][t]
@@ -272,7 +275,7 @@ def figure(data: dict, path: Path) -> Path:
         ax.set_xlim(x[0], x[-1])
         ax.set_ylim(min(p[1] for p in pts) / 4, f32 * 3)
         ax.legend(fontsize=6.5, loc="upper left")
-        clashes += place_labels(ax, pts, txt, cols)
+        clashes += place_labels(ax, pts, txt, cols, lines=roofs)
     ax, ax2 = bottom.subplots(1, 2)
     width = 0.8 / (2 * len(passes))
     idx = np.arange(len(names))

@@ -13,7 +13,9 @@ Here the same healing (``compactify.heal``: 2 CPU processes, gloo, FSDP2, the co
   parameters; SmolLM2's tied embedding is 21% of the model, so ratio 0.2 gives ~37%);
 
 alternately, ``--rounds`` times, so that the load other jobs put on this shared machine hits
-both alike. Measured per run: wall time (start to healed model saved), training time (the
+both alike, once per healing loss of ``--losses`` (``lm``: next-token loss; ``kd``: distillation,
+whose online teacher -- the original model -- runs beside the student and is part of the cost).
+Measured per run: wall time (start to healed model saved), training time (the
 optimizer steps only), tokens/s (all steps, and steady state without the first, which also
 allocates the AdamW state) and peak resident memory per process.
 
@@ -24,7 +26,7 @@ happens when one tries.
 
 Usage::
 
-    .venv/bin/python benchmarks/heal_speed.py [--tensorized DIR | --ratio 0.2] [--steps 8 --rounds 1]
+    .venv/bin/python benchmarks/heal_speed.py [--tensorized DIR | --ratio 0.2] [--steps 8 --rounds 1] [--losses lm kd]
 
 writes ``data/results/benchmarks/heal_speed.json``.
 """
@@ -53,7 +55,7 @@ def summarize(r: dict) -> dict:
     return {"wall_seconds": r["wall_seconds"], "train_seconds": r["train_seconds"],
             "tokens": r["tokens_this_run"], "tokens_per_s": r["tokens_per_s"],
             "tokens_per_s_steady": tps * (len(curve) - 1) / steady if len(curve) > 1 else None,
-            "seconds_per_step": [c["seconds"] for c in curve],
+            "seconds_per_step": [c["seconds"] for c in curve], "compute": r["compute"], "loss": r["loss"],
             "peak_rss_mib_per_rank": r["peak_rss_mib_per_rank"], "params": r["params"],
             "first_loss": r["first_loss"], "final_loss": r["final_loss"]}
 
@@ -114,6 +116,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps per run (same for every model)")
     ap.add_argument("--rounds", type=int, default=1, help="alternating repetitions")
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--losses", nargs="+", default=["lm", "kd"], choices=("lm", "kd", "mix"),
+                    help="healing losses to time (each model healed once per loss and round)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--activation-checkpointing", type=int, default=1, choices=(0, 1),
                     help="1 (default): both models recompute activations; without it the MPO model's "
@@ -134,26 +138,32 @@ def main(argv=None) -> None:
                                                    cfg["mpo"]["cores"])
     models = {"original": original, "tensorized": str(tensorized)}
     load = {"before": os.getloadavg()}
-    runs: dict[str, list] = {name: [] for name in models}
+    runs: dict[str, dict] = {loss: {name: [] for name in models} for loss in args.losses}
     for rnd in range(args.rounds):
-        for name, ref in models.items():
-            out = work / f"{name}_r{rnd}"
-            shutil.rmtree(out, ignore_errors=True)
-            print(f"== {name} (round {rnd + 1}/{args.rounds}): {ref}", flush=True)
-            runs[name].append(summarize(launch(ref, out, cfg, nproc=args.nproc)))
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # ~3x the model's size; not needed
+        for loss in args.losses:
+            for name, ref in models.items():
+                out = work / f"{name}_{loss}_r{rnd}"
+                shutil.rmtree(out, ignore_errors=True)
+                print(f"== {name}, loss {loss} (round {rnd + 1}/{args.rounds}): {ref}", flush=True)
+                cfg_loss = {**cfg, "heal": {**cfg["heal"], "loss": loss}}
+                runs[loss][name].append(summarize(launch(ref, out, cfg_loss, nproc=args.nproc)))
+                shutil.rmtree(out, ignore_errors=True)  # checkpoints (~3x the model) and the healed model: not needed
     load["after"] = os.getloadavg()
 
-    def med(name, key):
-        return statistics.median(r[key] for r in runs[name])
+    def med(loss, name, key):
+        return statistics.median(r[key] for r in runs[loss][name])
 
-    ratios = {f"original_over_tensorized_{k}": med("original", k) / med("tensorized", k)
-              for k in ("wall_seconds", "train_seconds")}
-    ratios["tensorized_over_original_tokens_per_s_steady"] = (med("tensorized", "tokens_per_s_steady")
-                                                              / med("original", "tokens_per_s_steady"))
-    ratios["tensorized_over_original_peak_rss"] = (
-        statistics.median(max(r["peak_rss_mib_per_rank"]) for r in runs["tensorized"])
-        / statistics.median(max(r["peak_rss_mib_per_rank"]) for r in runs["original"]))
+    def peak(loss, name):
+        return statistics.median(max(r["peak_rss_mib_per_rank"]) for r in runs[loss][name])
+
+    ratios = {}
+    for loss in args.losses:
+        ratios[loss] = {f"original_over_tensorized_{k}": med(loss, "original", k) / med(loss, "tensorized", k)
+                        for k in ("wall_seconds", "train_seconds")}
+        ratios[loss]["tensorized_over_original_tokens_per_s_steady"] = (
+            med(loss, "tensorized", "tokens_per_s_steady") / med(loss, "original", "tokens_per_s_steady"))
+        ratios[loss]["tensorized_over_original_peak_rss"] = peak(loss, "tensorized") / peak(loss, "original")
+    tokens_per_s = {loss: {name: med(loss, name, "tokens_per_s_steady") for name in models} for loss in args.losses}
     quantized = [] if args.skip_quantized else [quantized_trainability(models["original"], b, hc.trainable)
                                                 for b in (8, 4)]
     data = {"what": "healing speed, same data and steps, 2 CPU processes (gloo, FSDP2), alternating runs",
@@ -161,9 +171,11 @@ def main(argv=None) -> None:
             "models": models, "compression": compression, "steps": args.steps, "rounds": args.rounds, "nproc": args.nproc,
             "tokens_per_step": hc.seq_len * hc.batch_per_rank * args.nproc, "trainable": hc.trainable,
             "activation_checkpointing": hc.activation_checkpointing,
-            "load_average": load, "runs": runs, "ratios": ratios, "quantized": quantized}
+            "losses": args.losses, "load_average": load, "tokens_per_s_steady": tokens_per_s, "runs": runs,
+            "ratios": ratios, "quantized": quantized}
     save_results(args.out, data, cfg, device="cpu")
-    print({k: round(v, 3) for k, v in ratios.items()})
+    for loss in args.losses:
+        print(loss, {k: round(v, 1) for k, v in tokens_per_s[loss].items()}, {k: round(v, 3) for k, v in ratios[loss].items()})
     print(f"wrote {args.out}")
 
 

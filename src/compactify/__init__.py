@@ -15,3 +15,20 @@ from . import tensorize  # noqa: E402,F401  (registers CompactLlamaForCausalLM &
 from transformers.utils import logging as _hf_logging  # noqa: E402
 
 _hf_logging.disable_progress_bar()
+
+# bitsandbytes logs two messages that say nothing new here: at import, that the optional `kernels`
+# package (a faster fused CPU 4-bit kernel, fetched from a hub this study never reaches) cannot be
+# loaded, so its own kernel is used; and at *every* int8 call, that fp32 inputs are cast to fp16
+# (compactify.quantize). Printed thousands of times the second one also slows the timing loops. The
+# filter sits here, before any module can import bitsandbytes (frontier does, without quantize).
+import logging as _logging  # noqa: E402
+
+
+class _QuietBnb(_logging.Filter):
+    def filter(self, record: _logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not (msg.startswith("MatMul8bitLt: inputs will be cast") or "gemm_4bit_forward from kernels" in msg)
+
+
+for _name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
+    _logging.getLogger(_name).addFilter(_QuietBnb())

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import logging
 import math
 import tempfile
 from collections import Counter
@@ -44,20 +43,6 @@ import torch
 from torch import nn
 
 from .models import DTYPES, HALF_DTYPES  # noqa: F401  (HALF_DTYPES re-exported: the names to_half takes)
-
-# bitsandbytes logs two messages that say nothing new here: at import, that the optional
-# `kernels` package (a faster fused CPU 4-bit kernel) is absent, so its own bf16 kernel is used;
-# and at *every* int8 call, that fp32 inputs are cast to fp16 (documented above). Printed
-# thousands of times the second one also slows the timing loops measurably.
-class _Quiet(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = str(record.msg)
-        return not (msg.startswith("MatMul8bitLt: inputs will be cast") or "gemm_4bit_forward from kernels" in msg)
-
-
-for _name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
-    logging.getLogger(_name).addFilter(_Quiet())
-
 
 BITS = (8, 4)
 QUANT_TYPES = ("nf4", "fp4")

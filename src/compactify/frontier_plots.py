@@ -177,9 +177,12 @@ def speed_quality(points: Sequence[Mapping], dense: Mapping, roofline: Mapping, 
     b.set_xlabel("bytes of the block matrices / fp32 dense (log)", fontsize=9)
     a.set_title("quality against speed", fontsize=9)
     b.set_title("quality against size", fontsize=9)
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-    b.xaxis.set_minor_formatter(NullFormatter())  # log axis: label the decades only
+    lo = min(p["bytes_ratio"] for p in pts)  # the points sit within one decade: label its usual fractions
+    b.xaxis.set_major_locator(FixedLocator([v for v in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0) if v >= lo / 1.5]))
+    b.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    b.xaxis.set_minor_formatter(NullFormatter())
     handles, labels = a.get_legend_handles_labels()
     fig.suptitle("Speed-quality frontier: perplexity from notebook 07, decode speed from benchmarks/roofline.py",
                  fontsize=10)

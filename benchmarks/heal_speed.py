@@ -166,7 +166,7 @@ def main(argv=None) -> None:
     tokens_per_s = {loss: {name: med(loss, name, "tokens_per_s_steady") for name in models} for loss in args.losses}
     quantized = [] if args.skip_quantized else [quantized_trainability(models["original"], b, hc.trainable)
                                                 for b in (8, 4)]
-    data = {"what": "healing speed, same data and steps, 2 CPU processes (gloo, FSDP2), alternating runs",
+    data = {"what": f"healing speed, same data and steps, {args.nproc} CPU process(es) (gloo, {hc.strategy}), alternating runs",
             "paper_claim": "tensorized models heal ~2x faster (Fig. 3, 8x A10G)",
             "models": models, "compression": compression, "steps": args.steps, "rounds": args.rounds, "nproc": args.nproc,
             "tokens_per_step": hc.seq_len * hc.batch_per_rank * args.nproc, "trainable": hc.trainable,

@@ -182,13 +182,17 @@ def _cost(d: dict) -> R.Cost:
 # ----------------------------------------------------------------------------- figure
 
 OFFSETS = [(6, 3), (6, -11), (-6, 3), (-6, -11), (0, 9), (0, -16), (10, 14), (10, -22), (-10, 14), (-10, -22),
-           (18, 0), (-18, 0), (14, 26), (14, -34), (-14, 26), (-14, -34), (30, 8), (-30, 8), (30, -20), (-30, -20)]
+           (18, 0), (-18, 0), (14, 26), (14, -34), (-14, 26), (-14, -34), (30, 8), (-30, 8), (30, -20), (-30, -20),
+           (45, 0), (-45, 0), (40, 24), (-40, 24), (40, -30), (-40, -30), (0, 38), (0, -44), (60, 14), (-60, 14),
+           (60, -26), (-60, -26)]   # farther out, with a leader line, where the cluster near intensity 1 is dense
 
 
 def place_labels(ax, points, texts, colors, lines=()) -> int:
     """Label each point at the first offset whose box overlaps no other label, point, roof line
     (``lines``) or the axes' edge (greedy, checked in display coordinates); returns how many labels
     still overlap."""
+    from matplotlib.text import Text
+
     fig = ax.figure
     fig.canvas.draw()
     rend = fig.canvas.get_renderer()
@@ -202,7 +206,8 @@ def place_labels(ax, points, texts, colors, lines=()) -> int:
             a = ax.annotate(texts[k], points[k], xytext=(dx, dy), textcoords="offset points", fontsize=6.5,
                             color=colors[k], ha="left" if dx > 0 else "right" if dx < 0 else "center",
                             arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5} if abs(dx) + abs(dy) > 20 else None)
-            bb = a.get_window_extent(rend).expanded(1.05, 1.15)
+            a.update_positions(rend)
+            bb = Text.get_window_extent(a, rend).expanded(1.05, 1.15)  # the text alone, not its leader line
             ok = (frame.contains(bb.x0, bb.y0) and frame.contains(bb.x1, bb.y1) and not any(bb.overlaps(o) for o in placed)
                   and not any(bb.contains(*d) for j, d in enumerate(dots) if j != k)
                   and not any(p.intersects_bbox(bb, filled=False) for p in paths))

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from compactify.config import REPO_ROOT, load_config, run_dir
 from compactify.heal import HealConfig, launch, select_trainable
+from compactify.heal_study import _cfg as heal_overrides
 from compactify.results import save_results
 
 OUT = REPO_ROOT / "data" / "results" / "benchmarks" / "heal_speed.json"
@@ -145,8 +146,7 @@ def main(argv=None) -> None:
                 out = work / f"{name}_{loss}_r{rnd}"
                 shutil.rmtree(out, ignore_errors=True)
                 print(f"== {name}, loss {loss} (round {rnd + 1}/{args.rounds}): {ref}", flush=True)
-                cfg_loss = {**cfg, "heal": {**cfg["heal"], "loss": loss}}
-                runs[loss][name].append(summarize(launch(ref, out, cfg_loss, nproc=args.nproc)))
+                runs[loss][name].append(summarize(launch(ref, out, heal_overrides(cfg, {"heal.loss": loss}), nproc=args.nproc)))
                 shutil.rmtree(out, ignore_errors=True)  # checkpoints (~3x the model) and the healed model: not needed
     load["after"] = os.getloadavg()
 

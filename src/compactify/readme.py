@@ -25,8 +25,10 @@ def _j(r: Path, name: str) -> dict | None:
     return read_json(p) if p.is_file() else None
 
 
-def _ppl(p: dict) -> str:
-    return f"{p['ppl']:,.0f}" if p["ppl"] >= 1000 else f"{p['ppl']:.1f}"
+def _ppl(p) -> str:
+    """A perplexity (a number, or a result dict with "ppl") as the README prints it."""
+    v = p["ppl"] if isinstance(p, dict) else p
+    return f"{v:,.0f}" if v >= 1000 else f"{v:.1f}"
 
 
 def _ratio(r: dict) -> str:
@@ -81,7 +83,7 @@ def headline(r: Path) -> str:
     ctl = h.get("dense_control") or {}
     if ctl.get("paired_nll_vs_tt_svd"):
         out.append("The original dense model healed the same way (the fair reference) goes "
-                   + ", ".join(f"from {_ppl({'ppl': p['ppl_a']})} to {_ppl({'ppl': p['ppl_b']})} on {x}" for x, p in ctl["paired_nll"].items())
+                   + ", ".join(f"from {_ppl(p['ppl_a'])} to {_ppl(p['ppl_b'])} on {x}" for x, p in ctl["paired_nll"].items())
                    + "; against it the healed TT-SVD start is "
                    + ", ".join(f"{_ratio(p)} on {x}" for x, p in ctl["paired_nll_vs_tt_svd"].items()) + ".")
     imp = h.get("improved") or {}

@@ -14,13 +14,14 @@ PYTEST_ARGS ?=
 # MPO forward 28x slower (benchmarks/mpo_linear.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: env data reproduce test figures benchmarks gpu-check clean-runs help
+.PHONY: env data reproduce test figures benchmarks heal-long gpu-check clean-runs help
 
 help:
 	@echo "make reproduce  - set up, fetch model+data, run every notebook with $(CONFIG), rebuild figures/"
 	@echo "make test       - set up, fetch model+data, run unit tests and nbval over the notebooks (smoke sizes)"
 	@echo "make figures    - rebuild figures/ from data/results/ (seconds, no model)"
 	@echo "make benchmarks - run benchmarks/*.py, results to data/results/benchmarks/"
+	@echo "make heal-long  - after make reproduce: heal its main model for 1M tokens (~80 min on 2 CPU cores), held-out perplexity every 49k"
 	@echo "make gpu-check  - one CUDA GPU, ~8 min: 7B-shape scale, dense/MPO/low-rank speed, roofline, notebooks; data/results/gpu/"
 
 env: $(VENV)/.installed
@@ -62,6 +63,10 @@ benchmarks: data
 	$(PY) benchmarks/roofline.py
 	$(PY) benchmarks/scale.py --device cpu --dtype bfloat16 --scale 0.25 --blocks 4 --repeats 5 --heal-steps 3 --out data/results/scale/cpu_scaled.json
 	$(PY) benchmarks/scale.py --device cpu --dtype bfloat16 --scale 0.25 --blocks 4 --repeats 5 --heal-steps 3 --materialize-from none --out data/results/scale/cpu_scaled_factored.json
+
+# The long reference healing run (resumable: rerun after a stop); data/results/heal/heal_long.json, figures/heal_long.png.
+heal-long: data
+	$(PY) scripts/heal_long.py --config $(CONFIG)
 
 # Refuses (exit 2, nothing written) without a CUDA device; scripts/gpu_check.py --dry-run for a CPU.
 gpu-check: env

@@ -14,6 +14,8 @@ def embedded():
 
 
 def tiny_llama_config(**kw):
+    """The tests' one tiny Llama shape (SmolLM2's vocabulary, 2 blocks of hidden 64); ``kw``
+    changes any field, e.g. a small vocabulary or LLaMA-2's untied head and full-width k/v."""
     from transformers import LlamaConfig
 
     base = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -23,13 +25,18 @@ def tiny_llama_config(**kw):
     return LlamaConfig(**base)
 
 
+def tiny_llama(seed: int = 0, **kw):
+    """A randomly initialised (seeded) LlamaForCausalLM of :func:`tiny_llama_config` in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(**kw)).eval()
+
+
 @pytest.fixture
 def tiny_llama_dir(tmp_path, embedded):
     """A randomly initialised 2-block Llama saved with the real SmolLM2 tokenizer."""
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config())
+    model = tiny_llama()
     out = tmp_path / "tiny-llama"
     model.save_pretrained(out)
     embedded[1].save_pretrained(out)

@@ -13,7 +13,7 @@ from typing import Callable
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 import compactify.tensorize as T
 from compactify import quantize as Q
@@ -21,13 +21,13 @@ from compactify.config import ConfigError, load_config
 from compactify.models import ModelLimitError, ModelLoadError, check_seq_len, load_model, save_model_dir
 from compactify.mpo import FactorizationError, MPOError
 from compactify.results import ResultFileError, read_json
+from conftest import tiny_llama
 
 
 def tiny(**kw):
-    base = dict(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(LlamaConfig(**{**base, **kw})).eval()
+    """LLaMA-2's proportions in miniature (full-width k/v, untied head)."""
+    return tiny_llama(**{"vocab_size": 512, "hidden_size": 128, "intermediate_size": 344, "num_key_value_heads": 4,
+                         "tie_word_embeddings": False, **kw})
 
 
 class Ctx:

@@ -10,7 +10,7 @@ from compactify.evaluate import (PAPER_TASKS, SPECS, TASKS, EvalError, perplexit
                                  tokenize_for_ppl)
 from compactify.tasks.prepare import prepare_eval_data
 
-from tests.conftest import tiny_llama_config
+from conftest import tiny_llama
 
 # Documents per task and split after conversion (GSM8K: 5 test problems became the few-shot pool).
 COUNTS = {"mmlu": {"test": 14042, "dev": 285}, "hellaswag": {"validation": 10042},
@@ -103,10 +103,7 @@ def test_gsm8k_and_validation_tasks_never_show_the_evaluated_document(built):
 
 
 def tiny_model(**kw):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_llama_config(max_position_embeddings=2048, **kw)).eval()
+    return tiny_llama(max_position_embeddings=2048, **kw)
 
 
 def test_run_tasks_on_a_tiny_model_returns_scores_with_stderr(embedded, tasks_dir):

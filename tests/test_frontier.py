@@ -10,7 +10,7 @@ from compactify import frontier as F
 from compactify import lowrank as LR
 from compactify.mpo import MPO, decompose
 
-from tests.conftest import tiny_llama_config
+from conftest import tiny_llama
 
 METHODS = ["svd", "asvd", "mpo2", "mpo3", "mpo4", "aa_mpo2", "aa_mpo3", "aa_mpo4"]
 
@@ -146,10 +146,7 @@ def test_bad_input_gives_clear_errors():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(vocab_size=256, intermediate_size=96)).eval()
+    model = tiny_llama(vocab_size=256)
     ids = torch.randint(0, 256, (512,))
     return model, ids
 

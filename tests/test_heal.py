@@ -22,6 +22,7 @@ from compactify.heal import HealConfig, check_nproc, launch, lr_at, select_train
 from compactify.heal_data import (HealDataError, HealError, ShardedSampler, check_resume, find_checkpoint, pack_tokens,
                                   plan_steps)
 from compactify.results import read_json
+from conftest import tiny_llama
 
 NOUNS = "river town teacher window garden letter doctor market winter child road song".split()
 VERBS = "sees finds opens carries follows writes paints remembers".split()
@@ -42,7 +43,7 @@ def synthetic_text(n_docs: int = 60, seed: int = 0) -> str:
 def make_tiny_model(path: Path, layers: int = 2, seed: int = 0) -> Path:
     """A random LlamaForCausalLM + byte-level BPE tokenizer, saved like any HF model directory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -50,11 +51,8 @@ def make_tiny_model(path: Path, layers: int = 2, seed: int = 0) -> Path:
     tk.train_from_iterator([synthetic_text(200, seed=1)], trainers.BpeTrainer(
         vocab_size=300, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="</s>")
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_llama(seed, vocab_size=len(tok), intermediate_size=128, num_hidden_layers=layers, max_position_embeddings=128,
+               eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -230,6 +228,31 @@ def test_resume_after_a_stop_reproduces_the_uninterrupted_loss_curve(tiny, tiny_
     assert [c["step"] for c in resumed["loss_curve"]] == [c["step"] for c in full]
     for a, b in zip(full, resumed["loss_curve"]):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 and a["lr"] == b["lr"]
+
+
+def test_heldout_perplexity_is_tracked_through_a_resume_and_scores_the_exported_model(tiny, tiny_mpo):
+    """heal.eval_every: held-out perplexity at step 0, every N steps and at the end, kept across a
+    stop and resume; the last point is the exported model's perplexity on the same windows."""
+    from compactify.evaluate import heldout_ids_for, perplexity
+    from compactify.models import load_model
+
+    root, _, text = tiny
+    cfg = heal_cfg(text, eval_every=4, checkpoint_every=2)
+    cfg["eval"]["perplexity"].update(texts=["brown-heldout"], seq_len=32, max_tokens=320, batch_size=4)
+    out = root / "tracked"
+    cfg["heal"]["stop_after"] = 3
+    assert launch(tiny_mpo, out, cfg, nproc=2)["completed"] is False
+    cfg["heal"]["stop_after"] = None
+    r = launch(tiny_mpo, out, cfg, nproc=2)
+    points = r["heldout_curve"]
+    assert [p["step"] for p in points] == [0, 4, 6] and [p["tokens"] for p in points] == [0, 4 * 4 * 32, 6 * 4 * 32]
+    first, last = (p["perplexity"]["brown-heldout"] for p in (points[0], points[-1]))
+    assert first["tokens"] == last["tokens"] == 10 * 31 and first["ids_sha"] == last["ids_sha"]
+    assert last["ppl"] != first["ppl"]
+    model, tok = load_model(out / "model")
+    again = perplexity(model, tok, heldout_ids_for(tok, cfg)["brown-heldout"], seq_len=32, batch_size=4,
+                       autocast=cfg["eval"]["autocast"])
+    assert abs(again["nll"] - last["nll"]) < 2e-2
 
 
 # ---------------------------------------------------------------- bad input, in this process (world of one)

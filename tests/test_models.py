@@ -105,12 +105,10 @@ def test_paper_scale_config_stops_at_once_without_the_weights(monkeypatch):
 
 
 def test_check_seq_len():
-    from transformers import LlamaForCausalLM
-
     from compactify.models import ModelLimitError, check_seq_len
-    from conftest import tiny_llama_config
+    from conftest import tiny_llama
 
-    model = LlamaForCausalLM(tiny_llama_config(vocab_size=64))  # max_position_embeddings 256
+    model = tiny_llama(vocab_size=64)  # max_position_embeddings 256
     assert check_seq_len(model, 256) == 256
     with pytest.raises(ModelLimitError, match="eval.perplexity.seq_len=1024 exceeds .*max_position_embeddings=256.*at most 256"):
         check_seq_len(model, 1024, "eval.perplexity.seq_len")

@@ -236,16 +236,13 @@ def test_modes_are_put_back_after_a_block():
 
 
 def test_speed_compare_sets_and_reports_the_mode():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from compactify import speed
     from compactify.tensorize import Plan, tensorize
+    from conftest import tiny_llama
 
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    dense = LlamaForCausalLM(cfg)
-    mpo = tensorize(LlamaForCausalLM(cfg), Plan.uniform(1, target_ratio=0.5), errors=False)
+    shape = dict(vocab_size=256, num_hidden_layers=1, max_position_embeddings=64, tie_word_embeddings=False)
+    dense = tiny_llama(**shape)
+    mpo = tensorize(tiny_llama(**shape), Plan.uniform(1, target_ratio=0.5), errors=False)
     ids = torch.randint(0, 256, (1, 8))
     with pytest.raises(ValueError, match="Unknown MPO inference mode"):
         speed.compare({"dense": dense, "mpo": mpo}, None, ids, ids, new_tokens=2, repeats=1, mpo_mode="fast")

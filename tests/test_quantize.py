@@ -8,18 +8,13 @@ from torch import nn
 
 import compactify.quantize as Q
 from compactify.speed import compare, stats, time_forward
+from conftest import tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
 
 
 def tiny(seed=0, **kw):
-    from transformers import LlamaForCausalLM
-
-    from conftest import tiny_llama_config
-
-    torch.manual_seed(seed)
-    cfg = tiny_llama_config(**{"vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, **kw})
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed, **{"vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, **kw})
 
 
 IDS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 import compactify.tensorize as T
 from compactify import compact_model, mpo_layer, remote_code
 from compactify.models import load_model, save_model_dir
-from conftest import tiny_llama_config
+from conftest import tiny_llama
 
 # Run first in every fresh interpreter: compactify cannot be imported (not even through the
 # editable install's path hook), and the repository's src/ is off sys.path.
@@ -47,8 +47,7 @@ def fresh_python(code: str, *args, cwd, timeout=600) -> subprocess.CompletedProc
 @pytest.fixture
 def compressed(tmp_path, embedded):
     """A tensorized tiny Llama (real SmolLM2 tokenizer) saved with save_model_dir, and the model."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_llama_config()).eval()
+    model = tiny_llama()
     T.tensorize(model, T.Plan.uniform(2, chi=6))
     return save_model_dir(model, embedded[1], tmp_path / "compressed"), model
 
@@ -121,7 +120,7 @@ def test_fresh_interpreter_without_compactify_loads_with_trust_remote_code(compr
     for want in ("PLAIN REFUSED: True", "LONG True", "SHORT True", "PARAMS True CompactLlamaForCausalLM True",
                  "GENERATE True", "RESAVED True", "COMPACTIFY IMPORTED False"):
         assert want in lines, lines + out.stderr[-3000:]
-    assert ref["n"] < AutoModelForCausalLM.from_config(tiny_llama_config()).num_parameters()
+    assert ref["n"] < tiny_llama().num_parameters()
 
 
 def _damage(path, kind):

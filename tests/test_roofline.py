@@ -12,17 +12,14 @@ from torch import nn
 from compactify import roofline as R
 from compactify.mpo_layer import MPOLinear
 
-from conftest import tiny_llama_config
+from conftest import tiny_llama
 
 H, I, V, L, HEADS, KV, HD = 64, 96, 49152, 2, 4, 2, 16   # the tiny config's shapes, typed in by hand
 
 
 @pytest.fixture
 def tiny():
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(tiny_llama_config()).eval()
+    return tiny_llama()
 
 
 def hand_blocks(tokens=1):

@@ -6,16 +6,12 @@ import pytest
 import torch
 
 from compactify import sensitivity as S
-from tests.conftest import tiny_llama_config
+from conftest import tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(vocab_size=512, hidden_size=96, intermediate_size=192,
-                                               num_hidden_layers=3)).eval()
+    model = tiny_llama(vocab_size=512, hidden_size=96, intermediate_size=192, num_hidden_layers=3)
     ids = torch.randint(0, 512, (4 * 32,))
     return model, S.BlockReplay(model, ids, seq_len=32, batch_size=3)
 

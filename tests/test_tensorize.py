@@ -6,23 +6,24 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import compactify.tensorize as T
 from compactify.mpo import MPOLinear
+from conftest import tiny_llama_config
 
 
 def smollm2_shaped(blocks=2):
     """SmolLM2-135M's real block shapes (GQA: k/v 576 -> 192), tied embeddings, a small vocab."""
-    return LlamaConfig(vocab_size=512, hidden_size=576, intermediate_size=1536, num_hidden_layers=blocks,
-                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+    return tiny_llama_config(vocab_size=512, hidden_size=576, intermediate_size=1536, num_hidden_layers=blocks,
+                             num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=2048)
 
 
 def llama2_shaped():
     """LLaMA-2's proportions in miniature: MHA, untied head, intermediate = 2.6875 * hidden
     (344 = 2^3 * 43 keeps 11008's awkward prime factor)."""
-    return LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    return tiny_llama_config(vocab_size=512, hidden_size=128, intermediate_size=344, num_key_value_heads=4,
+                             tie_word_embeddings=False, max_position_embeddings=2048)
 
 
 def qwen2_shaped():
@@ -222,8 +223,7 @@ FAILURES = {
 
 
 def tiny_prime():
-    return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=97, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2)
+    return tiny_llama_config(vocab_size=512, intermediate_size=97, tie_word_embeddings=False, max_position_embeddings=2048)
 
 
 @pytest.mark.parametrize("kind", FAILURES)

@@ -45,8 +45,8 @@ from .heal_data import (HealError, ShardedSampler, check_resume, data_path_hint,
                         packed_data, plan_steps, save_checkpoint)
 from .heal_guard import acquire_lock, die_with_parent, release_lock
 from .distill import TopKTeacher, kd_loss, load_teacher, precompute_topk, teacher_logits
-from .heal_setup import (TRAINABLE_GROUPS, HealConfig, available_devices, check_nproc, lr_at,  # noqa: F401 (re-exported)
-                         model_fingerprint, select_trainable)
+from .heal_setup import (TRAINABLE_GROUPS, HealConfig, available_devices, check_nproc, compute_mode,  # noqa: F401
+                         global_mean, heldout_point, lr_at, model_fingerprint, select_trainable)
 from .results import atomic_write_bytes, read_json, save_results
 
 ERROR_TAG = "HEAL-ERROR"
@@ -104,16 +104,6 @@ def _export(model_dir, full_sd: dict, dest: Path) -> None:
     save_model_dir(fresh, tok, dest)
 
 
-def compute_mode(hc: HealConfig, device: torch.device) -> str:
-    """What the forward computes in: "fsdp-bf16" (CUDA FSDP2 policy), "autocast-bf16" (DDP on CUDA,
-    or a CPU with fast bf16: AMX here), or "fp32". Master weights, gradients and AdamW stay fp32."""
-    from .evaluate import fast_bf16
-
-    if hc.mixed_precision != "bf16" or not fast_bf16(device):
-        return "fp32"
-    return "fsdp-bf16" if device.type == "cuda" and hc.strategy == "fsdp2" else "autocast-bf16"
-
-
 def _teacher_for(hc, model, tok, data, sampler_rows, out_dir: Path, device, rank):
     """The online teacher model, or the top-k file (rank 0 writes it once), or None for heal.loss=lm."""
     if hc.loss == "lm":
@@ -148,20 +138,12 @@ def _losses(model, batch, rows, hc, teacher, topk, autocast) -> tuple[torch.Tens
     return loss, lm.detach(), None if kd is None else kd.detach()
 
 
-def _global_mean(*xs) -> list:
-    """Mean over ranks of scalar tensors (None stays None): every rank's batch has the same token count."""
-    t = torch.stack([x.float() if x is not None else torch.zeros(()) for x in xs])
-    dist.all_reduce(t)
-    t = (t / dist.get_world_size()).tolist()
-    return [None if x is None else v for x, v in zip(xs, t)]
-
-
 def train(model_dir, out_dir, cfg: dict) -> dict | None:
     """Heal ``model_dir`` into ``out_dir`` (each rank runs this); rank 0 returns heal.json's data."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from .progress import progress as tqdm
-
+    from .evaluate import heldout_ids_for
     from .models import check_seq_len, load_model
+    from .progress import progress as tqdm
 
     hc, out_dir, t_start = HealConfig.from_cfg(cfg), Path(out_dir), time.perf_counter()
     device = _init_distributed(hc)
@@ -205,11 +187,11 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
         model = wrap_model(model, hc, device)
         params = [p for p in model.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(params, lr=hc.lr, weight_decay=hc.weight_decay)
-        curve, seconds_before = [], 0.0
+        curve, heldout, seconds_before = [], [], 0.0
         if ckpt is not None:
             meta = load_checkpoint(ckpt, model, optim)
             sampler.load_state_dict(meta["sampler"])
-            curve, seconds_before = meta["curve"], meta["train_seconds"]
+            curve, heldout, seconds_before = meta["curve"], meta.get("heldout", []), meta["train_seconds"]
             if rank == 0:
                 print(f"heal: resuming from {ckpt} at step {sampler.position}", file=sys.stderr, flush=True)
         start, total, tps = sampler.position, plan["steps"], plan["tokens_per_step"]
@@ -218,7 +200,15 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
                     else contextlib.nullcontext())
         bar = tqdm(total=plan["tokens"], initial=start * tps, unit="tok", unit_scale=True, desc=f"heal ({hc.loss})",
                    disable=rank != 0, mininterval=2.0, file=sys.stderr)
-        seconds = 0.0
+        seconds, texts = 0.0, heldout_ids_for(tok, cfg) if hc.eval_every else {}
+
+        def track(step: int) -> None:  # heal.eval_every: held-out perplexity after `step` steps (not timed)
+            heldout.append(heldout_point(model, tok, texts, cfg, step, step * tps))
+            bar.write(f"heal: step {step}: " + ", ".join(f"{t} ppl {r['ppl']:,.1f}" for t, r in
+                                                         heldout[-1]["perplexity"].items()), file=sys.stderr)
+
+        if texts and start == 0:
+            track(0)
         for step in range(start, end):
             t0 = time.perf_counter()
             lr = lr_at(step, total, hc)
@@ -231,17 +221,19 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, hc.grad_clip)
             optim.step()
             optim.zero_grad(set_to_none=True)
-            mean_loss, mean_lm, mean_kd = _global_mean(loss.detach(), lm, kd)
+            mean_loss, mean_lm, mean_kd = global_mean(loss.detach(), lm, kd)
             dt = time.perf_counter() - t0
             seconds += dt
             curve.append({"step": step + 1, "loss": mean_loss, "lm_loss": mean_lm, "kd_loss": mean_kd, "lr": lr,
                           "grad_norm": float(grad_norm), "tokens": (step + 1) * tps, "seconds": dt})
             bar.update(tps)
             bar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+            if texts and ((step + 1) % hc.eval_every == 0 or step + 1 == total):
+                track(step + 1)
             if (step + 1) % hc.checkpoint_every == 0 or step + 1 == total:
                 path = save_checkpoint(root, step + 1, model, optim, {
-                    "step": step + 1, "sampler": sampler.state_dict(), "curve": curve, "fingerprint": fingerprint,
-                    "train_seconds": seconds_before + seconds}, hc.keep_checkpoints)
+                    "step": step + 1, "sampler": sampler.state_dict(), "curve": curve, "heldout": heldout,
+                    "fingerprint": fingerprint, "train_seconds": seconds_before + seconds}, hc.keep_checkpoints)
                 if rank == 0 and step + 1 < total:
                     bar.write(f"heal: saved checkpoint {path}", file=sys.stderr)
         bar.close()
@@ -273,7 +265,8 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
                 "train_seconds_all_sessions": seconds_before + seconds,
                 "wall_seconds": time.perf_counter() - t_start,
                 "peak_rss_mib_per_rank": [p[0] for p in peaks], "peak_gpu_mib_per_rank": [p[1] for p in peaks],
-                "first_loss": curve[0]["loss"], "final_loss": curve[-1]["loss"], "loss_curve": curve}
+                "first_loss": curve[0]["loss"], "final_loss": curve[-1]["loss"], "loss_curve": curve,
+                **({"heldout_curve": heldout} if heldout else {})}
             save_results(out_dir / "heal.json", result, cfg, device=device)
             print(f"heal: done, {done * tps:,} tokens in {seconds:.1f} s; healed model in {out_dir / 'model'}",
                   flush=True)

@@ -1,7 +1,9 @@
 """Healing's settings and the pure helpers around a run: the ``heal`` config section as a
 dataclass (:class:`HealConfig`), which parameters train (:func:`select_trainable`), the learning
-rate schedule (:func:`lr_at`), a model fingerprint for safe resumption, and how many processes
-one machine may run (:func:`check_nproc`). :mod:`compactify.heal` runs the training itself.
+rate schedule (:func:`lr_at`), a model fingerprint for safe resumption, how many processes
+one machine may run (:func:`check_nproc`), the compute precision (:func:`compute_mode`) and the
+held-out perplexity tracked during a run (:func:`heldout_point`). :mod:`compactify.heal` runs the
+training itself.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 from dataclasses import dataclass, fields
 
 import torch
+import torch.distributed as dist
 
 from .distill import LOSSES, TEACHER_MODES
 from .heal_data import HealError
@@ -40,6 +43,7 @@ class HealConfig:
     resume: bool
     mixed_precision: str
     stop_after: int | None
+    eval_every: int | None
     activation_checkpointing: bool
     loss: str
     kd_temperature: float
@@ -74,8 +78,8 @@ class HealConfig:
             raise HealError(f"heal.trainable {hc.trainable} must be a non-empty list of: "
                             f"{', '.join(TRAINABLE_GROUPS)}.")
         hc.trainable = groups
-        for key in ("nproc", "seq_len", "batch_per_rank", "checkpoint_every", "keep_checkpoints"):
-            if int(getattr(hc, key)) < 1:
+        for key in ("nproc", "seq_len", "batch_per_rank", "checkpoint_every", "keep_checkpoints", "eval_every"):
+            if getattr(hc, key) is not None and int(getattr(hc, key)) < 1:
                 raise HealError(f"heal.{key} must be at least 1, got {getattr(hc, key)}.")
         return hc
 
@@ -142,3 +146,40 @@ def check_nproc(nproc: int, device: torch.device) -> None:
         what = "CUDA GPUs" if device.type == "cuda" else "CPU cores"
         raise HealError(f"{nproc} processes asked for but this machine has {have} {what}. Use heal.nproc <= {have} "
                         "(one process per GPU, or per core on CPU).")
+
+
+def compute_mode(hc: HealConfig, device: torch.device) -> str:
+    """What the forward computes in: "fsdp-bf16" (CUDA FSDP2 policy), "autocast-bf16" (DDP on CUDA,
+    or a CPU with fast bf16: AMX / AVX512-BF16), or "fp32". Master weights, gradients and AdamW stay fp32."""
+    from .evaluate import fast_bf16
+
+    if hc.mixed_precision != "bf16" or not fast_bf16(device):
+        return "fp32"
+    return "fsdp-bf16" if device.type == "cuda" and hc.strategy == "fsdp2" else "autocast-bf16"
+
+
+def global_mean(*xs) -> list:
+    """Mean over ranks of scalar tensors (None stays None): every rank's batch has the same token count."""
+    t = torch.stack([x.float() if x is not None else torch.zeros(()) for x in xs])
+    dist.all_reduce(t)
+    t = (t / dist.get_world_size()).tolist()
+    return [None if x is None else v for x, v in zip(xs, t)]
+
+
+def heldout_point(model, tokenizer, texts: dict, cfg, step: int, tokens: int) -> dict:
+    """Held-out perplexity of the model being healed (``heal.eval_every``): each text of
+    ``eval.perplexity`` scored as notebook 00 scores it. Every rank scores every window (an FSDP
+    forward is collective, so all ranks must run the same batches); the numbers are the same on
+    each. MPO layers are contracted for speed unless FSDP has sharded their cores (then the layers
+    run as in training; contracting a sharded core would need its other shards)."""
+    import contextlib
+
+    from .evaluate import perplexity
+    from .mpo_modes import contracted
+
+    pc = cfg["eval"]["perplexity"]
+    sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+    with contextlib.nullcontext() if sharded else contracted(model):
+        ppl = {name: perplexity(model, tokenizer, ids, seq_len=pc["seq_len"], batch_size=pc["batch_size"],
+                                autocast=cfg["eval"]["autocast"], text_name=name) for name, ids in texts.items()}
+    return {"step": int(step), "tokens": int(tokens), "perplexity": ppl}

@@ -136,3 +136,33 @@ def dense_control(source, out_dir: Path, cfg: Mapping, tokenizer, heldout: Mappi
             "paired": C.compare_tasks(baseline, after, "original", "dense healed", seed=cfg["seed"]),
             "paired_nll": {x: C.compare_nll(baseline["perplexity_texts"][x], after["perplexity_texts"][x], "original",
                                             "dense healed") for x in after["perplexity_texts"]}}
+
+
+def long_run(model_dir, out_dir: Path, cfg: Mapping, tokens: int, eval_every_tokens: int, baseline: Mapping,
+             stream=None) -> dict:
+    """One long healing of ``model_dir`` (the reference recipe of ``cfg``, ``tokens`` in all) with
+    held-out perplexity every ``eval_every_tokens`` (``heal.eval_every``): the recovery curve a
+    reader extrapolates from. Resumable (``out_dir``'s checkpoints, one per two measurements).
+    Each point is also given as a ratio to the dense model (``baseline``: notebook 00's
+    ``perplexity_texts``, same texts and windows), the last with its paired interval."""
+    from . import compare as C
+    from .heal import launch
+
+    per_step = int(cfg["heal"]["seq_len"]) * int(cfg["heal"]["batch_per_rank"]) * int(cfg["heal"]["nproc"])
+    every = max(1, round(eval_every_tokens / per_step))
+    r = launch(model_dir, Path(out_dir), _cfg(cfg, {"heal.tokens": int(tokens), "heal.steps": None,
+                                                    "heal.eval_every": every, "heal.checkpoint_every": 2 * every,
+                                                    "heal.resume": True}), stream=stream)
+    points = [{"step": p["step"], "tokens": p["tokens"],
+               "perplexity": {t: {k: v[k] for k in ("ppl", "nll", "tokens", "seq_len", "windows", "text")}
+                              for t, v in p["perplexity"].items()},
+               "x_dense": {t: v["ppl"] / baseline[t]["ppl"] for t, v in p["perplexity"].items()}}
+              for p in r["heldout_curve"]]
+    last = r["heldout_curve"][-1]["perplexity"]
+    return {"tokens": r["plan"]["tokens"], "eval_every_steps": every, "lr": float(cfg["heal"]["lr"]),
+            "dense": {t: {k: baseline[t][k] for k in ("ppl", "tokens", "seq_len", "text")} for t in last},
+            "points": points, "final_vs_dense": {t: C.compare_nll(baseline[t], last[t], "dense", "healed")
+                                                 for t in last},
+            "heal": speed_record(r) | {"plan": r["plan"], "loss": r["loss"],
+                                       "curve": [{k: p[k] for k in ("tokens", "lm_loss", "lr")}
+                                                 for p in r["loss_curve"]]}}

@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""`make heal-long`: the reference long healing run, the curve a reader extrapolates from.
+
+Heals notebook 03's main model (the paper's recipe: TT-SVD MPO under the sensitivity plan) with
+the config's healing recipe for ``--tokens`` (default 1,048,576: under one epoch of the healing
+text) and measures held-out perplexity before, every ``--eval-every`` tokens and at the end
+(``heal.eval_every``), each as a ratio to the dense model of notebook 00 on the same windows.
+One cosine schedule spans the whole run, so a point in the middle was measured at a higher
+learning rate than a run that ends there; the full runs of notebook 05 (and its preliminary
+learning-rate sweeps) are drawn beside the curve for that reason.
+
+Resumable: rerun the same command after a stop and it continues from the newest checkpoint in
+``runs/<config>/heal_long``. Writes ``data/results/heal/heal_long.json`` (atomic, with
+provenance) and ``figures/heal_long.png``. ``--figure-only`` redraws the figure from the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def earlier_runs(results: Path) -> list[dict]:
+    """Full-cosine healing runs of the same start at the same peak lr: notebook 05's main run
+    and the committed preliminary sweeps ({tokens, ppl} on the primary held-out text)."""
+    from compactify.results import read_json
+
+    out = []
+    pre = results / "heal" / "lr_sweep_preliminary.json"
+    if pre.is_file():
+        for tokens, run in read_json(pre)["by_tokens"].items():
+            if "0.001" in run["lrs"]:
+                out.append({"tokens": int(tokens), "ppl": run["lrs"]["0.001"]["perplexity"]["brown-heldout"]["ppl"],
+                            "source": pre.name})
+    heal = results / "05_heal.json"
+    if heal.is_file():
+        h = read_json(heal)
+        out.append({"tokens": h["heal"]["plan"]["tokens"], "ppl": h["after"]["perplexity_texts"]["brown-heldout"]["ppl"],
+                    "source": heal.name})
+    return sorted(out, key=lambda r: r["tokens"])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    ap.add_argument("--tokens", type=int, default=1_048_576)
+    ap.add_argument("--eval-every", type=int, default=49_152, help="tokens between held-out measurements")
+    ap.add_argument("--out", default=str(ROOT / "data" / "results" / "heal" / "heal_long.json"))
+    ap.add_argument("--figure", default=str(ROOT / "figures" / "heal_long.png"))
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    ap.add_argument("--figure-only", action="store_true", help="redraw the figure from --out")
+    args = ap.parse_args(argv)
+
+    from compactify import figures, run
+    import yaml
+
+    from compactify.config import load_config, run_dir
+    from compactify.heal_study import long_run
+    from compactify.results import read_json, save_results
+
+    out = Path(args.out)
+    if not args.figure_only:
+        cfg = load_config(args.config, {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
+        model_dir = run.require(cfg, "tensorized")
+        baseline = read_json(run.require(cfg, "baseline"))["baseline"]["perplexity_texts"]
+        result = long_run(model_dir, run_dir(cfg) / "heal_long", cfg, args.tokens, args.eval_every, baseline,
+                          stream=sys.stdout)
+        result["earlier_full_runs"] = earlier_runs(ROOT / "data" / "results")
+        save_results(out, result, cfg, device=cfg["device"], start=str(model_dir))
+        print(f"heal-long: wrote {out}")
+    elif not out.is_file():
+        sys.exit(f"{out} does not exist: run scripts/heal_long.py without --figure-only first.")
+    result = read_json(out)
+    path = figures.save(figures.heal_long_figure(result), Path(args.figure).parent, Path(args.figure).stem,
+                        result["meta"])
+    print(f"heal-long: figure {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -304,7 +304,28 @@ def test_command_line_entry_point_with_overrides_and_its_error_line(tiny, tmp_pa
     with pytest.raises(SystemExit) as exit_info:
         main(["--model-dir", str(tiny[1]), "--out-dir", str(tmp_path / "bad"), "--set", "heal.strategy=zero3"])
     assert exit_info.value.code == 2
-    assert "HEAL-ERROR rank 0 config-error HealError: heal.strategy 'zero3'" in capsys.readouterr().err
+    assert "heal: rank 0 failed: HealError: heal.strategy 'zero3'" in capsys.readouterr().err
+    err = read_json(tmp_path / "bad" / "errors" / "rank0.json")
+    assert err["bad_input"] and err["type"] == "HealError" and "heal.strategy 'zero3'" in err["message"]
+
+
+def test_an_error_in_the_ranks_comes_back_from_launch_as_bad_input_or_a_runtime_error(tiny, tiny_mpo, uninterrupted,
+                                                                                        tmp_path):
+    """Each failing rank writes its error to out_dir/errors; launch raises the first one: bad input
+    (here a healing text shorter than one sequence) as HealError, anything else (here a checkpoint
+    marked complete whose tensor index is garbage) as RuntimeError naming the rank."""
+    import shutil
+
+    _, model, text = tiny
+    short = tmp_path / "short.txt"
+    short.write_text("The old river sees the town.\n")
+    with pytest.raises(HealError, match="fewer than one sequence"):
+        launch(model, tmp_path / "short", heal_cfg(short), nproc=2)
+    out = tmp_path / "corrupt"
+    shutil.copytree(uninterrupted[0] / "checkpoints" / "step_6", out / "checkpoints" / "step_6")
+    (out / "checkpoints" / "step_6" / ".metadata").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match=r"healing failed \(torchrun exit code 1\): rank \d: \w+"):
+        launch(tiny_mpo, out, heal_cfg(text, activation_checkpointing=True), nproc=2, stream=io.StringIO())
 
 
 # ---------------------------------------------------------------- distillation (heal.loss = kd | mix)
@@ -395,9 +416,9 @@ def test_launch_forwards_whole_lines_and_throttles_progress_bar_refreshes():
     shown = _ProgressThrottle(out, every=3600)
     for pct in range(0, 101, 10):  # a tqdm bar refreshing one line with carriage returns
         shown.write(f"\rheal: {pct}%")
-    shown.write("\nheal: saved checkpoint step_2\nHEAL-ERROR rank 1 boom\n")
+    shown.write("\nheal: saved checkpoint step_2\nheal: rank 1 failed: boom\n")
     shown.flush()
-    assert out.getvalue() == "heal: 0%\nheal: 100%\nheal: saved checkpoint step_2\nHEAL-ERROR rank 1 boom\n"
+    assert out.getvalue() == "heal: 0%\nheal: 100%\nheal: saved checkpoint step_2\nheal: rank 1 failed: boom\n"
 
 
 def test_lr_sweep_heals_once_per_rate_from_the_same_start_and_names_the_best(tiny, tiny_mpo, tmp_path):

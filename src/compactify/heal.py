@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,9 +48,12 @@ from .heal_guard import acquire_lock, die_with_parent, release_lock
 from .distill import TopKTeacher, kd_loss, load_teacher, precompute_topk, teacher_logits
 from .heal_setup import (TRAINABLE_GROUPS, HealConfig, available_devices, check_nproc, compute_mode,  # noqa: F401
                          global_mean, heldout_point, lr_at, model_fingerprint, select_trainable)
-from .results import atomic_write_bytes, read_json, save_results
+from .results import atomic_write_bytes, read_json, save_results, write_json
 
-ERROR_TAG = "HEAL-ERROR"
+
+def error_file(out_dir, rank) -> Path:
+    """Where a failing rank records its error (``{rank, type, message, bad_input}``) for :func:`launch`."""
+    return Path(out_dir) / "errors" / f"rank{int(rank)}.json"
 
 
 def _init_distributed(hc: HealConfig) -> torch.device:
@@ -306,7 +310,9 @@ class _ProgressThrottle:
 def launch(model_dir, out_dir, cfg: dict, nproc: int | None = None, stream=None) -> dict:
     """Run :func:`train` under ``torchrun --nproc_per_node=nproc`` in a subprocess, echoing its output
     live to ``stream`` (default stdout); return heal.json's data (or ``{"completed": False}`` after
-    ``heal.stop_after``). Errors raised in the ranks come back as :class:`HealError` / RuntimeError."""
+    ``heal.stop_after``). An error raised in a rank comes back from the file it wrote
+    (:func:`error_file`): bad input (a ValueError there) as :class:`HealError`, anything else as
+    RuntimeError naming the rank and the error."""
     from .models import resolve_device
 
     hc = HealConfig.from_cfg(cfg)
@@ -327,6 +333,7 @@ def _launch(model_dir, out_dir: Path, cfg: dict, nproc: int, stream, device) -> 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "compactify.heal", "--model-dir", str(model_dir), "--out-dir", str(out_dir),
            "--resolved-config", str(cfg_file)]
+    shutil.rmtree(out_dir / "errors", ignore_errors=True)  # a previous attempt's
     env = dict(os.environ, COMPACTIFY_HEAL_LOCKED="1")
     if device.type == "cpu":  # one process per core: one thread each, or they fight for the cores
         env["OMP_NUM_THREADS"] = str(max(1, available_devices(device) // nproc))
@@ -353,11 +360,12 @@ def _launch(model_dir, out_dir: Path, cfg: dict, nproc: int, stream, device) -> 
                 proc.kill()
             raise
     if rc != 0:
-        errors = [line for line in text.splitlines() if line.startswith(ERROR_TAG)]
-        if errors and " config-error " in errors[0]:
-            raise HealError(errors[0].split(" config-error ", 1)[1])
-        raise RuntimeError(f"healing failed (torchrun exit code {rc}): "
-                           f"{errors[0] if errors else text[-3000:]}")
+        errors = [read_json(f) for f in sorted((out_dir / "errors").glob("rank*.json"))]
+        bad = [e for e in errors if e["bad_input"]]
+        if bad:
+            raise HealError(bad[0]["message"])
+        raise RuntimeError(f"healing failed (torchrun exit code {rc}): " + (
+            f"rank {errors[0]['rank']}: {errors[0]['type']}: {errors[0]['message']}" if errors else text[-3000:]))
     result = out_dir / "heal.json"
     return read_json(result) if result.is_file() else {"completed": False, "out_dir": str(out_dir)}
 
@@ -380,11 +388,15 @@ def main(argv: list[str] | None = None) -> None:
         else:
             cfg = load_config(args.config, overrides)
         train(args.model_dir, args.out_dir, cfg)
-    except ValueError as e:  # ConfigError, HealDataError, ModelLoadError: bad input, no traceback needed
-        print(f"{ERROR_TAG} rank {rank} config-error {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except Exception as e:
-        print(f"{ERROR_TAG} rank {rank} {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    except BaseException as e:  # recorded for launch(); bad input (ConfigError, HealError, ModelLoadError) needs no traceback
+        if isinstance(e, (SystemExit, KeyboardInterrupt)):  # (BaseException: DCP's CheckpointException is one)
+            raise
+        bad_input = isinstance(e, ValueError)
+        write_json(error_file(args.out_dir, rank), {"rank": int(rank), "type": type(e).__name__, "message": str(e),
+                                                    "bad_input": bad_input})
+        print(f"heal: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if bad_input:
+            sys.exit(2)
         raise
 
 

@@ -87,7 +87,7 @@ def test_heldout_texts_are_disjoint_from_healing_and_calibration_text():
     assert not set(corpus.documents("heldout")) & set(heal)         # by document
     for name in heldout.TEXTS:                                      # by 8-gram of words
         assert heldout.check_disjoint(name, heal, "healing text", max_shared=5) <= 5
-    with pytest.raises(heldout.HeldoutError, match="would not be held out"):
+    with pytest.raises(heldout.EvalError, match="would not be held out"):
         heldout.check_disjoint("brown-heldout", heldout.documents("brown-heldout")[:2], "healing text")
 
 
@@ -96,7 +96,7 @@ def test_heldout_ids_refuse_bad_requests():
     from compactify.config import load_config
     from compactify.evaluate import EvalError, heldout_ids_for
 
-    with pytest.raises(heldout.HeldoutError, match="Unknown held-out text"):
+    with pytest.raises(heldout.EvalError, match="Unknown held-out text"):
         heldout.check_name("wikitext")
     cfg = load_config(None, {"eval.perplexity.max_tokens": 16})
     with pytest.raises(EvalError, match="shorter than one window"):
@@ -105,9 +105,9 @@ def test_heldout_ids_refuse_bad_requests():
 
 def test_healing_data_that_contains_held_out_text_is_refused(tmp_path):
     from compactify import heldout
-    from compactify.heal_data import HealDataError, packed_data
+    from compactify.heal_data import HealError, packed_data
 
     leak = tmp_path / "leak.txt"
     leak.write_text("\n\n".join(heldout.documents("boolq-wiki")[:3]) + "\n")
-    with pytest.raises(HealDataError, match="shares .* 8-grams .*not be held out"):
+    with pytest.raises(HealError, match="shares .* 8-grams .*not be held out"):
         packed_data(None, str(leak), 32, 0)

@@ -19,7 +19,7 @@ import torch
 
 from compactify.config import load_config
 from compactify.heal import HealConfig, check_nproc, launch, lr_at, select_trainable
-from compactify.heal_data import (HealDataError, HealError, ShardedSampler, check_resume, find_checkpoint, pack_tokens,
+from compactify.heal_data import (HealError, ShardedSampler, check_resume, find_checkpoint, pack_tokens,
                                   plan_steps)
 from compactify.results import read_json
 from conftest import tiny_llama
@@ -104,7 +104,7 @@ def test_pack_tokens_is_a_seeded_permutation_of_full_rows():
     rows = pack_tokens([list(range(1000))], 10, seed=0)
     assert not torch.equal(rows, torch.arange(1000).view(100, 10))  # shuffled
     assert not torch.equal(rows, pack_tokens([list(range(1000))], 10, seed=1))
-    with pytest.raises(HealDataError, match="fewer than one sequence"):
+    with pytest.raises(HealError, match="fewer than one sequence"):
         pack_tokens(docs, 64, seed=0)
 
 
@@ -121,18 +121,18 @@ def test_sampler_shards_disjointly_covers_an_epoch_and_resumes():
     resumed = ShardedSampler(n, b, world, 1, seed=0)
     resumed.load_state_dict({**s.state_dict(), "position": 2})
     assert torch.equal(resumed.next_batch(data), first[2]) and resumed.position == 3
-    with pytest.raises(HealDataError, match="world_size"):
+    with pytest.raises(HealError, match="world_size"):
         ShardedSampler(n, b, 2, 1, seed=0).load_state_dict(s.state_dict())
 
 
 def test_token_budget_larger_than_the_corpus_is_refused_unless_epochs_allowed():
     plan = plan_steps(n_seq=100, seq_len=32, world_size=2, batch_per_rank=2, tokens=2000, steps=None, max_epochs=1)
     assert plan["steps"] == 16 and plan["tokens"] == 16 * 128 and plan["epochs"] == pytest.approx(16 / 25)
-    with pytest.raises(HealDataError, match=r"2\.00 passes.*heal.max_epochs"):
+    with pytest.raises(HealError, match=r"2\.00 passes.*heal.max_epochs"):
         plan_steps(100, 32, 2, 2, tokens=50 * 128, steps=None, max_epochs=1)
     assert plan_steps(100, 32, 2, 2, tokens=50 * 128, steps=None, max_epochs=2)["epochs"] == 2
     assert plan_steps(100, 32, 2, 2, tokens=10**9, steps=5, max_epochs=1)["steps"] == 5  # steps win
-    with pytest.raises(HealDataError, match="fewer than one global batch"):
+    with pytest.raises(HealError, match="fewer than one global batch"):
         plan_steps(3, 32, 2, 2, tokens=100, steps=None, max_epochs=1)
 
 
@@ -140,7 +140,7 @@ def test_heldout_text_is_never_used_for_healing(tiny):
     from compactify import corpus
     from compactify.heal_data import load_documents
 
-    with pytest.raises(HealDataError, match="heldout"):
+    with pytest.raises(HealError, match="heldout"):
         load_documents("heldout")
     docs = load_documents(str(tiny[2]))
     assert len(docs) == 80 and all(d.startswith("The ") for d in docs)
@@ -255,6 +255,30 @@ def test_heldout_perplexity_is_tracked_through_a_resume_and_scores_the_exported_
     assert abs(again["nll"] - last["nll"]) < 2e-2
 
 
+def test_long_run_reports_each_point_against_the_dense_model_on_the_same_windows(tiny, tiny_mpo):
+    """heal_study.long_run (make heal-long): points every ~N tokens, each as a ratio to the dense
+    model's perplexity, and the last one paired with it."""
+    from compactify.evaluate import heldout_ids_for, perplexity
+    from compactify.heal_study import long_run
+    from compactify.models import load_model
+
+    root, model, text = tiny
+    cfg = heal_cfg(text, steps=None, nproc=1)
+    cfg["eval"]["perplexity"].update(texts=["brown-heldout"], seq_len=32, max_tokens=320, batch_size=4)
+    dense, tok = load_model(model)
+    base = {"brown-heldout": perplexity(dense, tok, heldout_ids_for(tok, cfg)["brown-heldout"], seq_len=32,
+                                        batch_size=4, autocast=cfg["eval"]["autocast"], text_name="brown-heldout")}
+    r = long_run(tiny_mpo, root / "long", cfg, tokens=6 * 64, eval_every_tokens=128, baseline=base,
+                 stream=io.StringIO())
+    assert r["eval_every_steps"] == 2 and [p["tokens"] for p in r["points"]] == [0, 128, 256, 384]
+    for p in r["points"]:
+        assert p["x_dense"]["brown-heldout"] == pytest.approx(p["perplexity"]["brown-heldout"]["ppl"] / base["brown-heldout"]["ppl"])
+    final = r["final_vs_dense"]["brown-heldout"]
+    assert final["ppl_b"] == pytest.approx(r["points"][-1]["perplexity"]["brown-heldout"]["ppl"])
+    assert final["ppl_ratio_lo"] <= final["ppl_ratio"] <= final["ppl_ratio_hi"]
+    assert r["tokens"] == 384 and len(r["heal"]["curve"]) == 6 and r["lr"] == cfg["heal"]["lr"]
+
+
 # ---------------------------------------------------------------- bad input, in this process (world of one)
 def test_resume_dir_from_a_different_model_or_plan_is_refused(tiny, uninterrupted):
     from compactify.heal import train
@@ -279,7 +303,7 @@ def test_more_processes_than_cores_is_refused_before_starting(tiny, tmp_path):
 def test_budget_beyond_the_corpus_fails_in_train_with_a_clear_error(tiny, tmp_path):
     from compactify.heal import train
 
-    with pytest.raises(HealDataError, match="more than heal.max_epochs"):
+    with pytest.raises(HealError, match="more than heal.max_epochs"):
         train(tiny[1], tmp_path / "big", heal_cfg(tiny[2], steps=None, tokens=10**7))
 
 
@@ -347,7 +371,7 @@ def test_kd_loss_is_zero_for_the_teacher_itself_and_topk_approximates_it():
 def test_a_teacher_with_another_vocabulary_or_tokenizer_is_refused():
     from types import SimpleNamespace
 
-    from compactify.distill import TeacherError, check_teacher
+    from compactify.distill import HealError, check_teacher
 
     class Tok:
         def __init__(self, vocab):
@@ -358,9 +382,9 @@ def test_a_teacher_with_another_vocabulary_or_tokenizer_is_refused():
 
     student, tok = SimpleNamespace(config=SimpleNamespace(vocab_size=3)), Tok({"a": 0, "b": 1, "c": 2})
     check_teacher(student, tok, student, Tok({"a": 0, "b": 1, "c": 2}), "'same'")
-    with pytest.raises(TeacherError, match="vocabulary of 4 tokens, the student 3.*heal.loss=lm"):
+    with pytest.raises(HealError, match="vocabulary of 4 tokens, the student 3.*heal.loss=lm"):
         check_teacher(student, tok, SimpleNamespace(config=SimpleNamespace(vocab_size=4)), tok, "'big'")
-    with pytest.raises(TeacherError, match="different ids"):
+    with pytest.raises(HealError, match="different ids"):
         check_teacher(student, tok, student, Tok({"a": 0, "c": 1, "b": 2}), "'other'")
     with pytest.raises(HealError, match="heal.loss 'distil' is not one of lm, kd, mix"):
         HealConfig.from_cfg(load_config(None, {"heal.loss": "distil"}))
@@ -390,7 +414,7 @@ def test_two_process_kd_run_logs_both_losses_and_resumes_exactly(tiny, tiny_mpo,
 
 
 def test_topk_teacher_mode_writes_its_file_once_and_refuses_one_for_other_data(tiny, tiny_mpo, tmp_path):
-    from compactify.distill import TeacherError
+    from compactify.distill import HealError
     from compactify.heal import train
 
     root, model, text = tiny
@@ -405,7 +429,7 @@ def test_topk_teacher_mode_writes_its_file_once_and_refuses_one_for_other_data(t
     other.write_text(synthetic_text(80, seed=7))
     bad = heal_cfg(other, loss="kd", teacher=str(model), teacher_mode="topk", teacher_topk=8, steps=3,
                    teacher_file=str(tmp_path / "topk" / "teacher_top8.pt"))
-    with pytest.raises(TeacherError, match="made for other healing data"):
+    with pytest.raises(HealError, match="made for other healing data"):
         train(tiny_mpo, tmp_path / "bad", bad)
 
 

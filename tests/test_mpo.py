@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from compactify.config import REPO_ROOT
-from compactify.mpo import (MPO, FactorizationError, MPOError, MPOLinear, MPOSweep, bond_dims, chi_for_ratio,
+from compactify.mpo import (MPO, MPOError, MPOLinear, MPOSweep, bond_dims, chi_for_ratio,
                             count_params, decompose, factorize)
 
 
@@ -28,9 +28,9 @@ def test_factorize_balanced(n, k, expected):
 
 
 def test_factorize_prime_is_a_clear_error():
-    with pytest.raises(FactorizationError, match="fewer than 3 prime factors.*fewer cores.*explicitly"):
+    with pytest.raises(MPOError, match="fewer than 3 prime factors.*fewer cores.*explicitly"):
         factorize(4099, 3)
-    with pytest.raises(FactorizationError):
+    with pytest.raises(MPOError):
         decompose(rand(13, 12), cores=2)
     # explicit factors (1s allowed) are the documented way out
     m = decompose(rand(13, 12), cores=2, out_factors=(13, 1), in_factors=(3, 4))

@@ -21,7 +21,7 @@ def test_readme_links_resolve():
 
 
 def test_missing_result_names_the_notebook(tmp_path):
-    with pytest.raises(report.MissingResult, match="rerun notebook 05_heal"):
+    with pytest.raises(report.RunInputError, match="rerun notebook 05_heal"):
         report.load(tmp_path, "05_heal.json")
 
 

@@ -33,9 +33,6 @@ LOSSES = ("lm", "kd", "mix")
 TEACHER_MODES = ("online", "topk")
 
 
-class TeacherError(HealError):
-    """A teacher that cannot teach this student, or a top-k file that does not fit this run."""
-
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = None,
             topk: tuple[torch.Tensor, torch.Tensor] | None = None, temperature: float = 1.0) -> torch.Tensor:
@@ -55,7 +52,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None = 
         p_log = F.log_softmax(values.float() / t, dim=-1)
         kl = (p_log.exp() * (p_log - s.gather(-1, idx.long()))).sum(-1)
     else:
-        raise TeacherError("kd_loss needs teacher_logits or topk=(values, indices).")
+        raise HealError("kd_loss needs teacher_logits or topk=(values, indices).")
     return kl.mean() * t * t
 
 
@@ -69,11 +66,11 @@ def check_teacher(student, student_tok, teacher, teacher_tok, where: str) -> Non
     """Refuse a teacher whose output vocabulary or token ids differ from the student's."""
     vs, vt = student.config.vocab_size, teacher.config.vocab_size
     if vs != vt:
-        raise TeacherError(f"The teacher {where} has a vocabulary of {vt} tokens, the student {vs}: distillation "
+        raise HealError(f"The teacher {where} has a vocabulary of {vt} tokens, the student {vs}: distillation "
                            "compares next-token distributions id by id, so both must share one tokenizer. Use the "
                            "original model the compressed one was made from (heal.teacher: null), or heal.loss=lm.")
     if vocab_fingerprint(student_tok) != vocab_fingerprint(teacher_tok):
-        raise TeacherError(f"The teacher {where} has {vt} tokens like the student but maps them to different ids "
+        raise HealError(f"The teacher {where} has {vt} tokens like the student but maps them to different ids "
                            "(another tokenizer). Use the original model the compressed one was made from "
                            "(heal.teacher: null), or heal.loss=lm.")
 
@@ -127,23 +124,23 @@ class TopKTeacher:
     def __init__(self, path: Path, data: torch.Tensor, rows: torch.Tensor, vocab_size: int):
         path = Path(path)
         if not path.is_file():
-            raise TeacherError(f"The top-k teacher file {path} does not exist. Leave heal.teacher_file empty to have "
+            raise HealError(f"The top-k teacher file {path} does not exist. Leave heal.teacher_file empty to have "
                                "the run write it, or point it to a file made for this healing data.")
         try:
             d = torch.load(path, weights_only=True)
         except Exception as e:  # truncated or not a torch file
-            raise TeacherError(f"{path} is not a readable top-k teacher file ({type(e).__name__}: {e}). Delete it "
+            raise HealError(f"{path} is not a readable top-k teacher file ({type(e).__name__}: {e}). Delete it "
                                "and let the run recompute it.") from e
         fix = f"Delete {path} (the run rewrites it) or point heal.teacher_file to a file made for this data."
         if d.get("data_sha") != data_sha(data) or d.get("seq_len") != data.shape[1]:
-            raise TeacherError(f"{path} was made for other healing data (data hash {d.get('data_sha')}, seq_len "
+            raise HealError(f"{path} was made for other healing data (data hash {d.get('data_sha')}, seq_len "
                                f"{d.get('seq_len')}) than this run's ({data_sha(data)}, {data.shape[1]}). {fix}")
         if d.get("vocab_size") != vocab_size:
-            raise TeacherError(f"{path} holds logits over {d.get('vocab_size')} tokens, the student has "
+            raise HealError(f"{path} holds logits over {d.get('vocab_size')} tokens, the student has "
                                f"{vocab_size}. {fix}")
         missing = set(torch.as_tensor(rows).tolist()) - set(d["rows"].tolist())
         if missing:
-            raise TeacherError(f"{path} lacks the teacher's logits for {len(missing)} of the rows this run trains on "
+            raise HealError(f"{path} lacks the teacher's logits for {len(missing)} of the rows this run trains on "
                                f"(a longer budget than it was made for). {fix}")
         self.k = d["k"]
         self.values, self.indices = d["values"], d["indices"]

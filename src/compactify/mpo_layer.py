@@ -144,12 +144,10 @@ class MPOLinear(nn.Module):
     tokens by :func:`_plan` to minimise FLOPs (decode, 1 token, sweeps the input through the
     cores; long prefills may pre-merge small groups of neighbouring cores first), and cached.
     From ``materialize_from`` tokens on (prefill, training) it contracts the cores into ``W``
-    first and does one dense GEMM; autograd takes the gradient back to the cores. Why
-    (``benchmarks/materialize.py``, ``data/results/benchmarks/materialize.json``: forward+backward,
-    SmolLM2's shapes at 30% kept, 1 thread): at 1 token factored wins (2.5-4.4 vs 4.9-8.4 ms), from
-    32 tokens on materialized does (14-20 vs 6-11 ms; at 512 tokens 217-462 vs 15-43 ms, dense
-    12-37 ms): many small einsums lose to one large GEMM, and W costs ``o*i*chi`` FLOPs once per
-    call, not per token. Set the class attribute (or the instance's) to ``None`` for always-factored.
+    first and does one dense GEMM; autograd takes the gradient back to the cores. Why: many
+    small einsums lose to one large GEMM once there are more than a few tokens, and W costs
+    ``o*i*chi`` FLOPs once per call, not per token; at one token the factored path wins
+    (``benchmarks/materialize.py`` measures both, ``data/results/benchmarks/materialize.json``). Set the class attribute (or the instance's) to ``None`` for always-factored.
 
     ``mode`` (class default ``"factored"``: the forward just described) may be set per instance
     to ``"contracted"`` or ``"auto"``; see the module docstring and :func:`set_inference_mode`.

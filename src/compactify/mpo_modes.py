@@ -116,8 +116,8 @@ def contracted(model: nn.Module):
     same function (up to float rounding) at dense speed; yields the number of MPO layers.
 
     For measuring *quality* (perplexity, benchmark accuracy) under ``torch.no_grad()``: on a
-    CPU at batch 1 the factored forward is 3-24x slower than the dense one
-    (benchmarks/mpo_linear.py). Where gradients to the cores are wanted the layers run factored
+    CPU the factored forward is several times slower than the dense one (many small einsums;
+    ``benchmarks/mpo_linear.py`` measures it). Where gradients to the cores are wanted the layers run factored
     (the cache has no gradient path). Afterwards the former modes are back, the matrices freed.
     """
     if not _mpo_layers(model):

@@ -161,8 +161,29 @@ def speed(r: Path) -> str:
     return text
 
 
+def heal_long(r: Path) -> str:
+    """``make heal-long`` (scripts/heal_long.py): held-out perplexity along one long healing schedule."""
+    h = _j(Path(r) / "heal", "heal_long.json")
+    if h is None:
+        return "(the long healing run has not been published: make heal-long)"
+    pts, first = [p for p in h["points"] if p["tokens"] > 0], next(iter(h["dense"]))
+    shown = {min(pts, key=lambda p: abs(math.log(p["tokens"] / t))) ["tokens"]: None
+             for t in (5e4, 1e5, 2.5e5, 5e5, pts[-1]["tokens"])}
+    start = next((p for p in h["points"] if p["tokens"] == 0), None)
+    along = ", ".join(f"{_ppl(p['perplexity'][first])} at {p['tokens'] / 1e3:,.0f}k" for p in pts if p["tokens"] in shown)
+    end = "; ".join(f"`{t}` {_ppl(v['ppl_b'])} = {_ratio(v)} the dense model's ({h['dense'][t]['ppl']:.1f}, "
+                    f"{v['tokens']:,} tokens, windows of {v['seq_len']})" for t, v in h["final_vs_dense"].items())
+    ratio, heal = h["final_vs_dense"][first]["ppl_ratio"], h["heal"]
+    return (f"The paper's TT-SVD start healed for {h['tokens']:,} tokens of Brown in one cosine schedule (peak lr "
+            f"{h['lr']:g}, {heal['compute']}, {heal['tokens_per_s']:.0f} tok/s, "
+            f"{heal['train_seconds'] / 3600:.1f} h of training; {footer(h['meta'])}): `{first}` perplexity "
+            + (f"{_ppl(start['perplexity'][first])} before, " if start else "") + f"{along}. At the end: {end}. "
+            f"Targets on `{first}`: <= 3x dense {'met' if ratio <= 3 else 'missed'}, "
+            f"<= 1.5x dense {'met' if ratio <= 1.5 else 'missed'}.")
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline, "baseline": baseline, "claims": claims,
-                                            "frontier": frontier, "speed": speed}
+                                            "frontier": frontier, "speed": speed, "heal_long": heal_long}
 _BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(\n<!-- /generated:\2 -->)", re.S)
 
 

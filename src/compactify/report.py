@@ -14,19 +14,16 @@ from typing import Callable
 from . import figures as F
 from . import paper as P
 from .results import ResultFileError, read_json
-from .run import PRODUCERS
+from .run import PRODUCERS, RunInputError
 
 # PRODUCERS (result file -> the notebook that writes it) lives in compactify.run.
 
-
-class MissingResult(FileNotFoundError):
-    """A result file an artefact needs does not exist."""
 
 
 def load(results_dir: Path, name: str) -> dict:
     path = Path(results_dir) / name
     if not path.is_file():
-        raise MissingResult(f"{path} is missing: rerun notebook {PRODUCERS.get(name, '?')} "
+        raise RunInputError(f"{path} is missing: rerun notebook {PRODUCERS.get(name, '?')} "
                             f"(make reproduce runs every notebook, then publishes to data/results/).")
     return read_json(path)
 
@@ -103,7 +100,7 @@ def _speed_quality(r: Path, out: Path) -> None:
     d = load(r, "07_frontier.json")
     roof = Path(r) / "benchmarks" / "roofline.json"
     if not roof.is_file():
-        raise MissingResult(f"{roof} is missing: run benchmarks/roofline.py (make benchmarks).")
+        raise RunInputError(f"{roof} is missing: run benchmarks/roofline.py (make benchmarks).")
     rf = read_json(roof)
     F.save(FP.speed_quality(d["points"], d["dense"], rf), out, "speed_quality", rf["meta"])
 
@@ -119,7 +116,7 @@ def _scale(r: Path, out: Path) -> None:
 
     runs = scale_results(r)
     if not runs:
-        raise MissingResult(f"{Path(r) / 'scale'} has no results: run benchmarks/scale.py (make benchmarks).")
+        raise RunInputError(f"{Path(r) / 'scale'} has no results: run benchmarks/scale.py (make benchmarks).")
     save_scale_figure(runs, out, "scale_7b_shape")
 
 
@@ -193,7 +190,7 @@ def build_all(results_dir: Path, out_dir: Path, repo_root: Path) -> dict[str, st
         try:
             fn(Path(results_dir), Path(out_dir))
             status[name] = "ok"
-        except (MissingResult, ResultFileError) as e:
+        except (RunInputError, ResultFileError) as e:
             status[name] = str(e)
         finally:
             plt.close("all")
@@ -228,7 +225,7 @@ def claims(results_dir: Path) -> list[dict]:
     def get(name):
         try:
             return load(results_dir, name)
-        except (MissingResult, ResultFileError):
+        except (RunInputError, ResultFileError):
             return None
 
     rows = []

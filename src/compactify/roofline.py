@@ -234,8 +234,8 @@ def ceilings(threads: Iterable[int] = (1, 2), dtypes: Iterable[str] = ("float32"
     Bandwidth: ``copy`` (``b.copy_(a)``, 2 arrays' bytes), ``triad`` (``a = b + 2 c``, 3 arrays),
     ``read`` (``a.sum()``, 1 array: a decoded token mostly reads), over ``mib`` MiB arrays of
     fp32 (far beyond the last-level cache); the roof used is the largest of the three. GEMM: an
-    ``n x n`` matmul per dtype (2 n^3 FLOPs; n = 2048 for fp32, 512 for other types: bf16 runs
-    ~75x slower than fp32 on this CPU without AVX512-BF16, seconds per 1024^3 call).
+    ``n x n`` matmul per dtype (2 n^3 FLOPs; n = 2048 for fp32, 512 for other types: on a CPU
+    without AVX512-BF16 or AMX, bf16 is emulated and a large call would take seconds).
 
     ``device="cuda"``: arrays and operands on the GPU, every timed call synchronized, arrays of
     1 GiB (beyond any GPU's L2), n = 8192 for every dtype; thread counts do not apply: one pass,

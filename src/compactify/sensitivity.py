@@ -46,8 +46,8 @@ class BlockReplay:
     ``loss(start)`` re-runs blocks ``start..`` from the recorded input of block ``start`` and
     returns the mean next-token NLL (nats) over all windows; ``loss(0)`` is the full model.
     ``autocast`` (a torch dtype, e.g. ``torch.bfloat16``; None = the model's dtype) runs every
-    forward under ``torch.autocast``: 2x faster on CPUs with AMX, and the dense reference is
-    measured the same way, so increases compare like with like.
+    forward under ``torch.autocast`` (faster where bf16 matmuls are native), and the dense
+    reference is measured the same way, so increases compare like with like.
     """
 
     def __init__(self, model, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 8,
@@ -234,8 +234,8 @@ def error_curve(weight: torch.Tensor, ratios: Sequence[float], cores: int = 3) -
     orthogonal projections, so its squared error is the sum of the squared singular values it
     discards at each cut: at cut 1 those of the reshaped matrix (computed once), at cut 2 those
     of the ``(r1*d2) x d3`` remainder ``S[:r1] V[:r1]``, whose singular values come from the
-    eigenvalues of its small ``d3 x d3`` Gram matrix. This is ~100x faster than decomposing and
-    rebuilding the matrix at each ratio, and exact (a unit test compares it with
+    eigenvalues of its small ``d3 x d3`` Gram matrix. This avoids decomposing and rebuilding
+    the matrix at each ratio, and is exact (a unit test compares it with
     ``MPO.relative_error``). More cores fall back to decomposing.
     """
     sweep = mpo_mod.MPOSweep(weight, cores=cores)
@@ -259,8 +259,8 @@ def error_curve(weight: torch.Tensor, ratios: Sequence[float], cores: int = 3) -
         elif cores == 3:
             r1, r2 = bonds
             if r1 not in gram_cache:
-                # numpy's LAPACK: torch's threaded eigvalsh of a small matrix was 50x slower on the
-                # shared 2-core machine (OpenMP spin-waits), numpy's ~7x faster than torch's there.
+                # numpy's LAPACK: a small matrix, where torch's threaded eigvalsh pays OpenMP's
+                # start-up and waiting on every call.
                 eig = torch.from_numpy(np.linalg.eigvalsh(grams[r1 - 1].numpy())).flip(0).clamp_min(0)
                 gram_cache[r1] = torch.flip(torch.cumsum(torch.flip(eig, [0]), 0), [0]).tolist() + [0.0]
             tail2 = gram_cache[r1]

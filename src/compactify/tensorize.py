@@ -213,7 +213,7 @@ def check_plan(model: nn.Module, plan: Plan) -> list[tuple]:
     parameters than its dense matrix (unless ``plan.allow_growth``). Returns
     ``[(key, module name, layer, spec, bond dims)]``; raises the first problem found, naming
     the plan entry and the fix (:class:`PlanError`, or :class:`~compactify.mpo.MPOError` /
-    ``FactorizationError`` from the MPO engine)."""
+    ``MPOError`` from the MPO engine)."""
     _family(model)
     targets, clamped = [], []
     for block, matrix, spec in plan.items():

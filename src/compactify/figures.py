@@ -308,7 +308,7 @@ def heal_long_figure(r: Mapping, target: float = 3.0) -> plt.Figure:
         x, y = [p["tokens"] for p in points], [p["perplexity"][t]["ppl"] for p in points]
         a.plot(x, y, marker="o", ms=3, color=colors[t], label=f"{t} ({r['dense'][t]['tokens']:,} tokens)")
         a.axhline(r["dense"][t]["ppl"], ls="--", lw=1, color=colors[t])
-        a.annotate(f"x{y[-1] / r['dense'][t]['ppl']:.2g}\ndense", (x[-1], y[-1]), xytext=(5, 0),
+        a.annotate(f"x{y[-1] / r['dense'][t]['ppl']:.3g}\ndense", (x[-1], y[-1]), xytext=(5, 0),
                    textcoords="offset points", fontsize=7, color=colors[t], ha="left", va="center")
         a.text(x[0], r["dense"][t]["ppl"], f" dense {r['dense'][t]['ppl']:.1f}", fontsize=7, color=colors[t],
                va="top", ha="left")

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         sys.exit(f"{out} does not exist: run scripts/heal_long.py without --figure-only first.")
     result = read_json(out)
     path = figures.save(figures.heal_long_figure(result), Path(args.figure).parent, Path(args.figure).stem,
-                        result["meta"])
+                        result["meta"])  # (make figures redraws it too: compactify.report)
     print(f"heal-long: figure {path}")
     return 0
 

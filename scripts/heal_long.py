@@ -6,8 +6,8 @@ the config's healing recipe for ``--tokens`` (default 1,048,576: under one epoch
 text) and measures held-out perplexity before, every ``--eval-every`` tokens and at the end
 (``heal.eval_every``), each as a ratio to the dense model of notebook 00 on the same windows.
 One cosine schedule spans the whole run, so a point in the middle was measured at a higher
-learning rate than a run that ends there; the full runs of notebook 05 (and its preliminary
-learning-rate sweeps) are drawn beside the curve for that reason.
+learning rate than a run that ends there; notebook 05's full run is drawn beside the curve for
+that reason.
 
 Resumable: rerun the same command after a stop and it continues from the newest checkpoint in
 ``runs/<config>/heal_long``. Writes ``data/results/heal/heal_long.json`` (atomic, with
@@ -24,16 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def earlier_runs(results: Path) -> list[dict]:
     """Full-cosine healing runs of the same start at the same peak lr: notebook 05's main run
-    and the committed preliminary sweeps ({tokens, ppl} on the primary held-out text)."""
+    ({tokens, ppl} on the primary held-out text)."""
     from compactify.results import read_json
 
     out = []
-    pre = results / "heal" / "lr_sweep_preliminary.json"
-    if pre.is_file():
-        for tokens, run in read_json(pre)["by_tokens"].items():
-            if "0.001" in run["lrs"]:
-                out.append({"tokens": int(tokens), "ppl": run["lrs"]["0.001"]["perplexity"]["brown-heldout"]["ppl"],
-                            "source": pre.name})
     heal = results / "05_heal.json"
     if heal.is_file():
         h = read_json(heal)
@@ -72,6 +66,12 @@ def main(argv=None) -> int:
         print(f"heal-long: wrote {out}")
     elif not out.is_file():
         sys.exit(f"{out} does not exist: run scripts/heal_long.py without --figure-only first.")
+    else:  # the cross-references to other runs are refreshed; the run's own numbers are not touched
+        from compactify.results import write_json
+
+        result = read_json(out)
+        result["earlier_full_runs"] = earlier_runs(ROOT / "data" / "results")
+        write_json(out, result)
     result = read_json(out)
     path = figures.save(figures.heal_long_figure(result), Path(args.figure).parent, Path(args.figure).stem,
                         result["meta"])  # (make figures redraws it too: compactify.report)

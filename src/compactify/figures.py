@@ -319,10 +319,15 @@ def heal_long_figure(r: Mapping, target: float = 3.0) -> plt.Figure:
     full = r.get("earlier_full_runs") or []
     if full:
         a.plot([e["tokens"] for e in full], [e["ppl"] for e in full], ls="none", marker="o", ms=6, mfc="none",
-               mec=colors[first], mew=1.2, label=f"separate full runs ({first})")
+               mec=colors[first], mew=1.2, label=f"separate full run{'s' if len(full) > 1 else ''} ({first})")
     a.set_xscale("log")
     a.set_yscale("log")
     a.set_xlim(right=points[-1]["tokens"] * 1.9)  # room for the last points' labels
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    a.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 20, 50, 100, 200: labels within one decade too
+    a.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    a.yaxis.set_minor_formatter(NullFormatter())
     a.set_xlabel("healing tokens")
     a.set_ylabel("held-out perplexity")
     before = f"; before healing {short_number(start['perplexity'][first]['ppl'])}" if start else ""

@@ -48,15 +48,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from compactify import figures, run
-    import yaml
 
-    from compactify.config import load_config, run_dir
+    from compactify.config import load_config, parse_overrides, run_dir
     from compactify.heal_study import long_run
     from compactify.results import read_json, save_results
 
     out = Path(args.out)
     if not args.figure_only:
-        cfg = load_config(args.config, {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
+        cfg = load_config(args.config, parse_overrides(args.set))
         model_dir = run.require(cfg, "tensorized")
         baseline = read_json(run.require(cfg, "baseline"))["baseline"]["perplexity_texts"]
         result = long_run(model_dir, run_dir(cfg) / "heal_long", cfg, args.tokens, args.eval_every, baseline,

@@ -19,7 +19,7 @@ from pathlib import Path
 import papermill as pm
 
 from compactify import readme, report
-from compactify.config import REPO_ROOT, load_config, run_dir
+from compactify.config import REPO_ROOT, load_config, parse_overrides, run_dir
 from compactify.results import write_json
 
 FIGURES_NOTEBOOK = "08_figures"
@@ -34,8 +34,7 @@ def main() -> int:
     ap.add_argument("--publish", action="store_true", help="copy results to data/results/ and figures to figures/")
     args = ap.parse_args()
 
-    import yaml
-    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    overrides = parse_overrides(args.set)
     cfg = load_config(args.config, overrides)  # validates before any notebook starts
     out_dir = run_dir(cfg) / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)

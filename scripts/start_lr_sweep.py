@@ -27,15 +27,14 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
     args = ap.parse_args(argv)
 
-    import yaml
 
     from compactify import compare as C
     from compactify import run
-    from compactify.config import load_config, run_dir
+    from compactify.config import load_config, parse_overrides, run_dir
     from compactify.heal_study import lr_sweep
     from compactify.results import read_json, save_results
 
-    cfg = load_config(args.config, {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
+    cfg = load_config(args.config, parse_overrides(args.set))
     start = run.require(cfg, "tensorized_aa")
     heal = read_json(run.require(cfg, "heal"))
     tokens = args.tokens or int(cfg["heal"]["tokens"])

@@ -434,10 +434,10 @@ def test_topk_teacher_mode_writes_its_file_once_and_refuses_one_for_other_data(t
 
 
 def test_launch_forwards_whole_lines_and_throttles_progress_bar_refreshes():
-    from compactify.heal import _ProgressThrottle
+    from compactify.progress import ThrottledLines
 
     out = io.StringIO()
-    shown = _ProgressThrottle(out, every=3600)
+    shown = ThrottledLines(out, every=3600)
     for pct in range(0, 101, 10):  # a tqdm bar refreshing one line with carriage returns
         shown.write(f"\rheal: {pct}%")
     shown.write("\nheal: saved checkpoint step_2\nheal: rank 1 failed: boom\n")

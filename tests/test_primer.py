@@ -24,9 +24,9 @@ def _cells(name):
 @pytest.fixture(scope="module")
 def primer():
     """``tt_svd`` and ``contract`` exactly as notebook 01 defines them (only the ``def``s are run)."""
-    cell = next(c for c in _cells("01_mpo_primer.ipynb") if "def tt_svd" in "".join(c["source"]))
-    tree = ast.parse("".join(cell["source"]))
-    defs = ast.Module([n for n in tree.body if isinstance(n, ast.FunctionDef)], type_ignores=[])
+    sources = ["".join(c["source"]) for c in _cells("01_mpo_primer.ipynb") if c["cell_type"] == "code"]
+    trees = [ast.parse(s) for s in sources if "def tt_svd" in s or "def contract" in s]  # a cell each
+    defs = ast.Module([n for t in trees for n in t.body if isinstance(n, ast.FunctionDef)], type_ignores=[])
     ns = {"np": np, "math": math}
     exec(compile(defs, "01_mpo_primer.ipynb", "exec"), ns)
     return ns["tt_svd"], ns["contract"]

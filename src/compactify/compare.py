@@ -110,6 +110,22 @@ def compare_nll(a: Mapping, b: Mapping, name_a: str = "original", name_b: str = 
     return out
 
 
+def compare_texts(a: Mapping, b: Mapping, name_a: str = "original", name_b: str = "model") -> dict:
+    """:func:`compare_nll` for every held-out text of evaluation ``b`` (``evaluate_model`` results)."""
+    return {x: compare_nll(a["perplexity_texts"][x], b["perplexity_texts"][x], name_a, name_b)
+            for x in b["perplexity_texts"]}
+
+
+def paired(a: Mapping, b: Mapping, name_a: str = "original", name_b: str = "model", seed: int = 0) -> tuple[dict, dict]:
+    """Two evaluations on the same documents and windows: (:func:`compare_tasks`, :func:`compare_texts`)."""
+    return compare_tasks(a, b, name_a, name_b, seed), compare_texts(a, b, name_a, name_b)
+
+
+def summary_of(rows: Mapping[str, tuple]):
+    """:func:`summary_table` of ``{row name: paired(...)}``."""
+    return summary_table({k: v[0] for k, v in rows.items()}, {k: v[1] for k, v in rows.items()})
+
+
 def ppl_interval(ppl: Mapping, n_boot: int = 4000, seed: int = 0) -> tuple[float, float]:
     """95% bootstrap interval (over windows) of one model's perplexity."""
     w = np.asarray(ppl["window_nll"], float)

@@ -203,6 +203,21 @@ def _dotted(overrides: Mapping[str, Any]) -> dict:
     return nested
 
 
+def parse_overrides(pairs) -> dict:
+    """``--set KEY=VALUE ...`` of the scripts as overrides for :func:`load_config` (dotted keys,
+    YAML values: ``eval.limit=5``, ``heal.lr_sweep=[1e-4]``, ``heal.eval_every=null``)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = str(pair).partition("=")
+        if not sep or not key:
+            raise ConfigError(f"Override '{pair}' is not KEY=VALUE: write e.g. --set eval.limit=5 (dotted key, YAML value).")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Override '{pair}': the value is not valid YAML ({e}).") from e
+    return out
+
+
 def resolve_path(path: str | Path) -> Path:
     """A path as given, or relative to the repository root (notebooks run from notebooks/)."""
     p = Path(path).expanduser()

@@ -30,7 +30,7 @@ import torch
 from .progress import progress as tqdm, quiet_third_party
 
 from .perplexity import (AUTOCAST, EvalError, _dtype_name, autocast_dtype, fast_bf16, heldout_ids_for,  # noqa: F401
-                         perplexity, tokenize_for_ppl)
+                         heldout_perplexities, perplexity, tokenize_for_ppl)
 from .tasks.prepare import prepare_eval_data
 
 
@@ -274,10 +274,8 @@ def evaluate_model(model, tokenizer, cfg: Mapping, heldout_ids: Mapping | None =
             model, tokenizer, names, limit=ev["limit"], num_fewshot=ev["num_fewshot"] or None,
             batch_size=ev["batch_size"], seed=cfg.get("seed", 0), source=ev["source"],
             max_gen_toks=ev["max_gen_toks"] or None, autocast=ev["autocast"])
-        pc = ev["perplexity"]
         texts = heldout_ids if heldout_ids is not None else heldout_ids_for(tokenizer, cfg)
-        ppl = {name: perplexity(model, tokenizer, ids, seq_len=pc["seq_len"], batch_size=pc["batch_size"],
-                                autocast=ev["autocast"], text_name=name) for name, ids in texts.items()}
+        ppl = heldout_perplexities(model, tokenizer, texts, cfg, contract=False)  # contracted above if asked
     return {"tasks": res, "perplexity": next(iter(ppl.values())), "perplexity_texts": ppl, "upcast": upcast,
             "seconds": time.perf_counter() - start, "mpo_forward": ("contracted" if contract else "factored") if has_mpo else None}
 

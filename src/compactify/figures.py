@@ -351,7 +351,8 @@ def heal_long_figure(r: Mapping, target: float = 3.0) -> plt.Figure:
 
 
 _PLAN_FIGURES = ("plan_and_comparison", "sensitivity_heatmap", "sensitivity_panels")
-_EVAL_FIGURES = ("accuracy_bars", "inference_time")
+_EVAL_FIGURES = ("accuracy_bars", "inference_time", "quantize_figure")
+from .figures_mpo import error_vs_kept  # noqa: E402,F401  (notebook 01's summary figure, in figures_mpo.py)
 
 
 def __getattr__(name: str):

@@ -1,5 +1,6 @@
-"""The evaluation figures of notebook 06 (paper Figs. 2 and 4), in the style of
-:mod:`compactify.figures` (which re-exports them). Each takes result data, returns a Figure."""
+"""The evaluation figures of notebooks 04 (memory and speed of the quantized models) and 06 (paper
+Figs. 2 and 4), in the style of :mod:`compactify.figures` (which re-exports them). Each takes result
+data, returns a Figure."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -129,4 +130,47 @@ def inference_time(task_time: Mapping[str, Mapping[str, float]], speed: Mapping[
                  "decode and a short prefill in tokens/s. They measure different regimes and need not agree.\n"
                  "Paper (LLaMA-2 7B, GPU): 4-bit 1.13x and 88% 0.75x the original's time (dotted lines; ◆ = the same "
                  "as a speed).", fontsize=7)
+    return fig
+
+
+def quantize_figure(result: Mapping, title: str = "speed") -> plt.Figure:
+    """Notebook 04's figure from its result (``04_quantize.json``: ``models``, ``speed``,
+    ``speed_claims``). Left: each model's memory relative to the fp32 original, in use and on disk,
+    with Table I's ratio (black tick). Right: prefill and decode tokens/s relative to the original
+    (bars: medians, whiskers: interquartile range over the rounds), with the paper's claims as
+    speeds (black ticks). ``title`` heads the right panel (e.g. the machine's name)."""
+    import numpy as np
+
+    apply_style()
+    rows, sp, claims = result["models"], result["speed"], result.get("speed_claims") or {}
+    names = list(rows)
+    x = np.arange(len(names))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    colors = [MODEL_COLORS.get(n, "0.5") for n in names]
+    a.bar(x - 0.2, [rows[n]["memory_ratio_vs_fp32"] for n in names], 0.4, color=colors, label="in memory")
+    a.bar(x + 0.2, [rows[n]["disk_ratio_vs_fp32"] for n in names], 0.4, color=colors, alpha=0.5, label="on disk")
+    a.scatter(x, [rows[n]["paper_ratio_vs_fp32"] for n in names], marker="_", s=400, color="k", zorder=3,
+              label="paper (Table I)")
+    for i, n in enumerate(names):
+        a.text(i - 0.2, rows[n]["memory_ratio_vs_fp32"] + 0.02, f"{rows[n]['memory_ratio_vs_fp32']:.2f}", ha="center",
+               fontsize=7)
+    a.set_xticks(x, names)
+    a.set_ylabel("bytes / fp32 original")
+    a.set_title("memory")
+    a.legend(fontsize=7)
+    for j, (k, hatch) in enumerate((("prefill", ""), ("decode", "//"))):
+        ref = sp["original"][k]["median"]
+        med = np.array([sp[n][k]["median"] / ref for n in names])
+        lo = med - np.array([sp[n][k]["q1"] / ref for n in names])
+        hi = np.array([sp[n][k]["q3"] / ref for n in names]) - med
+        b.bar(x + (j - 0.5) * 0.4, med, 0.4, yerr=[lo, hi], color=colors, hatch=hatch, edgecolor="white", capsize=2,
+              label=k)
+    for i, (n, c) in enumerate((n, c) for n, c in claims.items() if n in names):
+        b.scatter(names.index(n), c["paper_ratio"], marker="_", s=400, color="k", zorder=3, label=None if i else "paper")
+    b.axhline(1, color="0.3", lw=0.8)
+    b.set_xticks(x, names)
+    b.set_ylabel("tokens/s relative to original")
+    b.set_title(title[:60], fontsize=9)
+    b.legend(fontsize=7)
+    fig.tight_layout()
     return fig

@@ -41,10 +41,11 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .config import load_config
+from .config import load_config, parse_overrides
 from .heal_data import (HealError, ShardedSampler, check_resume, data_path_hint, find_checkpoint, load_checkpoint,
                         packed_data, plan_steps, save_checkpoint)
 from .heal_guard import acquire_lock, die_with_parent, release_lock
+from .progress import ThrottledLines
 from .distill import TopKTeacher, kd_loss, load_teacher, precompute_topk, teacher_logits
 from .heal_setup import (TRAINABLE_GROUPS, HealConfig, available_devices, check_nproc, compute_mode,  # noqa: F401
                          global_mean, heldout_point, lr_at, model_fingerprint, select_trainable)
@@ -283,30 +284,6 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
 
 
 # ---------------------------------------------------------------- launching
-class _ProgressThrottle:
-    """Forward the ranks' output, but rank 0's progress-bar refreshes (carriage-return updates of
-    one line) at most every ``every`` seconds: a notebook saves each refresh as a line of its own."""
-
-    def __init__(self, stream, every: float = 60.0):
-        self.stream, self.every, self.pending, self.last = stream, every, "", 0.0
-
-    def write(self, piece: str) -> None:
-        self.pending += piece
-        *lines, self.pending = self.pending.split("\n")
-        for line in lines:  # whole lines: the last state of each
-            self.stream.write(line.rsplit("\r", 1)[-1] + "\n")
-        if "\r" in self.pending and time.monotonic() - self.last >= self.every:
-            self.stream.write(self.pending.rsplit("\r", 1)[-1].strip() + "\n")
-            self.last, self.pending = time.monotonic(), ""
-        self.stream.flush()
-
-    def flush(self) -> None:
-        if self.pending.strip():
-            self.stream.write(self.pending.rsplit("\r", 1)[-1] + "\n")
-        self.pending = ""
-        self.stream.flush()
-
-
 def launch(model_dir, out_dir, cfg: dict, nproc: int | None = None, stream=None) -> dict:
     """Run :func:`train` under ``torchrun --nproc_per_node=nproc`` in a subprocess, echoing its output
     live to ``stream`` (default stdout); return heal.json's data (or ``{"completed": False}`` after
@@ -344,7 +321,7 @@ def _launch(model_dir, out_dir: Path, cfg: dict, nproc: int, stream, device) -> 
         import codecs
 
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        shown = _ProgressThrottle(stream)
+        shown = ThrottledLines(stream)
         try:
             while chunk := proc.stdout.read1(4096):
                 piece = decoder.decode(chunk)
@@ -382,11 +359,10 @@ def main(argv: list[str] | None = None) -> None:
     if "RANK" in os.environ:  # a torchrun rank: die with its agent, whatever kills it
         die_with_parent(signal.SIGKILL)
     try:
-        overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
         if args.resolved_config:  # as launch() validated it (defaults may be edited while a run starts)
             cfg = yaml.safe_load(Path(args.resolved_config).read_text())
         else:
-            cfg = load_config(args.config, overrides)
+            cfg = load_config(args.config, parse_overrides(args.set))
         train(args.model_dir, args.out_dir, cfg)
     except BaseException as e:  # recorded for launch(); bad input (ConfigError, HealError, ModelLoadError) needs no traceback
         if isinstance(e, (SystemExit, KeyboardInterrupt)):  # (BaseException: DCP's CheckpointException is one)

@@ -10,50 +10,26 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import fields, make_dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .config import defaults
 from .distill import LOSSES, TEACHER_MODES
 from .heal_data import HealError
 
 TRAINABLE_GROUPS = ("mpo", "dense", "norms", "embeddings", "all")
 
 
-@dataclass
-class HealConfig:
-    """The ``heal`` section of the config (defaults: ``defaults/heal.yaml``) + run seed and device."""
-    nproc: int
-    strategy: str
-    data: str
-    seq_len: int
-    batch_per_rank: int
-    tokens: int | None
-    steps: int | None
-    max_epochs: float
-    lr: float
-    min_lr_ratio: float
-    warmup: float
-    weight_decay: float
-    grad_clip: float
-    trainable: list
-    checkpoint_every: int
-    keep_checkpoints: int
-    resume: bool
-    mixed_precision: str
-    stop_after: int | None
-    eval_every: int | None
-    activation_checkpointing: bool
-    loss: str
-    kd_temperature: float
-    kd_weight: float
-    teacher: str | None
-    teacher_mode: str
-    teacher_topk: int
-    teacher_file: str | None
-    seed: int
-    device: str
+# Keys of the heal section that notebook 05 reads around a healing run, not the run itself.
+NOTEBOOK_KEYS = ("compare_steps", "dense_control", "compare_losses", "compare_loss_tokens", "lr_sweep",
+                 "lr_sweep_tokens", "improved_lr")
+
+
+class _HealSettings:
+    """The ``heal`` section of the config + run seed and device, checked (:class:`HealConfig`)."""
 
     @classmethod
     def from_cfg(cls, cfg: dict) -> "HealConfig":
@@ -82,6 +58,11 @@ class HealConfig:
             if getattr(hc, key) is not None and int(getattr(hc, key)) < 1:
                 raise HealError(f"heal.{key} must be at least 1, got {getattr(hc, key)}.")
         return hc
+
+
+# One field per key of defaults/heal.yaml that the run reads (documented there), then seed and device.
+HealConfig = make_dataclass("HealConfig", [(k, Any) for k in defaults()["heal"] if k not in NOTEBOOK_KEYS]
+                            + [("seed", int), ("device", str)], bases=(_HealSettings,))
 
 
 def select_trainable(model: torch.nn.Module, groups: list[str]) -> dict:
@@ -172,14 +153,8 @@ def heldout_point(model, tokenizer, texts: dict, cfg, step: int, tokens: int) ->
     forward is collective, so all ranks must run the same batches); the numbers are the same on
     each. MPO layers are contracted for speed unless FSDP has sharded their cores (then the layers
     run as in training; contracting a sharded core would need its other shards)."""
-    import contextlib
+    from .perplexity import heldout_perplexities
 
-    from .evaluate import perplexity
-    from .mpo_modes import contracted
-
-    pc = cfg["eval"]["perplexity"]
     sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
-    with contextlib.nullcontext() if sharded else contracted(model):
-        ppl = {name: perplexity(model, tokenizer, ids, seq_len=pc["seq_len"], batch_size=pc["batch_size"],
-                                autocast=cfg["eval"]["autocast"], text_name=name) for name, ids in texts.items()}
+    ppl = heldout_perplexities(model, tokenizer, texts, cfg, contract=not sharded)
     return {"step": int(step), "tokens": int(tokens), "perplexity": ppl}

@@ -7,6 +7,8 @@
 * :func:`speed_comparison`: the paper's Fig. 3 -- the same steps healed by the dense and the
   compressed model, one after the other, steady-state tokens/s (step 1, which also allocates
   the AdamW state, left out) and peak memory (:func:`speed_record`).
+* :func:`heal_start`: one start healed at its own learning rate (a stale run set aside first),
+  scored with :func:`before_healing` and :func:`evaluate_dir`.
 * :func:`dense_control`: the original dense model healed with the same recipe and tokens, the
   fair reference for a healed compressed model (its whole run also times Fig. 3).
 """
@@ -36,12 +38,10 @@ def variant_comparison(model_dir, out_root: Path, cfg: Mapping, variants: Mappin
     healed model on every held-out text; returns per variant its settings, tokens/s, final losses,
     curve and perplexities, and the paired NLL difference of each variant against the first."""
     from . import compare as C
-    from .evaluate import heldout_ids_for, perplexity
     from .heal import launch
     from .models import load_model
-    from .mpo_layer import contracted
+    from .perplexity import heldout_ids_for, heldout_perplexities
 
-    pc = cfg["eval"]["perplexity"]
     out: dict = {"tokens": int(tokens), "variants": {}}
     for name, overrides in variants.items():
         d = Path(out_root) / str(name)
@@ -51,9 +51,7 @@ def variant_comparison(model_dir, out_root: Path, cfg: Mapping, variants: Mappin
                    stream=io.StringIO())
         model, tok = load_model(d / "model", device=device)
         texts = heldout if heldout is not None else heldout_ids_for(tok, cfg)
-        with contracted(model):
-            ppl = {t: perplexity(model, tok, ids, seq_len=pc["seq_len"], batch_size=pc["batch_size"],
-                                 autocast=cfg["eval"]["autocast"], text_name=t) for t, ids in texts.items()}
+        ppl = heldout_perplexities(model, tok, texts, cfg)
         last = r["loss_curve"][-1]
         out["variants"][name] = {"settings": dict(overrides), "tokens_per_s": r["tokens_per_s_steady"],
                                  "compute": r["compute"], "final_lm_loss": last["lm_loss"],
@@ -116,6 +114,62 @@ def speed_comparison(sources: Mapping[str, str], out_root: Path, cfg: Mapping, s
     return speed
 
 
+def set_aside_stale(out_dir: Path, model_dir) -> Path | None:
+    """Move a healing in ``out_dir`` aside when it started from another model than ``model_dir``
+    (notebook 03 rebuilt it): healing refuses to resume onto a different model, and a rerun must
+    not delete the old run either. Returns where it went, or None when there was nothing to move."""
+    import time
+
+    from .heal_data import find_checkpoint
+    from .heal_setup import model_fingerprint
+    from .models import load_model
+    from .results import read_json
+
+    ckpt, _ = find_checkpoint(Path(out_dir) / "checkpoints")
+    if ckpt is None or read_json(ckpt / "meta.json")["fingerprint"]["model"] == model_fingerprint(
+            load_model(model_dir)[0]):
+        return None
+    aside = Path(out_dir).with_name(f"{Path(out_dir).name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    Path(out_dir).rename(aside)
+    return aside
+
+
+def heal_start(model_dir, out_dir: Path, cfg: Mapping, lr: float | None = None) -> dict:
+    """Notebook 05's healing of one start (resumed if ``out_dir`` holds a checkpoint of the same
+    start and recipe), at its own peak learning rate ``lr`` (None: ``heal.lr``)."""
+    from .heal import launch
+
+    aside = set_aside_stale(out_dir, model_dir)
+    if aside:
+        print(f"moved the healing of a previous model to {aside} (delete it when no longer needed)")
+    return launch(model_dir, out_dir, _cfg(cfg, {"heal.lr": float(lr)}) if lr else cfg)
+
+
+def evaluate_dir(model_dir, tokenizer, cfg: Mapping, heldout: Mapping, device="cpu") -> dict:
+    """``evaluate_model`` of the model saved in ``model_dir``, freed afterwards."""
+    from .evaluate import evaluate_model
+    from .models import load_model
+
+    model, _ = load_model(model_dir, device=device)
+    return evaluate_model(model, tokenizer, cfg, heldout_ids=heldout)
+
+
+def before_healing(cfg: Mapping, model_dir, tokenizer, heldout: Mapping, device="cpu") -> tuple[dict, dict | None, str]:
+    """The evaluation of notebook 03's start before healing: notebook 03's own when it scored this
+    very model with the same ``eval`` settings, else made here. Also notebook 03's perplexities of
+    the improved start (``tensorize.compare_init``) when reused, and which source was used."""
+    from . import run
+    from .results import read_json
+
+    prev_path = run.path(cfg, "tensorize")
+    prev = read_json(prev_path) if prev_path.exists() else None
+    if (prev is not None and prev["main"]["model_dir"] == str(model_dir)
+            and prev["meta"]["config"]["eval"] == cfg["eval"]):
+        aa = (prev.get("improved") or {}).get("evaluation")
+        return prev["main"]["evaluation"], aa, "notebook 03's evaluation of the same model"
+    return evaluate_dir(model_dir, tokenizer, cfg, heldout, device), None, "evaluated here"
+
+
 def dense_control(source, out_dir: Path, cfg: Mapping, tokenizer, heldout: Mapping, baseline: Mapping,
                   device="cpu") -> dict:
     """The fair reference for a healed compressed model: the *original* dense model healed with the
@@ -124,18 +178,12 @@ def dense_control(source, out_dir: Path, cfg: Mapping, tokenizer, heldout: Mappi
     differences from the untouched original (``paired``, ``paired_nll``: what the fine-tune alone
     does). Resumable like any healing run (``out_dir``)."""
     from . import compare as C
-    from .evaluate import evaluate_model
     from .heal import launch
-    from .models import load_model
 
     r = launch(source, Path(out_dir), cfg, stream=io.StringIO())
-    model, _ = load_model(Path(out_dir) / "model", device=device)
-    after = evaluate_model(model, tokenizer, cfg, heldout_ids=heldout)
-    del model
-    return {"heal": r, "after": after,
-            "paired": C.compare_tasks(baseline, after, "original", "dense healed", seed=cfg["seed"]),
-            "paired_nll": {x: C.compare_nll(baseline["perplexity_texts"][x], after["perplexity_texts"][x], "original",
-                                            "dense healed") for x in after["perplexity_texts"]}}
+    after = evaluate_dir(Path(out_dir) / "model", tokenizer, cfg, heldout, device)
+    paired, paired_nll = C.paired(baseline, after, "original", "dense healed", seed=cfg["seed"])
+    return {"heal": r, "after": after, "paired": paired, "paired_nll": paired_nll}
 
 
 def long_run(model_dir, out_dir: Path, cfg: Mapping, tokens: int, eval_every_tokens: int, baseline: Mapping,

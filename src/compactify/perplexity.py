@@ -147,3 +147,19 @@ def heldout_ids_for(tokenizer, cfg: Mapping) -> dict[str, torch.Tensor]:
                             f"(seq_len={pc['seq_len']}). Use at least {pc['seq_len']} tokens.")
         out[name] = heldout.token_ids(name, tokenizer, n)
     return out
+
+
+def heldout_perplexities(model, tokenizer, texts: Mapping[str, torch.Tensor], cfg: Mapping,
+                         contract: bool = True) -> dict[str, dict]:
+    """:func:`perplexity` of each held-out text (``{name: ids}``, from :func:`heldout_ids_for`) with
+    the windows of ``eval.perplexity``: how every notebook scores a model on held-out prose. With
+    ``contract`` each MPO layer is contracted once to its dense matrix while scoring (the same
+    function at dense speed; :func:`compactify.mpo_modes.contracted`)."""
+    import contextlib
+
+    from .mpo_modes import contracted
+
+    pc = cfg["eval"]["perplexity"]
+    with contracted(model) if contract else contextlib.nullcontext():
+        return {name: perplexity(model, tokenizer, ids, seq_len=pc["seq_len"], batch_size=pc["batch_size"],
+                                 autocast=cfg["eval"]["autocast"], text_name=name) for name, ids in texts.items()}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from weakref import WeakSet
 
 from tqdm.std import tqdm as _tqdm_std
@@ -99,3 +100,27 @@ def quiet_third_party() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+class ThrottledLines:
+    """Forward a subprocess's output (the healing ranks'), but progress-bar refreshes (carriage-return updates of
+    one line) at most every ``every`` seconds: a notebook saves each refresh as a line of its own."""
+
+    def __init__(self, stream, every: float = 60.0):
+        self.stream, self.every, self.pending, self.last = stream, every, "", 0.0
+
+    def write(self, piece: str) -> None:
+        self.pending += piece
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:  # whole lines: the last state of each
+            self.stream.write(line.rsplit("\r", 1)[-1] + "\n")
+        if "\r" in self.pending and time.monotonic() - self.last >= self.every:
+            self.stream.write(self.pending.rsplit("\r", 1)[-1].strip() + "\n")
+            self.last, self.pending = time.monotonic(), ""
+        self.stream.flush()
+
+    def flush(self) -> None:
+        if self.pending.strip():
+            self.stream.write(self.pending.rsplit("\r", 1)[-1] + "\n")
+        self.pending = ""
+        self.stream.flush()

@@ -205,13 +205,33 @@ def task_metric(model, tokenizer, task: str, limit: int, seed: int = 0, batch_si
     return metric
 
 
-def cut_spectra(weight: torch.Tensor, out_factors: Sequence[int], in_factors: Sequence[int]) -> list[list[float]]:
-    """Singular values of the reshaped matrix at each cut of the MPO chain (what a bond of
-    dimension chi keeps the top chi of; Fig. 1a)."""
-    n = len(out_factors)
-    t = weight.detach().double().reshape(*out_factors, *in_factors).permute(*[j for k in range(n) for j in (k, n + k)])
-    dims = [o * i for o, i in zip(out_factors, in_factors)]
-    return [torch.linalg.svdvals(t.reshape(math.prod(dims[:k + 1]), -1)).tolist() for k in range(n - 1)]
+def claims(frame, ratios: Sequence[float], n_blocks: int) -> dict:
+    """The paper's two claims, read off the whole-model profile at each compression level.
+
+    ``frame`` (a pandas DataFrame) has one row per measured matrix: ``block``, ``type``,
+    ``value`` (the fraction of parameters kept) and ``increase_%`` (perplexity increase over the
+    dense model). *Deeper blocks are more compressible*: the Spearman correlation between block
+    index and increase, per type and over all types (negative: deeper blocks hurt less; NaN with
+    fewer than 3 blocks), and the mean increase in the first and the last third of the
+    ``n_blocks`` blocks. *The last MLP matrix is the most sensitive*: the types ranked by their
+    mean increase. Returns ``{"per_type": {"<type>@<ratio>": ...}, "ratio_<ratio>": ...}``.
+    """
+    from scipy.stats import spearmanr
+
+    out = {"per_type": {}}
+    for level in ratios:
+        sub = frame[np.isclose(frame["value"], level)]
+        for t, g in sub.groupby("type", sort=False):
+            rho = spearmanr(g["block"], g["increase_%"]).statistic if len(g) > 2 else float("nan")
+            out["per_type"][f"{t}@{level}"] = {"mean_increase_%": g["increase_%"].mean(),
+                                               "median_increase_%": g["increase_%"].median(), "spearman_depth": rho}
+        rho_all = spearmanr(sub["block"], sub["increase_%"]).statistic if sub["block"].nunique() > 2 else float("nan")
+        means = sub.groupby("type")["increase_%"].mean().sort_values(ascending=False)
+        out[f"ratio_{level}"] = {"spearman_depth_all": rho_all,
+                                 "mean_increase_first_third_%": sub[sub["block"] < n_blocks / 3]["increase_%"].mean(),
+                                 "mean_increase_last_third_%": sub[sub["block"] >= 2 * n_blocks / 3]["increase_%"].mean(),
+                                 "most_sensitive_type": means.index[0], "type_ranking": list(means.index)}
+    return out
 
 
 # ------------------------------------------------------------------ from a profile to a plan

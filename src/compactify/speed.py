@@ -19,6 +19,11 @@ Two regimes matter for a language model and behave differently:
 Tensorized models run their MPO layers in whichever inference mode they are in
 (:mod:`compactify.mpo_layer`: ``factored``, ``contracted``, ``auto``) unless :func:`compare` is
 given ``mpo_mode``, which sets it for the measurement only and records what the layers chose.
+
+Also: :func:`round_robin_forward` (forward passes only, e.g. notebook 04's bf16 against fp16),
+:func:`table` (a :func:`compare` result as a DataFrame), :func:`timing_setup` (every model timed
+under the same conditions, put back afterwards) and :func:`inference_times` (notebook 06's Fig. 4
+timings under it).
 """
 from __future__ import annotations
 
@@ -147,3 +152,73 @@ def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.
                      "decode_prompt_tokens": int(dec_ids.shape[1]), "new_tokens": new_tokens, "repeats": repeats,
                      "threads": torch.get_num_threads(), "mpo_mode": None}
     return out
+
+
+def round_robin_forward(models: Mapping[str, torch.nn.Module], input_ids: torch.Tensor, repeats: int = 5) -> dict:
+    """Seconds per forward pass over ``input_ids`` (no KV cache) of each model, the models taken
+    round-robin ``repeats`` times after one warm-up round that is not counted: ``{name: stats}``."""
+    times: dict = {n: [] for n in models}
+    for r in range(repeats + 1):
+        for n, m in models.items():
+            t = time_forward(m, input_ids, repeats=1, warmup=0)["median_s"]
+            if r:
+                times[n].append(t)
+    return {n: stats(v) for n, v in times.items()}
+
+
+def table(speed: Mapping):
+    """:func:`compare`'s result as a DataFrame, one row per model: medians and IQRs of prefill and
+    decode tokens/s, their ratios to the reference model, and the spread of the per-round decode ratio."""
+    import pandas as pd
+
+    return pd.DataFrame({n: {"prefill tok/s": v["prefill"]["median"], "prefill IQR": v["prefill"]["iqr"],
+                             "decode tok/s": v["decode"]["median"], "decode IQR": v["decode"]["iqr"],
+                             "prefill vs original": v["prefill_ratio"], "decode vs original": v["decode_ratio"],
+                             "decode ratio IQR": v["decode_ratio_rounds"]["iqr"]}
+                         for n, v in speed.items() if not n.startswith("_")}).T
+
+
+@contextlib.contextmanager
+def timing_setup(models: Mapping[str, torch.nn.Module], threads: int | None = None, mpo_mode: str | None = None):
+    """Every model as it is timed, for the duration of the ``with`` block: 16-bit parameters as exact
+    fp32 copies where this machine has no fast bf16 (``compactify.evaluate.upcast_half``: the same
+    compute dtype for every format), the MPO layers in ``mpo_mode`` (``auto``: per layer the faster
+    of factored and W cached; None: as they are), ``threads`` torch threads (None: as it is). All is
+    put back afterwards. Yields ``{name: what upcast_half did, None where nothing}``."""
+    from .evaluate import upcast_half
+    from .mpo_layer import MPOLinear, inference_mode_set
+
+    kept = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with contextlib.ExitStack() as stack:
+            upcast = {n: stack.enter_context(upcast_half(m)) for n, m in models.items()}
+            for m in models.values():
+                if mpo_mode and any(isinstance(x, MPOLinear) for x in m.modules()):
+                    stack.enter_context(inference_mode_set(m, mpo_mode))
+            yield upcast
+    finally:
+        torch.set_num_threads(kept)
+
+
+def inference_times(models: Mapping[str, torch.nn.Module], tokenizer, cfg: Mapping, tasks, prompt_ids: torch.Tensor,
+                    decode_prompt: str | torch.Tensor) -> dict:
+    """Fig. 4's two timings of every model, under :func:`timing_setup` with the config's
+    ``quantize.speed`` settings: lm-eval's pass over each of ``tasks`` with ``eval.timing_limit``
+    documents (``compactify.evaluate.task_times``, round-robin per task; ``auto``'s one-off decisions
+    left out and returned apart), then batch-1 prefill and decode tokens/s (:func:`compare`).
+    Returns ``{"upcast", "task_seconds", "task_time_vs_original", "decide_seconds", "speed", "threads"}``."""
+    from .evaluate import task_times
+
+    sc = cfg["quantize"]["speed"]
+    decide: dict = {}
+    with timing_setup(models, sc["threads"], sc["mpo_mode"]) as upcast:
+        threads = torch.get_num_threads()
+        seconds = task_times(models, tokenizer, cfg, tasks=tasks, decisions=decide)
+        speed = compare(models, tokenizer, prompt_ids, decode_prompt, new_tokens=sc["new_tokens"],
+                        repeats=sc["repeats"], mpo_mode=sc["mpo_mode"])
+    ref = next(iter(seconds))
+    relative = {n: {t: s / seconds[ref][t] for t, s in seconds[n].items()} for n in seconds}
+    return {"upcast": upcast, "task_seconds": seconds, "task_time_vs_original": relative, "decide_seconds": decide,
+            "speed": speed, "threads": threads}

@@ -214,9 +214,3 @@ def prepare_eval_data(force: bool = False) -> Path:
         write_json(manifest, {"format": FORMAT_VERSION, "package": PACKAGE, "package_version": version,
                               "source": str(root), "shuffle_seed": DATA_SEED, "tasks": counts})
     return render_tasks(data)
-
-
-def manifest() -> dict:
-    """Counts per task and split of the converted data (prepares it if needed)."""
-    prepare_eval_data()
-    return read_json(cache_dir("eval") / "manifest.json")

@@ -7,6 +7,7 @@ Usage::
 
     .venv/bin/python benchmarks/materialize.py     # writes data/results/benchmarks/materialize.json
 """
+import functools
 import statistics
 import time
 
@@ -15,6 +16,7 @@ import torch
 from compactify.config import REPO_ROOT
 from compactify.mpo_layer import MPOLinear
 from compactify.results import save_results
+from compactify.speed import interleaved
 
 SHAPES = {"q/k/v/o 576x576": (576, 576), "gate/up 1536x576": (1536, 576), "down 576x1536": (576, 1536)}
 TOKENS = (1, 32, 128, 512)
@@ -41,12 +43,8 @@ def main(repeats: int = 5) -> dict:
         for n in TOKENS:
             x = torch.randn(n, i, requires_grad=True)
             layers = {"dense": dense, "factored": factored, "materialized": materialized}
-            times = {k: [] for k in layers}
-            for r in range(repeats + 1):          # round 0 warms up; rounds interleave the three layers
-                for k, m in layers.items():
-                    t = fwd_bwd_ms(m, x)
-                    if r:
-                        times[k].append(t)
+            # one warm-up round, then rounds that interleave the three layers
+            times = interleaved({k: functools.partial(fwd_bwd_ms, m, x) for k, m in layers.items()}, rounds=repeats)
             ms = {k: statistics.median(v) for k, v in times.items()}
             rows.append({"shape": name, "tokens": n, "ms": ms, "bond_dims": list(factored.bond_dims),
                          "factored_over_materialized": ms["factored"] / ms["materialized"]})

@@ -38,6 +38,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -51,6 +52,7 @@ from tensorly.tt_matrix import tt_matrix_to_matrix  # noqa: E402
 from compactify.config import REPO_ROOT  # noqa: E402
 from compactify.mpo import MPOLinear, bond_dims, chi_for_ratio, decompose, factorize  # noqa: E402
 from compactify.results import read_json, save_results  # noqa: E402
+from compactify.speed import interleaved  # noqa: E402
 
 SMOL = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 LLAMA = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -87,22 +89,20 @@ def evict_caches():
 
 
 def round_robin(fns: dict, budget_s: float, min_rep=3, max_rep=200, cold=False) -> dict:
-    """Median seconds of each function, calls interleaved; repeats sized to ``budget_s``.
-    ``cold``: evict the caches before every call (not timed)."""
-    first = {}
-    for name, fn in fns.items():  # warm-up call, also the cost estimate
+    """Median and min seconds of each function, calls interleaved (compactify.speed.interleaved);
+    repeats sized to ``budget_s`` from one timed call each. ``cold``: evict the caches before
+    every call (not timed)."""
+    def seconds(fn) -> float:
+        if cold:
+            evict_caches()
         t = time.perf_counter()
         fn()
-        first[name] = time.perf_counter() - t
+        return time.perf_counter() - t
+
+    timed = {name: functools.partial(seconds, fn) for name, fn in fns.items()}
+    first = {name: v[0] for name, v in interleaved(timed, rounds=1, warmup=0).items()}  # also the warm-up
     reps = int(min(max_rep, max(min_rep, budget_s / max(sum(first.values()), 1e-9))))
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            if cold:
-                evict_caches()
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+    times = interleaved(timed, rounds=reps, warmup=0)
     return {"median": {name: statistics.median(ts) for name, ts in times.items()},
             "min": {name: min(ts) for name, ts in times.items()}, "repeats": reps}
 

@@ -224,15 +224,17 @@ def parse(argv):
     ap.add_argument("--blocks", type=int, default=LLAMA2_7B["blocks"])
     for k in ("hidden", "intermediate", "heads", "vocab"):
         ap.add_argument(f"--{k}", type=int, default=None, help=f"override the scaled {k}")
-    ap.add_argument("--ratio", type=float, default=0.3, help="fraction of block-matrix parameters kept")
-    ap.add_argument("--cores", type=int, default=3)
+    ap.add_argument("--ratio", type=float, default=defaults()["tensorize"]["main_keep_ratio"],
+                    help="fraction of block-matrix parameters kept (default: the study's tensorize.main_keep_ratio)")
+    ap.add_argument("--cores", type=int, default=defaults()["mpo"]["cores"], help="MPO cores (default: the study's mpo.cores)")
     ap.add_argument("--prefill-tokens", type=int, default=None, help="default 2048 on cuda, 128 on cpu")
     ap.add_argument("--prompt-tokens", type=int, default=16, help="decode prompt length")
     ap.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 32 cuda, 8 cpu)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--heal-tokens", type=int, default=None, help="tokens per healing step (default 512 cuda, 64 cpu)")
     ap.add_argument("--heal-steps", type=int, default=2, help="timed healing steps after one warm-up step")
-    ap.add_argument("--activation-checkpointing", type=int, default=1, choices=(0, 1), help="as heal's default (1)")
+    ap.add_argument("--activation-checkpointing", type=int, default=1, choices=(0, 1), help="1: recompute each block's activations in the backward pass (at the 7B shape, "
+                    "for memory; the study's heal.activation_checkpointing is off at SmolLM2 size)")
     ap.add_argument("--materialize-from", default="default", help="MPOLinear.materialize_from for the MPO models: "
                     "tokens from which W is rebuilt for one GEMM; 'none': always factored; default: the engine's")
     ap.add_argument("--profile", choices=("7b", "run", "none"), default="7b", help="MPOLinear step profile shapes")
@@ -356,7 +358,7 @@ def run(args, shape: Shape, argv) -> dict:
 
 
 def main(argv=None) -> dict | None:
-    from compactify.scale_plots import save_scale_figure as plot
+    from compactify.figures import save_scale_figure as plot
 
     argv = list(sys.argv[1:] if argv is None else argv)
     ap, args, shape = parse(argv)

@@ -216,7 +216,7 @@ def test_parallel_workers_give_the_same_result(tiny):
 
 
 def test_speed_quality_points_take_each_methods_speed_from_its_formats_roofline_timing():
-    from compactify import frontier_plots as FP
+    from compactify import figures_frontier as FP
 
     def timed(rate, ratio):
         return {"by_threads": {"2": {"decode": {"median": rate}, "decode_ratio_to_fp32": ratio}}}

@@ -350,20 +350,19 @@ def heal_long_figure(r: Mapping, target: float = 3.0) -> plt.Figure:
     return fig
 
 
-_PLAN_FIGURES = ("plan_and_comparison", "sensitivity_heatmap", "sensitivity_panels")
-_EVAL_FIGURES = ("accuracy_bars", "inference_time", "quantize_figure")
-from .figures_mpo import error_vs_kept  # noqa: E402,F401  (notebook 01's summary figure, in figures_mpo.py)
+# The figures that do not fit in this file live in figures_<topic>.py; each is reachable as figures.<name>.
+_ELSEWHERE = {"figures_plan": ("plan_and_comparison", "sensitivity_heatmap", "sensitivity_panels"),  # 02, 03
+              "figures_eval": ("accuracy_bars", "inference_time", "quantize_figure"),  # 04, 06
+              "figures_mpo": ("error_vs_kept",),  # 01
+              "figures_frontier": ("frontier", "matrix_errors", "speed_quality"),  # 07, benchmarks
+              "figures_scale": ("scale_figure", "save_scale_figure"),  # benchmarks/scale.py
+              "figures_pipeline": ("pipeline",)}  # the README's overview
 
 
 def __getattr__(name: str):
-    """The sensitivity and plan figures (notebooks 02, 03; Fig. 5) live in figures_plan.py, the
-    evaluation figures (notebook 06; Figs. 2 and 4) in figures_eval.py."""
-    if name in _PLAN_FIGURES:
-        from . import figures_plan
+    import importlib
 
-        return getattr(figures_plan, name)
-    if name in _EVAL_FIGURES:
-        from . import figures_eval
-
-        return getattr(figures_eval, name)
+    for module, names in _ELSEWHERE.items():
+        if name in names:
+            return getattr(importlib.import_module(f".{module}", __package__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

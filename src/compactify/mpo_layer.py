@@ -309,6 +309,8 @@ class MPOLinear(nn.Module):
             w = self.dense_matrix()
             paths = {"factored": lambda: self.forward_factored(x),
                      "contracted": lambda: nn.functional.linear(x, w, self.bias)}
+            # compactify.speed.interleaved's loop, written out: this class is also copied, torch-only,
+            # into every saved model (compactify.remote_code)
             times: dict[str, list] = {p: [] for p in paths}
             for run in paths.values():  # warm-up: the plan, allocations
                 run()

@@ -79,30 +79,26 @@ def _fig5(r: Path, out: Path) -> None:
 
 
 def _frontier(r: Path, out: Path) -> None:
-    from . import frontier_plots as FP
-
     d = load(r, "07_frontier.json")
-    F.save(FP.frontier(d["points"], d["dense"]), out, "frontier", d["meta"])
+    F.save(F.frontier(d["points"], d["dense"]), out, "frontier", d["meta"])
     for keep in d["settings"]["errors_at"]:
-        F.save(FP.matrix_errors(d["matrices"], keep), out, f"frontier_matrix_errors_{int(round(100 * keep))}", d["meta"])
+        F.save(F.matrix_errors(d["matrices"], keep), out, f"frontier_matrix_errors_{int(round(100 * keep))}", d["meta"])
 
 
 def _pipeline(r: Path, out: Path) -> None:
-    from . import pipeline_figure as PF
+    from .figures_pipeline import measured
 
     d = load(r, "00_baseline.json")  # the run's provenance; the other steps' numbers where they exist
-    F.save(PF.pipeline(PF.measured(r), d["meta"].get("model", "embedded")), out, "pipeline", d["meta"])
+    F.save(F.pipeline(measured(r), d["meta"].get("model", "embedded")), out, "pipeline", d["meta"])
 
 
 def _speed_quality(r: Path, out: Path) -> None:
-    from . import frontier_plots as FP
-
     d = load(r, "07_frontier.json")
     roof = Path(r) / "benchmarks" / "roofline.json"
     if not roof.is_file():
         raise RunInputError(f"{roof} is missing: run benchmarks/roofline.py (make benchmarks).")
     rf = read_json(roof)
-    F.save(FP.speed_quality(d["points"], d["dense"], rf), out, "speed_quality", rf["meta"])
+    F.save(F.speed_quality(d["points"], d["dense"], rf), out, "speed_quality", rf["meta"])
 
 
 def scale_results(results_dir: Path) -> list[dict]:
@@ -112,12 +108,10 @@ def scale_results(results_dir: Path) -> list[dict]:
 
 
 def _scale(r: Path, out: Path) -> None:
-    from .scale_plots import save_scale_figure
-
     runs = scale_results(r)
     if not runs:
         raise RunInputError(f"{Path(r) / 'scale'} has no results: run benchmarks/scale.py (make benchmarks).")
-    save_scale_figure(runs, out, "scale_7b_shape")
+    F.save_scale_figure(runs, out, "scale_7b_shape")
 
 
 def _heal_long(r: Path, out: Path) -> None:

@@ -28,6 +28,7 @@ timings under it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 from typing import Callable, Mapping
@@ -44,6 +45,23 @@ def stats(times: list[float]) -> dict:
         q1 = q3 = xs[0]
     return {"median": statistics.median(xs), "q1": q1, "q3": q3, "iqr": q3 - q1, "min": xs[0], "n": len(xs),
             "values": list(times)}
+
+
+def interleaved(measure: Mapping[str, Callable[[], float]], rounds: int, warmup: int = 1,
+                progress: Callable | None = None) -> dict[str, list]:
+    """Take each measurement (a call that returns a number, e.g. its seconds) round-robin: one of
+    each per round, ``rounds`` counted rounds after ``warmup`` uncounted ones. A load that other
+    jobs put on a shared machine then falls on all alike, so their ratio is fair. Returns
+    ``{name: [value of each counted round]}``. The one round-robin loop of the study (speed,
+    ``MPOLinear``'s ``auto`` decision, the benchmarks). ``progress`` wraps the rounds (a tqdm)."""
+    out: dict[str, list] = {n: [] for n in measure}
+    steps = range(warmup + rounds)
+    for r in steps if progress is None else progress(steps, desc="timing (round-robin)"):
+        for n, f in measure.items():
+            value = f()
+            if r >= warmup:
+                out[n].append(value)
+    return out
 
 
 def _sync(t: torch.Tensor) -> None:
@@ -128,20 +146,17 @@ def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.
         dec_ids = decode_prompt
     pad = 0 if tokenizer is None else tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
-    pre: dict = {n: [] for n in names}
-    dec: dict = {n: [] for n in names}
-    for n in names:  # warm-up: first calls allocate, repack 4-bit weights, build caches
-        models[n].eval()
-        _forward_seconds(models[n], prompt_ids)
-        _generate_seconds(models[n], dec_ids, 2, pad)
-    steps = range(repeats) if progress is None else progress(range(repeats), desc="speed (round-robin)")
-    for _ in steps:
-        for n in names:
-            m = models[n]
-            pre[n].append(prompt_ids.numel() / _forward_seconds(m, prompt_ids))
-            one = _generate_seconds(m, dec_ids, 1, pad)
-            many = _generate_seconds(m, dec_ids, new_tokens, pad)
-            dec[n].append((new_tokens - 1) / max(many - one, 1e-9))
+
+    def one_round(m) -> tuple[float, float]:  # prefill tokens/s; decode tokens/s of the new tokens after the first
+        prefill = prompt_ids.numel() / _forward_seconds(m, prompt_ids)
+        one = _generate_seconds(m, dec_ids, 1, pad)
+        many = _generate_seconds(m, dec_ids, new_tokens, pad)
+        return prefill, (new_tokens - 1) / max(many - one, 1e-9)
+
+    # the warm-up round (not counted): first calls allocate, repack 4-bit weights, build caches
+    rounds = interleaved({n: functools.partial(one_round, models[n].eval()) for n in names}, repeats, progress=progress)
+    pre = {n: [r[0] for r in v] for n, v in rounds.items()}
+    dec = {n: [r[1] for r in v] for n, v in rounds.items()}
     out = {n: {"prefill": stats(pre[n]), "decode": stats(dec[n])} for n in names}
     for n in names:
         for k, rates in (("prefill", pre), ("decode", dec)):
@@ -157,12 +172,8 @@ def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.
 def round_robin_forward(models: Mapping[str, torch.nn.Module], input_ids: torch.Tensor, repeats: int = 5) -> dict:
     """Seconds per forward pass over ``input_ids`` (no KV cache) of each model, the models taken
     round-robin ``repeats`` times after one warm-up round that is not counted: ``{name: stats}``."""
-    times: dict = {n: [] for n in models}
-    for r in range(repeats + 1):
-        for n, m in models.items():
-            t = time_forward(m, input_ids, repeats=1, warmup=0)["median_s"]
-            if r:
-                times[n].append(t)
+    once = {n: (lambda m=m: time_forward(m, input_ids, repeats=1, warmup=0)["median_s"]) for n, m in models.items()}
+    times = interleaved(once, rounds=repeats)
     return {n: stats(v) for n, v in times.items()}
 
 

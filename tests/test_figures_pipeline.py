@@ -1,10 +1,10 @@
-"""The pipeline overview (compactify.pipeline_figure): each step's number comes from its result
+"""The pipeline overview (compactify.figures_pipeline): each step's number comes from its result
 file, a missing file says so instead of breaking the figure."""
 from __future__ import annotations
 
 import shutil
 
-from compactify import pipeline_figure as PF
+from compactify import figures_pipeline as PF
 from compactify.config import REPO_ROOT
 
 RESULTS = REPO_ROOT / "data" / "results"

@@ -85,7 +85,9 @@ def test_05_healing_ratio_interval_and_speed(tmp_path):
     assert f"divided by {1 / r['ppl_ratio']:,.2f} [95% CI {1 / r['ppl_ratio_hi']:,.2f}, {1 / r['ppl_ratio_lo']:,.2f}]" in text
     assert f"{d['speed_ratio_tensorized_vs_dense']:.2f}x the dense model's tokens/s" in text and "about 2.0x" in text
     if d.get("improved"):
-        assert "Healed alike, the activation-aware start reaches" in text
+        own = d["improved"].get("lr") not in (None, d["settings"]["lr"])
+        lr = f" (at its own peak rate, {d['improved']['lr']:.0e})" if own else ""
+        assert f"Healed alike{lr}, the activation-aware start reaches" in text
     d.pop("improved", None)
     assert "No activation-aware start healed in this run" in T.takeaway("05", write(tmp_path, "05_heal.json", d))
 

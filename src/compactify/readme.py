@@ -89,7 +89,7 @@ def headline(r: Path) -> str:
     imp = h.get("improved") or {}
     if imp.get("after"):
         pn = imp["paired_nll_vs_tt_svd"]
-        own = f" at its own peak rate {imp['lr']:g}" if imp.get("lr") and imp["lr"] != hs["lr"] else ""
+        own = f" at its own peak rate {imp['lr']:.0e}" if imp.get("lr") and imp["lr"] != hs["lr"] else ""
         out.append(f"The activation-aware start heals to {_ppl(imp['after']['perplexity'])} with the same recipe{own}: "
                    + ", ".join(f"x{math.exp(p['diff']):.2f} [{math.exp(p['lo']):.2f}, {math.exp(p['hi']):.2f}] "
                                f"the TT-SVD start's perplexity on {x}" for x, p in pn.items())

@@ -273,9 +273,11 @@ def claims(results_dir: Path) -> list[dict]:
                                                          f"process(es), {heal['heal'].get('compute', 'fp32')})",
                      "at_scale": (f"{sc['ratios']['heal_tokens_per_s']:.2f}x tokens/s, {sc['ratios']['heal_peak_memory']:.2f}x "
                                   f"peak memory ({where})") if sc else "",
-                     # one pair of runs, no interval: a ratio within 10% of 1 is not called faster or slower
-                     "verdict": "reproduced" if r >= 1.8 else ("faster, less than 2x" if r > 1.1 else
-                                                               "not reproduced (within 10% of dense, one pair of runs)")})
+                     # one pair of sequential runs, no interval; two reference runs of the same healing code gave
+                     # 1.02x and 1.16x, so a ratio within 20% of 1 is not called faster or slower
+                     "verdict": "reproduced" if r >= 1.8 else ("faster, less than 2x" if r > 1.2 else
+                                                               "not reproduced (within 20% of dense: one pair of "
+                                                               "sequential runs, reruns spread by ~15%)")})
     if sens:
         key = next((k for k in sens["claims"] if k.startswith("ratio_")), None)
         c = sens["claims"][key] if key else None

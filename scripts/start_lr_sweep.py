@@ -27,7 +27,6 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
     args = ap.parse_args(argv)
 
-
     from compactify import compare as C
     from compactify import run
     from compactify.config import load_config, parse_overrides, run_dir

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""The recovery curve across compression: how close to dense does each start heal at each budget?
+
+The reference run heals one budget (notebook 03's main model, 30% of the block parameters kept).
+This builds the same sensitivity plan at other budgets (``--keeps``, fraction of the block
+parameters kept) from notebook 02's profile, with both starts of notebook 03 (the paper's TT-SVD
+MPO and the activation-aware MPO, same bonds), heals each with notebook 05's recipe and tokens,
+each start at its own peak rate (``heal.lr``, ``heal.improved_lr``), and scores the held-out texts
+before and after, paired against the dense model (notebook 00's windows). The 30% points are the
+reference run's own (``05_heal.json``). Results go to ``data/results/heal/recovery_curve.json``
+after every healing (atomic), so an interrupted run keeps what it measured; a rerun resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    ap.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.7])
+    ap.add_argument("--starts", nargs="+", default=["tt_svd", "activation_aware"])
+    ap.add_argument("--tokens", type=int, default=None, help="healing tokens per start (default: heal.tokens, as notebook 05)")
+    ap.add_argument("--out", default=str(ROOT / "data" / "results" / "heal" / "recovery_curve.json"))
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
+    args = ap.parse_args(argv)
+
+    from compactify import compare as C, heal_study, run, sensitivity as S, tensorize_study as T
+    from compactify import aa_init
+    from compactify.config import load_config, parse_overrides, run_dir
+    from compactify.models import load_model, save_model_dir
+    from compactify.perplexity import heldout_ids_for, heldout_perplexities
+    from compactify.results import read_json, save_results
+
+    cfg = load_config(args.config, parse_overrides(args.set))
+    tc, hc, cores = cfg["tensorize"], cfg["heal"], cfg["mpo"]["cores"]
+    dense_ppl = read_json(run.require(cfg, "baseline"))["baseline"]["perplexity_texts"]
+    heal05 = read_json(run.require(cfg, "heal"))
+    profile = read_json(run.require(cfg, "sensitivity"))
+    dense, tok = load_model(cfg["model"], dtype=cfg["dtype"])
+    heldout = heldout_ids_for(tok, cfg)
+    choices = S.choices_from_profile(dense, profile["panel"] + profile["heatmap"], ratios=tc["ratio_grid"], cores=cores,
+                                     allow_dense=tc["allow_dense"], dense_types=["down"] if tc["leave_down_dense"] else [])
+    lrs = {"tt_svd": float(hc["lr"]), "activation_aware": float(hc["improved_lr"] or hc["lr"])}
+    heal_cfg = copy.deepcopy(cfg)
+    if args.tokens:  # after the inputs were checked against the config they were made with
+        heal_cfg["heal"].update(tokens=int(args.tokens), steps=None)
+
+    def versus_dense(ppl: dict) -> dict:
+        return {x: C.compare_nll(dense_ppl[x], p, "dense", "compressed") for x, p in ppl.items()}
+
+    out = Path(args.out)
+    done = read_json(out) if out.is_file() else {}
+    points = [p for p in done.get("points", []) if p["source"] == "scripts/recovery_curve.py"]
+    for start, key in (("tt_svd", "after"), ("activation_aware", None)):  # the reference run's own budget
+        after = heal05[key] if key else (heal05.get("improved") or {}).get("after")
+        if after:
+            points.append({"keep": tc["main_keep_ratio"], "start": start, "lr": lrs[start], "source": "05_heal.json",
+                           "tokens": heal05["heal"]["plan"]["tokens"], "after": after["perplexity_texts"],
+                           "after_vs_dense": versus_dense(after["perplexity_texts"])})
+    work = run_dir(cfg) / "recovery"
+    for keep in args.keeps:
+        plan = T.plans(choices, keep, len(dense.model.layers), cores, tc["leave_down_dense"])[0][tc["main_plan"]]
+        for start in args.starts:
+            if any(p["keep"] == keep and p["start"] == start for p in points):
+                continue  # measured by an earlier invocation
+            if start == "tt_svd":
+                model = aa_init.tensorize_from_config(copy.deepcopy(dense), tok, plan, _init(cfg, "tt_svd"))
+            else:
+                model = T.improved_start(dense, tok, plan, _init(cfg, start, compare=True))[0]
+            before = heldout_perplexities(model, tok, heldout, cfg)
+            start_dir = save_model_dir(model, tok, work / f"keep{keep:g}_{start}" / "start")
+            del model
+            healed = heal_study.heal_start(start_dir, work / f"keep{keep:g}_{start}" / "heal", heal_cfg,
+                                           lr=lrs[start])
+            after = heldout_perplexities(load_model(Path(healed["healed_model"]))[0], tok, heldout, cfg)
+            points.append({"keep": keep, "start": start, "lr": lrs[start], "source": "scripts/recovery_curve.py",
+                           "tokens": healed["plan"]["tokens"], "before": before, "after": after,
+                           "before_vs_dense": versus_dense(before), "after_vs_dense": versus_dense(after),
+                           "heal": heal_study.speed_record(healed)})
+            r = points[-1]["after_vs_dense"]["brown-heldout"]
+            print(f"keep {keep:g}, {start}: brown-heldout {before['brown-heldout']['ppl']:,.1f} -> "
+                  f"{after['brown-heldout']['ppl']:,.1f} = x{r['ppl_ratio']:.2f} [{r['ppl_ratio_lo']:.2f}, "
+                  f"{r['ppl_ratio_hi']:.2f}] dense", flush=True)
+            save_results(out, {"plan": tc["main_plan"], "dense": dense_ppl, "points": points}, cfg, device="cpu")
+    print(f"recovery curve: wrote {out}")
+    return 0
+
+
+def _init(cfg, init: str, compare: bool = False) -> dict:
+    """``cfg`` with ``tensorize.init`` (or, for the improved start, ``tensorize.compare_init``) set to ``init``."""
+    out = copy.deepcopy(cfg)
+    out["tensorize"]["compare_init" if compare else "init"] = init
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,10 @@ parameters kept) from notebook 02's profile, with both starts of notebook 03 (th
 MPO and the activation-aware MPO, same bonds), heals each with notebook 05's recipe and tokens,
 each start at its own peak rate (``heal.lr``, ``heal.improved_lr``), and scores the held-out texts
 before and after, paired against the dense model (notebook 00's windows). The 30% points are the
-reference run's own (``05_heal.json``). Results go to ``data/results/heal/recovery_curve.json``
+reference run's own (``05_heal.json``). ``--starts asvd`` adds the low-rank peer (the
+activation-aware SVD within each MPO's budget, ``tensorize.init: asvd``); it has no rate of its
+own in the config, so ``--sweep 3e-4 1e-3`` first heals it at each rate for ``--sweep-tokens`` at
+the main budget and keeps the best (recorded under ``lr_sweeps``). Results go to ``data/results/heal/recovery_curve.json``
 after every healing (atomic), so an interrupted run keeps what it measured; a rerun resumes.
 """
 from __future__ import annotations
@@ -26,6 +29,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.7])
     ap.add_argument("--starts", nargs="+", default=["tt_svd", "activation_aware"])
     ap.add_argument("--tokens", type=int, default=None, help="healing tokens per start (default: heal.tokens, as notebook 05)")
+    ap.add_argument("--sweep", type=float, nargs="*", default=[], metavar="LR",
+                    help="peak rates to try for a start without one in the config (asvd)")
+    ap.add_argument("--sweep-tokens", type=int, default=32768, help="healing tokens per rate of --sweep")
     ap.add_argument("--out", default=str(ROOT / "data" / "results" / "heal" / "recovery_curve.json"))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
     args = ap.parse_args(argv)
@@ -47,6 +53,9 @@ def main(argv=None) -> int:
     choices = S.choices_from_profile(dense, profile["panel"] + profile["heatmap"], ratios=tc["ratio_grid"], cores=cores,
                                      allow_dense=tc["allow_dense"], dense_types=["down"] if tc["leave_down_dense"] else [])
     lrs = {"tt_svd": float(hc["lr"]), "activation_aware": float(hc["improved_lr"] or hc["lr"])}
+    unknown = set(args.starts) - {"tt_svd", "activation_aware", "asvd"}
+    if unknown:
+        ap.error(f"unknown start(s) {sorted(unknown)}: use tt_svd, activation_aware, asvd")
     heal_cfg = copy.deepcopy(cfg)
     if args.tokens:  # after the inputs were checked against the config they were made with
         heal_cfg["heal"].update(tokens=int(args.tokens), steps=None)
@@ -64,15 +73,31 @@ def main(argv=None) -> int:
                            "tokens": heal05["heal"]["plan"]["tokens"], "after": after["perplexity_texts"],
                            "after_vs_dense": versus_dense(after["perplexity_texts"])})
     work = run_dir(cfg) / "recovery"
-    for keep in args.keeps:
+
+    def build(start: str, keep: float):
         plan = T.plans(choices, keep, len(dense.model.layers), cores, tc["leave_down_dense"])[0][tc["main_plan"]]
+        if start == "activation_aware":
+            return T.improved_start(dense, tok, plan, _init(cfg, start, compare=True))[0]
+        return aa_init.tensorize_from_config(copy.deepcopy(dense), tok, plan, _init(cfg, start))
+
+    sweeps = done.get("lr_sweeps", {})
+    for start in [s for s in args.starts if s not in lrs]:
+        if start not in sweeps:
+            if not args.sweep:
+                ap.error(f"the {start} start has no peak rate in the config: pass --sweep 3e-4 1e-3 to measure one")
+            start_dir = save_model_dir(build(start, tc["main_keep_ratio"]), tok, work / f"sweep_{start}" / "start")
+            sweeps[start] = {"keep": tc["main_keep_ratio"], **heal_study.lr_sweep(
+                start_dir, work / f"sweep_{start}", cfg, args.sweep, args.sweep_tokens, heldout)}
+            save_results(out, {"plan": tc["main_plan"], "dense": dense_ppl, "points": points, "lr_sweeps": sweeps},
+                         cfg, device="cpu")
+        lrs[start] = sweeps[start]["best"]
+        print(f"{start}: peak rate {lrs[start]:g} (best of {', '.join(sweeps[start]['lrs'])} at "
+              f"{sweeps[start]['tokens']:,} tokens on {sweeps[start]['judged_on']})", flush=True)
+    for keep in args.keeps:
         for start in args.starts:
             if any(p["keep"] == keep and p["start"] == start for p in points):
                 continue  # measured by an earlier invocation
-            if start == "tt_svd":
-                model = aa_init.tensorize_from_config(copy.deepcopy(dense), tok, plan, _init(cfg, "tt_svd"))
-            else:
-                model = T.improved_start(dense, tok, plan, _init(cfg, start, compare=True))[0]
+            model = build(start, keep)
             before = heldout_perplexities(model, tok, heldout, cfg)
             start_dir = save_model_dir(model, tok, work / f"keep{keep:g}_{start}" / "start")
             del model
@@ -87,7 +112,8 @@ def main(argv=None) -> int:
             print(f"keep {keep:g}, {start}: brown-heldout {before['brown-heldout']['ppl']:,.1f} -> "
                   f"{after['brown-heldout']['ppl']:,.1f} = x{r['ppl_ratio']:.2f} [{r['ppl_ratio_lo']:.2f}, "
                   f"{r['ppl_ratio_hi']:.2f}] dense", flush=True)
-            save_results(out, {"plan": tc["main_plan"], "dense": dense_ppl, "points": points}, cfg, device="cpu")
+            save_results(out, {"plan": tc["main_plan"], "dense": dense_ppl, "points": points, "lr_sweeps": sweeps},
+                         cfg, device="cpu")
     print(f"recovery curve: wrote {out}")
     return 0
 

@@ -363,6 +363,42 @@ def test_activation_aware_save_load_and_mixed(tmp_path):
                     aa_options={**AA_OPTIONS, "inner": 3})
 
 
+def test_asvd_is_the_low_rank_peer_within_each_mpo_budget(tmp_path):
+    """init='asvd': every planned matrix becomes the activation-aware rank-r factorisation that
+    fits in its MPO's parameters, stored as a 2-core MPO of trivial factors, saved and loaded like one."""
+    from compactify.lowrank import LowRank, activation_error
+
+    mpo, low = model_of(llama2_shaped()), model_of(llama2_shaped())
+    dense = {n: m.weight.detach().clone() for n, m in low.named_modules() if isinstance(m, torch.nn.Linear)}
+    stats = anisotropic_stats(low)
+    T.tensorize(mpo, MIXED_PLAN)
+    T.tensorize(low, MIXED_PLAN, init="asvd", stats=stats, calibration={"split": "synthetic", "tokens": 512})
+    info = low.config.compactify
+    assert info["init"] == "asvd" and info["activation_aware"] == {"method": "asvd", "calibration": {"split": "synthetic", "tokens": 512}}
+    assert low.num_parameters() <= mpo.num_parameters()
+    for b, m, _ in MIXED_PLAN.items():
+        name = f"model.layers.{b}.{T.MATRICES[m]}"
+        W, C, layer = dense[name], stats[(b, m)], low.get_submodule(name)
+        out, inp = W.shape
+        (r,) = layer.bond_dims
+        assert (list(layer.out_factors), list(layer.in_factors)) == ([out, 1], [1, inp])
+        assert r * (out + inp) <= mpo.get_submodule(name).num_params < (r + 1) * (out + inp)  # the largest rank that fits
+        approx = layer.to_mpo().to_matrix()
+        assert torch.linalg.matrix_rank(approx.detach(), rtol=1e-4) == r  # fp32 round-off aside
+        assert torch.allclose(approx, LowRank(W, C, aware=True).rank(r).weight, atol=1e-5)
+        e_aware, e_plain = activation_error(W, approx, C), activation_error(W, LowRank(W).rank(r).weight, C)
+        assert e_aware < e_plain and info["activation_errors"][name] == {"aa": pytest.approx(e_aware, abs=2e-4),
+                                                                         "plain": pytest.approx(e_plain, abs=2e-4)}
+        x = torch.randn(3, inp)
+        assert torch.allclose(layer(x), x @ approx.T, atol=1e-4)
+    ref = logits(low)
+    low.save_pretrained(tmp_path)
+    loaded = T.load_compressed(tmp_path)
+    assert torch.equal(logits(loaded), ref) and loaded.config.compactify["init"] == "asvd"
+    with pytest.raises(T.aa_init.InitError, match="init='asvd', which has none"):
+        T.tensorize(model_of(llama2_shaped()), MIXED_PLAN, init="asvd", stats=stats, aa_options=AA_OPTIONS)
+
+
 def _stats_without_block_1(model):
     return {k: v for k, v in anisotropic_stats(model).items() if k[0] != 1}
 

@@ -13,6 +13,14 @@ parameter count, the saved config (factors and bonds per module), loading and he
 same as for a TT-SVD model; only the core values differ. AAMPO takes a parameter budget, so
 the bonds are reached through the budget those bonds spend (:func:`decompose`), and checked.
 
+``init="asvd"`` is the strongest low-rank peer of the MPO (SVD-LLM-style activation-aware SVD,
+:class:`compactify.lowrank.LowRank`): each planned matrix becomes ``W ~ A B`` of the largest rank
+whose ``r * (out + in)`` parameters fit in what the plan's MPO would spend, fitted to the same
+calibration inputs. It is stored as a 2-core MPO whose first core holds all outputs and the second
+all inputs (factors ``(out, 1)`` and ``(1, in)``, bond ``r``): exactly a rank-``r`` factorisation, so
+it is saved, loaded, healed and sized by the same code as every MPO model, and compared with the
+MPOs at (at most) the same parameters.
+
 Everything here is checked before :func:`~compactify.tensorize.tensorize` changes anything
 (:func:`prepare`): an unknown init, stats missing for a planned matrix or of the wrong shape,
 unknown options. The config records ``init`` (``tt_svd``, ``activation_aware``, or ``mixed``
@@ -36,7 +44,7 @@ import torch
 from .aa_mpo import AAMPO
 from .mpo import MPO, count_params, factorize
 
-INITS = ("tt_svd", "activation_aware")
+INITS = ("tt_svd", "activation_aware", "asvd")
 OPTIONS = {k: p.default for k, p in inspect.signature(AAMPO.__init__).parameters.items()
            if k in ("sweeps", "inner", "damping")}  # AAMPO's own defaults, used where none are given
 
@@ -51,8 +59,11 @@ class AAInit:
     stats: Mapping
     options: dict
     calibration: dict | None
+    init: str = "activation_aware"
 
     def record(self) -> dict:
+        if self.init == "asvd":
+            return {"method": "asvd", "calibration": self.calibration}
         return {**self.options, "calibration": self.calibration}
 
 
@@ -123,7 +134,10 @@ def prepare(init: str, targets, stats: Mapping | None, options: Mapping | None, 
             raise InitError(f"Plan entry '{key}' ({name}) gives an MPO larger than the dense matrix (bonds "
                             f"{list(bonds)}); the activation-aware fit works within a parameter budget <= dense. "
                             "Use a smaller chi, or init='tt_svd' for this plan. Nothing was changed.")
-    aa = AAInit(stats, _options(options), None if calibration is None else dict(calibration))
+    if init == "asvd" and options is not None:
+        raise InitError(f"aa_options={dict(options)} given with init='asvd', which has none (its damping is "
+                        "compactify.lowrank.LowRank's): leave them out, or use init='activation_aware'.")
+    aa = AAInit(stats, _options(options), None if calibration is None else dict(calibration), init)
     before = (info or {}).get("activation_aware")
     if before is not None and (info or {}).get("activation_errors") and before != aa.record():
         raise InitError(f"This model already holds activation-aware MPOs fitted with {before}; these would use "
@@ -138,9 +152,13 @@ def _key(key: str) -> tuple[int, str]:
 
 def decompose(aa: AAInit, key: str, weight: torch.Tensor, cores: int, bonds) -> tuple[MPO, dict]:
     """The activation-aware MPO of one planned matrix with exactly ``bonds`` (the plain TT-SVD's),
-    and ``{"aa": its relative activation error, "plain": the TT-SVD's at the same bonds}``."""
+    and ``{"aa": its relative activation error, "plain": the TT-SVD's at the same bonds}``; for
+    ``init="asvd"`` the activation-aware rank-``r`` factorisation within the same budget (see the
+    module's docstring) and ``{"aa": its error, "plain": the plain truncated SVD's at rank r}``."""
     out, inp = weight.shape
     keep = min(1.0, _budget(out, inp, bonds) + 0.5 / (out * inp))  # the budget these bonds spend (+ half a parameter: rounding)
+    if aa.init == "asvd":
+        return _asvd(weight, aa.stats[_key(key)], keep)
     comp = AAMPO(weight, aa.stats[_key(key)], cores=cores, **aa.options).at(keep)
     mpo = comp.factors
     if tuple(mpo.bond_dims) != tuple(bonds):
@@ -149,12 +167,33 @@ def decompose(aa: AAInit, key: str, weight: torch.Tensor, cores: int, bonds) -> 
     return mpo, {"aa": round(comp.info["act_error"], 6), "plain": round(comp.info["act_error_plain"], 6)}
 
 
+def _asvd(weight: torch.Tensor, C: torch.Tensor, keep: float) -> tuple[MPO, dict]:
+    """The activation-aware SVD of ``weight`` at the largest rank within ``keep``, as a 2-core MPO."""
+    from .lowrank import LowRank, activation_error, lowrank_rank
+
+    weight = weight.detach()
+    out, inp = weight.shape
+    r = lowrank_rank((out, inp), keep)
+    A, B = LowRank(weight, C, aware=True).rank(r).factors
+    plain = LowRank(weight, aware=False).rank(r).weight
+    mpo = MPO([A.reshape(1, out, 1, r).contiguous(), B.reshape(r, 1, inp, 1).contiguous()])
+    return mpo, {"aa": round(activation_error(weight, A @ B, C), 6), "plain": round(activation_error(weight, plain, C), 6)}
+
+
+def is_lowrank(spec: Mapping) -> bool:
+    """A module record (``config.compactify["modules"][name]``) of a rank-r factorisation: two
+    cores, all outputs on the first and all inputs on the second (what ``init="asvd"`` builds)."""
+    return len(spec["out_factors"]) == 2 and spec["out_factors"][1] == 1 and spec["in_factors"][0] == 1
+
+
 def sync(info: Mapping, modules: Mapping) -> dict:
     """The init keys of ``config.compactify`` for the MPO ``modules`` now in the model (called by
-    :func:`compactify.tensorize._sync`): a module is activation-aware iff it has an entry in
-    ``activation_errors``."""
+    :func:`compactify.tensorize._sync`): a module is ``asvd`` if it is a rank-r factorisation
+    (:func:`is_lowrank`), else activation-aware iff it has an entry in ``activation_errors``."""
     act = {k: v for k, v in (info.get("activation_errors") or {}).items() if k in modules}
-    init = "tt_svd" if not act else "activation_aware" if len(act) == len(modules) else "mixed"
+    kinds = {"asvd" if is_lowrank(spec) else "activation_aware" if name in act else "tt_svd"
+             for name, spec in modules.items()}
+    init = kinds.pop() if len(kinds) == 1 else "mixed"
     return {"init": init, **({"activation_aware": info.get("activation_aware"), "activation_errors": act} if act else {})}
 
 
@@ -193,4 +232,4 @@ def tensorize_from_config(model, tokenizer, plan, cfg: Mapping, progress: bool =
         return tensorize(model, plan, progress=progress, errors=errors)
     stats, calibration = activation_stats(model, tokenizer, cfg, plan, progress)
     return tensorize(model, plan, progress=progress, errors=errors, init=init, stats=stats,
-                     aa_options=options_from_config(cfg), calibration=calibration)
+                     aa_options=options_from_config(cfg) if init == "activation_aware" else None, calibration=calibration)

@@ -257,7 +257,9 @@ def tensorize(model: nn.Module, plan: Plan, progress: bool = False, errors: bool
     LLaMA-7B matrix) in ``model.config.compactify["relative_errors"]``.
     ``init="activation_aware"`` fits each MPO, at the same bonds, to the layer's calibration
     inputs (``stats[(block, matrix)] = C``; ``aa_options``: AAMPO's sweeps/inner/damping;
-    ``calibration``: a record of the text, kept in the config): see :mod:`compactify.aa_init`."""
+    ``calibration``: a record of the text, kept in the config); ``init="asvd"`` puts the
+    activation-aware low-rank factorisation within each MPO's budget in its place instead (the
+    low-rank peer, a 2-core MPO of trivial factors): see :mod:`compactify.aa_init`."""
     targets = check_plan(model, plan)
     info = copy.deepcopy(getattr(model.config, "compactify", None))
     aa = aa_init.prepare(init, targets, stats, aa_options, calibration, info)

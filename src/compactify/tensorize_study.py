@@ -74,8 +74,9 @@ def improved_start(dense, tokenizer, plan: Plan, cfg: Mapping) -> tuple[object, 
     cores fitted to the matrices' calibration inputs), and the seconds it took, calibration included."""
     t0 = time.perf_counter()
     stats, calibration = aa_init.activation_stats(dense, tokenizer, cfg, plan)
-    model = tensorize(copy.deepcopy(dense), plan, init=cfg["tensorize"]["compare_init"], stats=stats,
-                      aa_options=aa_init.options_from_config(cfg), calibration=calibration)
+    init = cfg["tensorize"]["compare_init"]
+    model = tensorize(copy.deepcopy(dense), plan, init=init, stats=stats, calibration=calibration,
+                      aa_options=aa_init.options_from_config(cfg) if init == "activation_aware" else None)
     return model, time.perf_counter() - t0
 
 

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from compactify.config import load_config, parse_overrides, run_dir
     from compactify.models import load_model, save_model_dir
     from compactify.perplexity import heldout_ids_for, heldout_perplexities
-    from compactify.results import read_json, save_results
+    from compactify.results import git_commit, read_json, save_results
 
     cfg = load_config(args.config, parse_overrides(args.set))
     tc, hc, cores = cfg["tensorize"], cfg["heal"], cfg["mpo"]["cores"]
@@ -66,12 +66,16 @@ def main(argv=None) -> int:
     out = Path(args.out)
     done = read_json(out) if out.is_file() else {}
     points = [p for p in done.get("points", []) if p["source"] == "scripts/recovery_curve.py"]
+    t03 = read_json(run.require(cfg, "tensorize"))
+    befores = {"tt_svd": heal05["before"], "activation_aware": (t03.get("improved") or {}).get("evaluation")}
     for start, key in (("tt_svd", "after"), ("activation_aware", None)):  # the reference run's own budget
         after = heal05[key] if key else (heal05.get("improved") or {}).get("after")
         if after:
+            before = befores[start]["perplexity_texts"] if befores[start] else None
             points.append({"keep": tc["main_keep_ratio"], "start": start, "lr": lrs[start], "source": "05_heal.json",
                            "tokens": heal05["heal"]["plan"]["tokens"], "after": after["perplexity_texts"],
-                           "after_vs_dense": versus_dense(after["perplexity_texts"])})
+                           "after_vs_dense": versus_dense(after["perplexity_texts"]),
+                           **({"before": before, "before_vs_dense": versus_dense(before)} if before else {})})
     work = run_dir(cfg) / "recovery"
 
     def build(start: str, keep: float):
@@ -105,6 +109,7 @@ def main(argv=None) -> int:
                                            lr=lrs[start])
             after = heldout_perplexities(load_model(Path(healed["healed_model"]))[0], tok, heldout, cfg)
             points.append({"keep": keep, "start": start, "lr": lrs[start], "source": "scripts/recovery_curve.py",
+                           "commit": git_commit(),
                            "tokens": healed["plan"]["tokens"], "before": before, "after": after,
                            "before_vs_dense": versus_dense(before), "after_vs_dense": versus_dense(after),
                            "heal": heal_study.speed_record(healed)})

@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     done = read_json(out) if out.is_file() else {}
     points = [p for p in done.get("points", []) if p["source"] == "scripts/recovery_curve.py"]
+    for p in points:  # points of a file written before points carried their commit: the file's commit measured them
+        p.setdefault("commit", done["meta"]["git_commit"])
     t03 = read_json(run.require(cfg, "tensorize"))
     befores = {"tt_svd": heal05["before"], "activation_aware": (t03.get("improved") or {}).get("evaluation")}
     for start, key in (("tt_svd", "after"), ("activation_aware", None)):  # the reference run's own budget

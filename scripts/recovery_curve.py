@@ -33,6 +33,7 @@ def main(argv=None) -> int:
                     help="peak rates to try for a start without one in the config (asvd)")
     ap.add_argument("--sweep-tokens", type=int, default=32768, help="healing tokens per rate of --sweep")
     ap.add_argument("--out", default=str(ROOT / "data" / "results" / "heal" / "recovery_curve.json"))
+    ap.add_argument("--figure", default=str(ROOT / "figures" / "recovery_curve.png"))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
     args = ap.parse_args(argv)
 
@@ -121,7 +122,11 @@ def main(argv=None) -> int:
                   f"{r['ppl_ratio_hi']:.2f}] dense", flush=True)
             save_results(out, {"plan": tc["main_plan"], "dense": dense_ppl, "points": points, "lr_sweeps": sweeps},
                          cfg, device="cpu")
-    print(f"recovery curve: wrote {out}")
+    from compactify import figures
+
+    fig = figures.save(figures.recovery_figure(read_json(out)), Path(args.figure).parent, Path(args.figure).stem,
+                       read_json(out)["meta"])
+    print(f"recovery curve: wrote {out} and {fig}")
     return 0
 
 

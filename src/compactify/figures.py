@@ -290,73 +290,14 @@ def heal_figure(loss_curve: Sequence[Mapping], speed: Mapping[str, Mapping],
     return fig
 
 
-def heal_long_figure(r: Mapping, target: float = 3.0) -> plt.Figure:
-    """The long healing run (``scripts/heal_long.py``). Left: held-out perplexity of the healed
-    model against healing tokens, log-log, one line per held-out text with its dense level
-    (dashed) and the issue's target (dotted, ``target`` x dense on the primary text); open circles
-    are full healing runs of the same start, each with its own complete cosine schedule (a point
-    inside the long run was measured at a higher learning rate). Right: the training loss."""
-    import numpy as np
-
-    apply_style()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.6), gridspec_kw={"width_ratios": [1.45, 1]})
-    points = [p for p in r["points"] if p["tokens"] > 0]
-    texts = list(r["dense"])
-    colors = dict(zip(texts, ("#d94701", "#2171b5", "#31a354")))
-    start = next((p for p in r["points"] if p["tokens"] == 0), None)
-    for t in texts:
-        x, y = [p["tokens"] for p in points], [p["perplexity"][t]["ppl"] for p in points]
-        a.plot(x, y, marker="o", ms=3, color=colors[t], label=f"{t} ({r['dense'][t]['tokens']:,} tokens)")
-        a.axhline(r["dense"][t]["ppl"], ls="--", lw=1, color=colors[t])
-        a.annotate(f"x{y[-1] / r['dense'][t]['ppl']:.3g}\ndense", (x[-1], y[-1]), xytext=(5, 0),
-                   textcoords="offset points", fontsize=7, color=colors[t], ha="left", va="center")
-        a.text(x[0], r["dense"][t]["ppl"], f" dense {r['dense'][t]['ppl']:.1f}", fontsize=7, color=colors[t],
-               va="top", ha="left")
-    first = texts[0]
-    a.axhline(target * r["dense"][first]["ppl"], ls=":", lw=1, color="0.3")
-    a.text(points[0]["tokens"], target * r["dense"][first]["ppl"], f" target {target:g}x dense ({first})",
-           fontsize=7, color="0.3", va="bottom", ha="left")
-    full = r.get("earlier_full_runs") or []
-    if full:
-        a.plot([e["tokens"] for e in full], [e["ppl"] for e in full], ls="none", marker="o", ms=6, mfc="none",
-               mec=colors[first], mew=1.2, label=f"separate full run{'s' if len(full) > 1 else ''} ({first})")
-    a.set_xscale("log")
-    a.set_yscale("log")
-    a.set_xlim(right=points[-1]["tokens"] * 1.9)  # room for the last points' labels
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    a.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 20, 50, 100, 200: labels within one decade too
-    a.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    a.yaxis.set_minor_formatter(NullFormatter())
-    a.set_xlabel("healing tokens")
-    a.set_ylabel("held-out perplexity")
-    before = f"; before healing {short_number(start['perplexity'][first]['ppl'])}" if start else ""
-    a.set_title(f"held-out perplexity while healing{before}", fontsize=9)
-    a.legend(fontsize=7, loc="upper right")
-    curve = r["heal"]["curve"]
-    x = np.array([p["tokens"] for p in curve], dtype=float)
-    y = np.array([p["lm_loss"] for p in curve], dtype=float)
-    k = max(1, len(y) // 50)  # a running mean over ~2% of the run, so the trend shows through the noise
-    b.plot(x, y, color="0.75", lw=0.6, label="per step")
-    if len(y) > k:
-        b.plot(x[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), color="#d94701", lw=1.4,
-               label=f"mean of {k} steps")
-    b.set_xscale("log")
-    b.set_xlabel("healing tokens")
-    b.set_ylabel("next-token loss (nats/token)")
-    b.set_title(f"training loss (peak lr {r['lr']:g}, cosine)", fontsize=9)
-    b.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
 # The figures that do not fit in this file live in figures_<topic>.py; each is reachable as figures.<name>.
 _ELSEWHERE = {"figures_plan": ("plan_and_comparison", "sensitivity_heatmap", "sensitivity_panels"),  # 02, 03
               "figures_eval": ("accuracy_bars", "inference_time", "quantize_figure"),  # 04, 06
               "figures_mpo": ("error_vs_kept",),  # 01
               "figures_frontier": ("frontier", "matrix_errors", "speed_quality"),  # 07, benchmarks
               "figures_scale": ("scale_figure", "save_scale_figure"),  # benchmarks/scale.py
-              "figures_pipeline": ("pipeline",)}  # the README's overview
+              "figures_pipeline": ("pipeline",),  # the README's overview
+              "figures_heal": ("heal_long_figure", "recovery_figure")}  # scripts/heal_long.py, recovery_curve.py
 
 
 def __getattr__(name: str):

@@ -192,8 +192,36 @@ def heal_long(r: Path) -> str:
             f"{pts[-1]['tokens'] / 1e3:,.0f}k, the schedule's low-rate end): {slope:.2f}.")
 
 
+def recovery(r: Path) -> str:
+    """``scripts/recovery_curve.py``: before and after equal healing at each budget and start, and
+    each start's healed perplexity paired against the paper's TT-SVD start's."""
+    from .figures_heal import STARTS
+
+    h = _j(Path(r) / "heal", "recovery_curve.json")
+    if h is None:
+        return "(the recovery curve has not been published: scripts/recovery_curve.py)"
+    texts = list(h["dense"])
+    pts = sorted(h["points"], key=lambda p: (-p["keep"], list(STARTS).index(p["start"])))
+    rows = ["| block params kept | start (peak lr) | before healing | healed | " +
+            " | ".join(f"healed / dense, {t}" for t in texts) + " | healed / TT-SVD start's, paired |",
+            "|---" * (5 + len(texts)) + "|"]
+    for p in pts:
+        ref = next((q for q in pts if q["keep"] == p["keep"] and q["start"] == "tt_svd"), None)
+        vs = "" if ref is None or ref is p else _ratio(C.compare_nll(ref["after"][texts[0]], p["after"][texts[0]]))
+        rows.append(f"| {100 * p['keep']:.0f}% | {STARTS[p['start']][0]} ({p['lr']:.0e}) | "
+                    f"{_ppl(p['before'][texts[0]]) if 'before' in p else '–'} | {_ppl(p['after'][texts[0]])} | "
+                    + " | ".join(_ratio(p["after_vs_dense"][t]) for t in texts) + f" | {vs} |")
+    made = sorted({"the reference run (05_heal.json)" if p["source"] == "05_heal.json" else f"commit {p.get('commit', h['meta']['git_commit'])}"
+                   for p in pts})
+    tokens = sorted({p["tokens"] for p in pts})
+    return ("\n".join(rows) + f"\n\nPerplexities on `{texts[0]}` ({h['dense'][texts[0]]['tokens']:,} tokens, windows of "
+            f"{h['dense'][texts[0]]['seq_len']}; dense {h['dense'][texts[0]]['ppl']:.1f}); every model healed for "
+            f"{' / '.join(f'{t:,}' for t in tokens)} tokens of Brown; measured by: {', '.join(made)}; {footer(h['meta'])}.")
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline, "baseline": baseline, "claims": claims,
-                                            "frontier": frontier, "speed": speed, "heal_long": heal_long}
+                                            "frontier": frontier, "speed": speed, "heal_long": heal_long,
+                                            "recovery": recovery}
 _BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(\n<!-- /generated:\2 -->)", re.S)
 
 

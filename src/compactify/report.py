@@ -122,6 +122,14 @@ def _heal_long(r: Path, out: Path) -> None:
     F.save(F.heal_long_figure(d), out, "heal_long", d["meta"])
 
 
+def _recovery(r: Path, out: Path) -> None:
+    path = Path(r) / "heal" / "recovery_curve.json"
+    if not path.is_file():
+        raise RunInputError(f"{path} is missing: run scripts/recovery_curve.py (after make reproduce).")
+    d = read_json(path)
+    F.save(F.recovery_figure(d), out, "recovery_curve", d["meta"])
+
+
 def _tables(r: Path, out: Path, repo_root: Path) -> None:
     d = load(r, "06_evaluate.json")
     t1, t2 = paper_tables(repo_root)
@@ -180,7 +188,8 @@ def show(out_dir: Path, *patterns: str, width: int = 720) -> list[Path]:
 def artefacts(repo_root: Path) -> dict[str, Callable[[Path, Path], None]]:
     return {"Pipeline overview": _pipeline, "Fig. 1a": _fig1a, "Fig. 1b": _fig1b, "Fig. 2": lambda r, o: _fig2(r, o, repo_root), "Fig. 3": _fig3,
             "Fig. 4": _fig4, "Fig. 5": _fig5, "Tables I-II": lambda r, o: _tables(r, o, repo_root), "Frontier (beyond the paper)": _frontier, "Speed-quality frontier": _speed_quality,
-            "Scale (7B shape, Figs. 3-4)": _scale, "Long healing (beyond the paper)": _heal_long}
+            "Scale (7B shape, Figs. 3-4)": _scale, "Long healing (beyond the paper)": _heal_long,
+            "Recovery curve (beyond the paper)": _recovery}
 
 
 def build_all(results_dir: Path, out_dir: Path, repo_root: Path) -> dict[str, str]:

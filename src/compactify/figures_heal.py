@@ -1,0 +1,124 @@
+"""Healing beyond notebook 05: the long run (``scripts/heal_long.py``) and the recovery curve
+across compression (``scripts/recovery_curve.py``)."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import matplotlib.pyplot as plt
+
+from .figures import apply_style, short_number
+
+# The three starts of the recovery curve, in the order a reader meets them, one colour each.
+STARTS = {"tt_svd": ("paper's MPO (TT-SVD)", "#d94701"), "activation_aware": ("activation-aware MPO", "#2171b5"),
+          "asvd": ("activation-aware SVD (low rank)", "#31a354")}
+
+
+def heal_long_figure(r: Mapping, target: float = 3.0) -> plt.Figure:
+    """The long healing run (``scripts/heal_long.py``). Left: held-out perplexity of the healed
+    model against healing tokens, log-log, one line per held-out text with its dense level
+    (dashed) and the issue's target (dotted, ``target`` x dense on the primary text); open circles
+    are full healing runs of the same start, each with its own complete cosine schedule (a point
+    inside the long run was measured at a higher learning rate). Right: the training loss."""
+    import numpy as np
+
+    apply_style()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.6), gridspec_kw={"width_ratios": [1.45, 1]})
+    points = [p for p in r["points"] if p["tokens"] > 0]
+    texts = list(r["dense"])
+    colors = dict(zip(texts, ("#d94701", "#2171b5", "#31a354")))
+    start = next((p for p in r["points"] if p["tokens"] == 0), None)
+    for t in texts:
+        x, y = [p["tokens"] for p in points], [p["perplexity"][t]["ppl"] for p in points]
+        a.plot(x, y, marker="o", ms=3, color=colors[t], label=f"{t} ({r['dense'][t]['tokens']:,} tokens)")
+        a.axhline(r["dense"][t]["ppl"], ls="--", lw=1, color=colors[t])
+        a.annotate(f"x{y[-1] / r['dense'][t]['ppl']:.3g}\ndense", (x[-1], y[-1]), xytext=(5, 0),
+                   textcoords="offset points", fontsize=7, color=colors[t], ha="left", va="center")
+        a.text(x[0], r["dense"][t]["ppl"], f" dense {r['dense'][t]['ppl']:.1f}", fontsize=7, color=colors[t],
+               va="top", ha="left")
+    first = texts[0]
+    a.axhline(target * r["dense"][first]["ppl"], ls=":", lw=1, color="0.3")
+    a.text(points[0]["tokens"], target * r["dense"][first]["ppl"], f" target {target:g}x dense ({first})",
+           fontsize=7, color="0.3", va="bottom", ha="left")
+    full = r.get("earlier_full_runs") or []
+    if full:
+        a.plot([e["tokens"] for e in full], [e["ppl"] for e in full], ls="none", marker="o", ms=6, mfc="none",
+               mec=colors[first], mew=1.2, label=f"separate full run{'s' if len(full) > 1 else ''} ({first})")
+    a.set_xscale("log")
+    a.set_yscale("log")
+    a.set_xlim(right=points[-1]["tokens"] * 1.9)  # room for the last points' labels
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    a.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 20, 50, 100, 200: labels within one decade too
+    a.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    a.yaxis.set_minor_formatter(NullFormatter())
+    a.set_xlabel("healing tokens")
+    a.set_ylabel("held-out perplexity")
+    before = f"; before healing {short_number(start['perplexity'][first]['ppl'])}" if start else ""
+    a.set_title(f"held-out perplexity while healing{before}", fontsize=9)
+    a.legend(fontsize=7, loc="upper right")
+    curve = r["heal"]["curve"]
+    x = np.array([p["tokens"] for p in curve], dtype=float)
+    y = np.array([p["lm_loss"] for p in curve], dtype=float)
+    k = max(1, len(y) // 50)  # a running mean over ~2% of the run, so the trend shows through the noise
+    b.plot(x, y, color="0.75", lw=0.6, label="per step")
+    if len(y) > k:
+        b.plot(x[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), color="#d94701", lw=1.4,
+               label=f"mean of {k} steps")
+    b.set_xscale("log")
+    b.set_xlabel("healing tokens")
+    b.set_ylabel("next-token loss (nats/token)")
+    b.set_title(f"training loss (peak lr {r['lr']:g}, cosine)", fontsize=9)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def recovery_figure(r: Mapping, targets: Mapping[float, float] | None = None) -> plt.Figure:
+    """The recovery curve across compression (``recovery_curve.json``): held-out perplexity over
+    the dense model's (paired over the same windows, 95% interval) against the fraction of block
+    parameters kept, one line per start; before healing (left), after equal healing on the
+    primary held-out text (middle) and on the other one (right). ``targets`` ({kept: ratio},
+    default the healing issue's 1.1x at 70%, 1.3x at 50%) are marked on the middle panel."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    targets = {0.7: 1.1, 0.5: 1.3} if targets is None else targets
+    apply_style()
+    texts = list(r["dense"])
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.7))
+    panels = [(axes[0], "before_vs_dense", texts[0], "before healing"),
+              (axes[1], "after_vs_dense", texts[0], "after equal healing"),
+              (axes[2], "after_vs_dense", texts[-1], "after equal healing")]
+    starts = [s for s in STARTS if any(p["start"] == s for p in r["points"])]
+    tokens = sorted({p["tokens"] for p in r["points"]})
+    for ax, key, text, title in panels:
+        for k, s in enumerate(starts):
+            pts = sorted((p for p in r["points"] if p["start"] == s and key in p), key=lambda p: p["keep"])
+            x = [100 * p["keep"] + 1.6 * (k - (len(starts) - 1) / 2) for p in pts]  # side by side, not on top
+            v = [p[key][text] for p in pts]
+            y = [c["ppl_ratio"] for c in v]
+            err = [[c["ppl_ratio"] - c["ppl_ratio_lo"] for c in v], [c["ppl_ratio_hi"] - c["ppl_ratio"] for c in v]]
+            label, color = STARTS[s]
+            lr = {p["lr"] for p in pts}
+            ax.errorbar(x, y, yerr=err, marker="o", ms=4, lw=1.3, capsize=2, color=color,
+                        label=label + (f" (lr {lr.pop():.0e})" if len(lr) == 1 and key == "after_vs_dense" else ""))
+        ax.axhline(1, ls="--", lw=1, color="0.3")
+        ax.text(29, 1, "dense", fontsize=7, color="0.3", va="bottom")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5) if key == "before_vs_dense" else (1, 1.5, 2, 3, 5, 7)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: short_number(v)))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks([30, 50, 70])
+        ax.set_xlim(25, 75)
+        ax.set_xlabel("block parameters kept (%)")
+        ax.set_title(f"{title}: {text}", fontsize=9)
+    axes[0].set_ylabel("perplexity / dense (paired, 95% CI)")
+    for keep, ratio in targets.items():
+        axes[1].plot([100 * keep], [ratio], marker="*", ms=9, color="black", ls="none",
+                     label="target (best start)" if keep == max(targets) else None)
+    axes[1].set_ylim(bottom=min(0.9, min(targets.values()) * 0.8))
+    axes[2].set_ylim(bottom=0.9)
+    axes[1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"The recovery curve: {', '.join(f'{t:,}' for t in tokens)} healing tokens per model, same recipe",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig

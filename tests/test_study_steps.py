@@ -86,3 +86,20 @@ def test_a_healing_of_another_model_is_set_aside(tmp_path, tiny_llama_dir):
     assert aside is not None and not out.exists() and (aside / "checkpoints" / "step_3" / "meta.json").is_file()
     assert aside.name.startswith("tensorized.previous-")
     assert heal_study.set_aside_stale(tmp_path / "heal" / "none", model_dir) is None
+
+
+def test_before_healing_reuses_notebook_03_only_for_the_same_model_and_eval(tmp_path, monkeypatch):
+    from compactify import heal_study, run
+    from compactify.config import load_config
+    from compactify.results import save_results
+
+    cfg = load_config(None, {"run_dir": str(tmp_path / "run")})
+    ours, aa = _evaluation(0.0), _evaluation(0.3)
+    save_results(run.path(cfg, "tensorize"), {"main": {"model_dir": "m", "evaluation": ours},
+                                              "improved": {"evaluation": aa}}, cfg)
+    here = _evaluation(1.0)
+    monkeypatch.setattr(heal_study, "evaluate_dir", lambda *a, **k: here)
+    assert heal_study.before_healing(cfg, "m", None, {}) == (ours, aa, "notebook 03's evaluation of the same model")
+    assert heal_study.before_healing(cfg, "other", None, {})[0] is here  # another model
+    changed = load_config(None, {"run_dir": str(tmp_path / "run"), "eval.limit": 7})
+    assert heal_study.before_healing(changed, "m", None, {}) == (here, None, "evaluated here")  # other eval settings

@@ -122,3 +122,49 @@ def recovery_figure(r: Mapping, targets: Mapping[float, float] | None = None) ->
                  fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def healed_frontier(d: Mapping) -> plt.Figure:
+    """Which healed model to deploy (``benchmarks/healed_frontier.py``): held-out perplexity over
+    dense after equal healing (log, paired 95% interval) against batch-1 decode speed over dense
+    (left; the per-round ratio's quartiles as horizontal bars) and against the model's bytes over
+    dense (right), one line per start through 70/50/30% kept; dense is the star at (1, 1)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    apply_style()
+    text = next(iter(d["dense"]["perplexity"]))
+    s = d["settings"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.0), sharey=True)
+    for ax, x in ((a, "decode_ratio"), (b, "bytes_ratio")):
+        for start, (label, color) in STARTS.items():
+            pts = sorted((p for p in d["points"] if p["start"] == start), key=lambda p: p["keep"])
+            if not pts:
+                continue
+            xs, ys = [p[x] for p in pts], [p["after_vs_dense"][text]["ppl_ratio"] for p in pts]
+            yerr = [[y - p["after_vs_dense"][text]["ppl_ratio_lo"] for y, p in zip(ys, pts)],
+                    [p["after_vs_dense"][text]["ppl_ratio_hi"] - y for y, p in zip(ys, pts)]]
+            xerr = None
+            if x == "decode_ratio":
+                q = [p["decode_ratio_rounds"] for p in pts]
+                xerr = [[max(v - r["q1"], 0) for v, r in zip(xs, q)], [max(r["q3"] - v, 0) for v, r in zip(xs, q)]]
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", ms=4, lw=1.2, capsize=2, color=color, label=label)
+            for p, xv, yv in zip(pts, xs, ys):
+                ax.annotate(f"{round(100 * p['keep'])}%", (xv, yv), xytext=(5, 4), textcoords="offset points",
+                            fontsize=7, color=color)
+        ax.plot([1], [1], marker="*", ms=13, color="k", ls="none", label="dense fp32")
+        ax.axhline(1, color="k", ls="--", lw=0.8)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 1.5, 2, 3, 5, 7)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: short_number(v)))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    a.axvline(1.0, color="0.5", ls=":", lw=0.8)
+    a.set_xlabel(f"batch-1 decode tokens/s / dense ({s['threads']} threads, MPO mode {s['mode']}, same run)", fontsize=9)
+    a.set_ylabel(f"healed {text} perplexity / dense (log)", fontsize=9)
+    b.set_xlabel("model bytes / dense fp32 (embeddings included)", fontsize=9)
+    a.set_title("quality against speed, after equal healing", fontsize=9)
+    b.set_title("quality against size, after equal healing", fontsize=9)
+    tokens = sorted({p["tokens"] for p in d["points"]})
+    a.legend(fontsize=7, loc="upper left", title=f"{' / '.join(f'{t:,}' for t in tokens)} healing tokens each",
+             title_fontsize=7)
+    fig.tight_layout()
+    return fig

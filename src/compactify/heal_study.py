@@ -164,7 +164,7 @@ def before_healing(cfg: Mapping, model_dir, tokenizer, heldout: Mapping, device=
     prev_path = run.path(cfg, "tensorize")
     prev = read_json(prev_path) if prev_path.exists() else None
     if (prev is not None and prev["main"]["model_dir"] == str(model_dir)
-            and prev["meta"]["config"]["eval"] == cfg["eval"]):
+            and not run.differences(prev["meta"].get("config") or {}, cfg, ["eval"])):
         aa = (prev.get("improved") or {}).get("evaluation")
         return prev["main"]["evaluation"], aa, "notebook 03's evaluation of the same model"
     return evaluate_dir(model_dir, tokenizer, cfg, heldout, device), None, "evaluated here"

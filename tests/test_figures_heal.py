@@ -1,0 +1,66 @@
+"""The recovery curve's figure and README table, and the healed speed-quality frontier's figure,
+from synthetic results shaped like scripts/recovery_curve.py's and benchmarks/healed_frontier.py's."""
+from __future__ import annotations
+
+import json
+import math
+
+
+from compactify import readme
+from compactify.compare import compare_nll
+from compactify.figures_heal import STARTS, healed_frontier, recovery_figure
+
+TEXTS = ("brown-heldout", "boolq-wiki")
+
+
+def _ppl(text: str, shift: float) -> dict:
+    window = [3.0 + shift + 0.01 * i for i in range(8)]
+    return {"ppl": math.exp(sum(window) / 8), "nll": sum(window) / 8, "tokens": 8 * 255, "seq_len": 256,
+            "windows": 8, "text": text, "ids_sha": text, "window_nll": window}
+
+
+def _recovery() -> dict:
+    dense = {t: _ppl(t, 0.0) for t in TEXTS}
+    points = []
+    for keep in (0.3, 0.5, 0.7):
+        for k, start in enumerate(STARTS):
+            after = {t: _ppl(t, 2.0 * (1 - keep) + 0.1 * k) for t in TEXTS}
+            before = {t: _ppl(t, 8.0 - k) for t in TEXTS}
+            src = "05_heal.json" if keep == 0.3 and start != "asvd" else "scripts/recovery_curve.py"
+            points.append({"keep": keep, "start": start, "lr": 3e-4, "source": src, "tokens": 4096,
+                           **({"commit": "abc1234"} if src != "05_heal.json" else {}),
+                           "before": before, "after": after,
+                           "before_vs_dense": {t: compare_nll(dense[t], before[t]) for t in TEXTS},
+                           "after_vs_dense": {t: compare_nll(dense[t], after[t]) for t in TEXTS}})
+    meta = {"git_commit": "def5678", "model": "embedded", "device": {"device": "cpu"}, "config_name": "test"}
+    return {"meta": meta, "plan": "sensitivity", "dense": dense, "points": points}
+
+
+def test_recovery_table_has_a_row_per_point_and_pairs_each_start_with_tt_svd(tmp_path):
+    rec = _recovery()
+    (tmp_path / "heal").mkdir()
+    (tmp_path / "heal" / "recovery_curve.json").write_text(json.dumps(rec))
+    text = readme.recovery(tmp_path)
+    rows = [r for r in text.splitlines() if r.startswith("| ") and "%" in r.split("|")[1]]
+    assert len(rows) == 9 and rows[0].startswith("| 70% | paper's MPO (TT-SVD)")
+    low = next(r for r in rows if r.startswith("| 50% | activation-aware SVD"))
+    assert low.rstrip(" |").endswith(f"x{math.exp(0.2):.2f} [{math.exp(0.2):.2f}, {math.exp(0.2):.2f}]")  # +0.2 nats per window
+    assert "commit abc1234" in text and "the reference run (05_heal.json)" in text
+    assert "(the recovery curve has not been published" in readme.recovery(tmp_path / "nothing")
+
+
+def test_recovery_and_healed_frontier_figures_draw_every_start():
+    rec = _recovery()
+    fig = recovery_figure(rec)
+    lines = [len(ax.lines) for ax in fig.axes]
+    assert all(n >= len(STARTS) for n in lines)
+    assert fig.axes[1].get_legend() is not None
+    rounds = {"median": 1.0, "q1": 0.95, "q3": 1.05, "iqr": 0.1}
+    pts = [{**p, "bytes_ratio": p["keep"], "decode_ratio": 1.0 + p["keep"], "decode_ratio_rounds": rounds} for p in rec["points"]]
+    data = {"settings": {"threads": 2, "mode": "auto"}, "points": pts,
+            "dense": {"perplexity": {t: {"ppl": rec["dense"][t]["ppl"]} for t in TEXTS}}}
+    fig = healed_frontier(data)
+    labels = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+    assert labels == {v[0] for v in STARTS.values()} | {"dense fp32"}
+    xs = sorted(x for line in fig.axes[0].lines for x in line.get_xdata() if line.get_marker() == "o")
+    assert xs == sorted(1.0 + p["keep"] for p in pts)  # each point at its measured decode ratio

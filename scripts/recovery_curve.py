@@ -32,6 +32,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", type=float, nargs="*", default=[], metavar="LR",
                     help="peak rates to try for a start without one in the config (asvd)")
     ap.add_argument("--sweep-tokens", type=int, default=32768, help="healing tokens per rate of --sweep")
+    ap.add_argument("--check-rates", type=float, nargs="*", default=[], metavar="LR",
+                    help="also heal each --check-starts start at these rates for --sweep-tokens at the main budget "
+                         "(recorded under rate_checks, paired against the first rate; the rates used do not change)")
+    ap.add_argument("--check-starts", nargs="*", default=[], help="starts for --check-rates")
     ap.add_argument("--out", default=str(ROOT / "data" / "results" / "heal" / "recovery_curve.json"))
     ap.add_argument("--figure", default=str(ROOT / "figures" / "recovery_curve.png"))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
@@ -54,7 +58,7 @@ def main(argv=None) -> int:
     choices = S.choices_from_profile(dense, profile["panel"] + profile["heatmap"], ratios=tc["ratio_grid"], cores=cores,
                                      allow_dense=tc["allow_dense"], dense_types=["down"] if tc["leave_down_dense"] else [])
     lrs = {"tt_svd": float(hc["lr"]), "activation_aware": float(hc["improved_lr"] or hc["lr"])}
-    unknown = set(args.starts) - {"tt_svd", "activation_aware", "asvd"}
+    unknown = set(args.starts + args.check_starts) - {"tt_svd", "activation_aware", "asvd"}
     if unknown:
         ap.error(f"unknown start(s) {sorted(unknown)}: use tt_svd, activation_aware, asvd")
     heal_cfg = copy.deepcopy(cfg)
@@ -87,7 +91,12 @@ def main(argv=None) -> int:
             return T.improved_start(dense, tok, plan, _init(cfg, start, compare=True))[0]
         return aa_init.tensorize_from_config(copy.deepcopy(dense), tok, plan, _init(cfg, start))
 
-    sweeps = done.get("lr_sweeps", {})
+    sweeps, checks = done.get("lr_sweeps", {}), done.get("rate_checks", {})
+
+    def write() -> None:  # atomic, after every measurement: an interrupted run keeps what it measured
+        save_results(out, {"plan": tc["main_plan"], "dense": dense_ppl, "points": points, "lr_sweeps": sweeps,
+                           "rate_checks": checks}, cfg, device="cpu")
+
     for start in [s for s in args.starts if s not in lrs]:
         if start not in sweeps:
             if not args.sweep:
@@ -95,11 +104,21 @@ def main(argv=None) -> int:
             start_dir = save_model_dir(build(start, tc["main_keep_ratio"]), tok, work / f"sweep_{start}" / "start")
             sweeps[start] = {"keep": tc["main_keep_ratio"], **heal_study.lr_sweep(
                 start_dir, work / f"sweep_{start}", cfg, args.sweep, args.sweep_tokens, heldout)}
-            save_results(out, {"plan": tc["main_plan"], "dense": dense_ppl, "points": points, "lr_sweeps": sweeps},
-                         cfg, device="cpu")
+            write()
         lrs[start] = sweeps[start]["best"]
         print(f"{start}: peak rate {lrs[start]:g} (best of {', '.join(sweeps[start]['lrs'])} at "
               f"{sweeps[start]['tokens']:,} tokens on {sweeps[start]['judged_on']})", flush=True)
+    for start in args.check_starts:  # is the rate a start heals at the best one near it? (edge of a sweep's grid)
+        if sorted(checks.get(start, {}).get("lrs", {})) == sorted(f"{lr:g}" for lr in args.check_rates):
+            continue
+        start_dir = save_model_dir(build(start, tc["main_keep_ratio"]), tok, work / f"check_{start}" / "start")
+        checks[start] = {"keep": tc["main_keep_ratio"], "rate_used": lrs.get(start), **heal_study.lr_sweep(
+            start_dir, work / f"check_{start}", cfg, args.check_rates, args.sweep_tokens, heldout)}
+        write()
+        for lr, r in checks[start]["paired_vs_first"].items():
+            print(f"{start} at {lr} vs {args.check_rates[0]:g} ({args.sweep_tokens:,} tokens): brown-heldout "
+                  f"x{r['brown-heldout']['ppl_ratio']:.2f} [{r['brown-heldout']['ppl_ratio_lo']:.2f}, "
+                  f"{r['brown-heldout']['ppl_ratio_hi']:.2f}]", flush=True)
     for keep in args.keeps:
         for start in args.starts:
             if any(p["keep"] == keep and p["start"] == start for p in points):
@@ -120,8 +139,7 @@ def main(argv=None) -> int:
             print(f"keep {keep:g}, {start}: brown-heldout {before['brown-heldout']['ppl']:,.1f} -> "
                   f"{after['brown-heldout']['ppl']:,.1f} = x{r['ppl_ratio']:.2f} [{r['ppl_ratio_lo']:.2f}, "
                   f"{r['ppl_ratio_hi']:.2f}] dense", flush=True)
-            save_results(out, {"plan": tc["main_plan"], "dense": dense_ppl, "points": points, "lr_sweeps": sweeps},
-                         cfg, device="cpu")
+            write()
     from compactify import figures
 
     fig = figures.save(figures.recovery_figure(read_json(out)), Path(args.figure).parent, Path(args.figure).stem,

@@ -117,10 +117,11 @@ def recovery_figure(r: Mapping, targets: Mapping[float, float] | None = None) ->
                      label="target (best start)" if keep == max(targets) else None)
     axes[1].set_ylim(bottom=min(0.9, min(targets.values()) * 0.8))
     axes[2].set_ylim(bottom=0.9)
-    axes[1].legend(fontsize=7, loc="upper right")
     fig.suptitle(f"The recovery curve: {', '.join(f'{t:,}' for t in tokens)} healing tokens per model, same recipe",
-                 fontsize=10)
-    fig.tight_layout()
+                 fontsize=10, y=0.99)
+    handles, labels = axes[1].get_legend_handles_labels()  # one row under the title, clear of every curve
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.945), ncol=len(labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.895))
     return fig
 
 

@@ -59,8 +59,8 @@ def main(argv=None) -> int:
         rec = Path(args.recovery)
         if not rec.is_file():
             sys.exit(f"{rec} does not exist: run scripts/recovery_curve.py (after make reproduce) first.")
-        data = measure(args, read_json(rec))
-        save_results(args.out, data, device="cpu")
+        data, cfg = measure(args, read_json(rec))
+        save_results(args.out, data, cfg, device="cpu")
     elif not Path(args.out).is_file():
         sys.exit(f"{args.out} does not exist: run benchmarks/healed_frontier.py without --figure-only first.")
     data = read_json(args.out)
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def measure(args, rec: dict) -> dict:
+def measure(args, rec: dict) -> tuple[dict, dict]:
+    """The timings and the frontier's points, and the config they were made with."""
     import torch
 
     from compactify import speed
@@ -123,7 +124,7 @@ def measure(args, rec: dict) -> dict:
             "dense": {"bytes": dense_bytes, "decode_tokens_per_s": res["dense"]["decode"],
                       "prefill_tokens_per_s": res["dense"]["prefill"],
                       "perplexity": {t: {k: v[k] for k in ("ppl", "tokens", "seq_len")} for t, v in rec["dense"].items()}},
-            "points": points}
+            "points": points}, cfg
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_recovery_and_healed_frontier_figures_draw_every_start():
     data = {"settings": {"threads": 2, "mode": "auto"}, "points": pts,
             "dense": {"perplexity": {t: {"ppl": rec["dense"][t]["ppl"]} for t in TEXTS}}}
     fig = healed_frontier(data)
-    labels = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+    labels = {t.get_text() for t in fig.legends[0].get_texts()}
     assert labels == {v[0] for v in STARTS.values()} | {"dense fp32"}
     xs = sorted(x for line in fig.axes[0].lines for x in line.get_xdata() if line.get_marker() == "o")
     assert xs == sorted(1.0 + p["keep"] for p in pts)  # each point at its measured decode ratio

@@ -30,7 +30,7 @@ def test_every_artefact_builds_and_a_deleted_result_fails_alone(tmp_path):
     status = report.build_all(RESULTS, tmp_path / "all", REPO_ROOT)
     assert all(v == "ok" for v in status.values()), status
     for stem in ("fig1a_mpo", "fig1b_block", "fig2_accuracy", "fig3_healing", "fig4_inference_time", "fig5_sensitivity",
-                 "heal_long", "recovery_curve"):
+                 "heal_long", "recovery_curve", "healed_frontier"):
         assert (tmp_path / "all" / f"{stem}.png").is_file() and (tmp_path / "all" / f"{stem}.pdf").is_file()
     assert (tmp_path / "all" / "tables.md").is_file()
     partial = tmp_path / "results"

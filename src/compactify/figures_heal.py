@@ -149,9 +149,10 @@ def healed_frontier(d: Mapping) -> plt.Figure:
                 q = [p["decode_ratio_rounds"] for p in pts]
                 xerr = [[max(v - r["q1"], 0) for v, r in zip(xs, q)], [max(r["q3"] - v, 0) for v, r in zip(xs, q)]]
             ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", ms=4, lw=1.2, capsize=2, color=color, label=label)
+            left = start == "activation_aware"  # its points sit on the TT-SVD start's: label them on the other side
             for p, xv, yv in zip(pts, xs, ys):
-                ax.annotate(f"{round(100 * p['keep'])}%", (xv, yv), xytext=(5, 4), textcoords="offset points",
-                            fontsize=7, color=color)
+                ax.annotate(f"{round(100 * p['keep'])}%", (xv, yv), xytext=(-5 if left else 5, -9 if left else 4),
+                            textcoords="offset points", fontsize=7, color=color, ha="right" if left else "left")
         ax.plot([1], [1], marker="*", ms=13, color="k", ls="none", label="dense fp32")
         ax.axhline(1, color="k", ls="--", lw=0.8)
         ax.set_yscale("log")
@@ -165,7 +166,8 @@ def healed_frontier(d: Mapping) -> plt.Figure:
     a.set_title("quality against speed, after equal healing", fontsize=9)
     b.set_title("quality against size, after equal healing", fontsize=9)
     tokens = sorted({p["tokens"] for p in d["points"]})
-    a.legend(fontsize=7, loc="upper left", title=f"{' / '.join(f'{t:,}' for t in tokens)} healing tokens each",
-             title_fontsize=7)
-    fig.tight_layout()
+    handles, labels = a.get_legend_handles_labels()  # one row above the panels, clear of every point
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.99), ncol=len(labels), fontsize=8,
+               title=f"{' / '.join(f'{t:,}' for t in tokens)} healing tokens each, same recipe", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
     return fig

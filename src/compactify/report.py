@@ -122,6 +122,14 @@ def _heal_long(r: Path, out: Path) -> None:
     F.save(F.heal_long_figure(d), out, "heal_long", d["meta"])
 
 
+def _healed_frontier(r: Path, out: Path) -> None:
+    path = Path(r) / "benchmarks" / "healed_frontier.json"
+    if not path.is_file():
+        raise RunInputError(f"{path} is missing: run benchmarks/healed_frontier.py (after scripts/recovery_curve.py).")
+    d = read_json(path)
+    F.save(F.healed_frontier(d), out, "healed_frontier", d["meta"])
+
+
 def _recovery(r: Path, out: Path) -> None:
     path = Path(r) / "heal" / "recovery_curve.json"
     if not path.is_file():
@@ -189,7 +197,7 @@ def artefacts(repo_root: Path) -> dict[str, Callable[[Path, Path], None]]:
     return {"Pipeline overview": _pipeline, "Fig. 1a": _fig1a, "Fig. 1b": _fig1b, "Fig. 2": lambda r, o: _fig2(r, o, repo_root), "Fig. 3": _fig3,
             "Fig. 4": _fig4, "Fig. 5": _fig5, "Tables I-II": lambda r, o: _tables(r, o, repo_root), "Frontier (beyond the paper)": _frontier, "Speed-quality frontier": _speed_quality,
             "Scale (7B shape, Figs. 3-4)": _scale, "Long healing (beyond the paper)": _heal_long,
-            "Recovery curve (beyond the paper)": _recovery}
+            "Recovery curve (beyond the paper)": _recovery, "Healed speed-quality frontier": _healed_frontier}
 
 
 def build_all(results_dir: Path, out_dir: Path, repo_root: Path) -> dict[str, str]:

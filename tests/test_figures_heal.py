@@ -64,3 +64,23 @@ def test_recovery_and_healed_frontier_figures_draw_every_start():
     assert labels == {v[0] for v in STARTS.values()} | {"dense fp32"}
     xs = sorted(x for line in fig.axes[0].lines for x in line.get_xdata() if line.get_marker() == "o")
     assert xs == sorted(1.0 + p["keep"] for p in pts)  # each point at its measured decode ratio
+
+
+def test_healed_frontier_table_judges_the_speed_targets(tmp_path):
+    rec = _recovery()
+    rounds = {"median": 1.0, "q1": 0.9, "q3": 1.1, "iqr": 0.2}
+    speed = {"tt_svd": 0.96, "activation_aware": 1.01, "asvd": 1.2}
+    pts = [{**p, "bytes_ratio": p["keep"], "decode_ratio": speed[p["start"]] + (0.4 if p["keep"] == 0.3 else 0),
+            "prefill_ratio": 1.0, "decode_ratio_rounds": rounds} for p in rec["points"]]
+    data = {"meta": rec["meta"], "settings": {"threads": 2, "mode": "auto", "dtype": "float32", "repeats": 5,
+                                              "prefill_tokens": 64},
+            "dense": {"perplexity": {t: {"ppl": rec["dense"][t]["ppl"]} for t in TEXTS},
+                      "decode_tokens_per_s": {"median": 16.0}, "prefill_tokens_per_s": {"median": 400.0}},
+            "points": pts}
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "healed_frontier.json").write_text(json.dumps(data))
+    text = readme.healed_frontier(tmp_path)
+    assert len([r for r in text.splitlines() if r.startswith("| ") and "%" in r.split("|")[1]]) == 9
+    assert "missed by paper's MPO (TT-SVD) at 70% (0.96x), paper's MPO (TT-SVD) at 50% (0.96x)" in text
+    assert "at 30%" not in text.split("missed by")[1].split(";")[0]  # 1.36x there: not slower than dense
+    assert "the fastest at 50% kept at >= 1.5x dense: missed (activation-aware SVD (low rank), 1.20x)" in text

@@ -219,9 +219,39 @@ def recovery(r: Path) -> str:
             f"{' / '.join(f'{t:,}' for t in tokens)} tokens of Brown; measured by: {', '.join(made)}; {footer(h['meta'])}.")
 
 
+def healed_frontier(r: Path) -> str:
+    """``benchmarks/healed_frontier.py``: every healed model's quality, decode speed and bytes, and
+    the speed targets of the speed issue judged on them."""
+    from .figures_heal import STARTS
+
+    h = _j(Path(r) / "benchmarks", "healed_frontier.json")
+    if h is None:
+        return "(the healed speed-quality frontier has not been published: benchmarks/healed_frontier.py)"
+    text, s = next(iter(h["dense"]["perplexity"])), h["settings"]
+    pts = sorted(h["points"], key=lambda p: (-p["keep"], list(STARTS).index(p["start"])))
+    rows = [f"| block params kept | start | healed / dense, {text} | decode x dense (IQR of rounds) | "
+            "prefill x dense | bytes x dense |", "|---|---|---|---|---|---|"]
+    for p in pts:
+        q = p["decode_ratio_rounds"]
+        rows.append(f"| {100 * p['keep']:.0f}% | {STARTS[p['start']][0]} | {_ratio(p['after_vs_dense'][text])} | "
+                    f"{p['decode_ratio']:.2f} ({q['q1']:.2f}-{q['q3']:.2f}) | {p['prefill_ratio']:.2f} | "
+                    f"{p['bytes_ratio']:.2f} |")
+    slow = [p for p in pts if p["decode_ratio"] < 1.0]
+    half = max((p for p in pts if p["keep"] == 0.5), key=lambda p: p["decode_ratio"], default=None)
+    verdicts = ("Speed targets on these models: every compressed model at >= 1.0x dense in auto mode: "
+                + ("met" if not slow else "missed by " + ", ".join(
+                    f"{STARTS[p['start']][0]} at {100 * p['keep']:.0f}% ({p['decode_ratio']:.2f}x)" for p in slow))
+                + (f"; the fastest at 50% kept at >= 1.5x dense: {'met' if half['decode_ratio'] >= 1.5 else 'missed'}"
+                   f" ({STARTS[half['start']][0]}, {half['decode_ratio']:.2f}x)" if half else "") + ".")
+    return ("\n".join(rows) + f"\n\nDense: {h['dense']['decode_tokens_per_s']['median']:.1f} decode tokens/s, "
+            f"{h['dense']['prefill_tokens_per_s']['median']:.0f} prefill tokens/s ({s['prefill_tokens']} tokens); "
+            f"batch 1, {s['dtype']}, {s['threads']} threads, MPO mode {s['mode']}, {s['repeats']} round-robin rounds "
+            f"after a warm-up; {footer(h['meta'])}. {verdicts}")
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline, "baseline": baseline, "claims": claims,
                                             "frontier": frontier, "speed": speed, "heal_long": heal_long,
-                                            "recovery": recovery}
+                                            "recovery": recovery, "healed_frontier": healed_frontier}
 _BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(\n<!-- /generated:\2 -->)", re.S)
 
 

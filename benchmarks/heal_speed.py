@@ -2,7 +2,7 @@
 
 The paper (Fig. 3) reports healing time on 8 A10G GPUs for the original LLaMA-2 7B, its 8-bit
 and 4-bit versions and the tensorized models, and says tensorized models heal about 2x faster.
-Here the same healing (``compactify.heal``: 2 CPU processes, gloo, FSDP2, the config's
+Here the same healing (``compactify.heal``: the config's processes, gloo, FSDP2 where more than one, its
 ``heal`` section, the same packed data and number of steps) runs on
 
 * ``original``: the dense model, fine-tuned (``heal.trainable`` selects the same groups:
@@ -24,9 +24,13 @@ weights are integer tensors, which cannot require gradients, so healing them wou
 training adapters beside them (QLoRA), a different method. The check records what really
 happens when one tries.
 
+``--lowrank DIR`` adds a third model, a low-rank one (``tensorize.init: asvd``; its layers train as
+two thin GEMMs, ``MPOLinear.materializes``). Processes and activation checkpointing default to the
+config's ``heal`` section (the study's healing: 1 process, no checkpointing).
+
 Usage::
 
-    .venv/bin/python benchmarks/heal_speed.py [--tensorized DIR | --ratio 0.2] [--steps 8 --rounds 1] [--losses lm kd]
+    .venv/bin/python benchmarks/heal_speed.py [--tensorized DIR | --ratio 0.2] [--lowrank DIR] [--steps 8 --rounds 1] [--losses lm kd]
 
 writes ``data/results/benchmarks/heal_speed.json``.
 """
@@ -116,20 +120,24 @@ def main(argv=None) -> None:
     ap.add_argument("--ratio", type=float, default=0.2, help="target ratio when building the tensorized model")
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps per run (same for every model)")
     ap.add_argument("--rounds", type=int, default=1, help="alternating repetitions")
-    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--nproc", type=int, default=None, help="processes (default: the config's heal.nproc)")
+    ap.add_argument("--lowrank", default=None,
+                    help="also time this low-rank model dir (tensorize.init: asvd, e.g. a start of scripts/recovery_curve.py)")
     ap.add_argument("--losses", nargs="+", default=["lm", "kd"], choices=("lm", "kd", "mix"),
                     help="healing losses to time (each model healed once per loss and round)")
     ap.add_argument("--out", default=str(OUT))
-    ap.add_argument("--activation-checkpointing", type=int, default=1, choices=(0, 1),
-                    help="1 (default): both models recompute activations; without it the MPO model's "
-                         "intermediates outgrow a 24 GB machine at 2 x 256 tokens per process")
+    ap.add_argument("--activation-checkpointing", type=int, default=None, choices=(0, 1),
+                    help="1: every model recomputes activations (default: the config's heal.activation_checkpointing)")
     ap.add_argument("--skip-quantized", action="store_true")
     args = ap.parse_args(argv)
 
+    given = {"heal.nproc": args.nproc, "heal.activation_checkpointing": None if args.activation_checkpointing is None
+             else bool(args.activation_checkpointing)}
     cfg = load_config(args.config, {"heal.steps": args.steps, "heal.resume": False,  # steps override heal.tokens
-                                    "heal.checkpoint_every": 10**6, "heal.nproc": args.nproc, "device": "cpu",
-                                    "heal.activation_checkpointing": bool(args.activation_checkpointing)})
+                                    "heal.checkpoint_every": 10**6, "device": "cpu",
+                                    **{k: v for k, v in given.items() if v is not None}})
     hc = HealConfig.from_cfg(cfg)
+    args.nproc = hc.nproc
     work = run_dir(cfg) / "heal_speed"
     original = args.original or cfg["model"]
     if args.tensorized:
@@ -137,7 +145,9 @@ def main(argv=None) -> None:
     else:
         tensorized, compression = build_tensorized(original, args.ratio, work / "tensorized_model",
                                                    cfg["mpo"]["cores"])
-    models = {"original": original, "tensorized": str(tensorized)}
+    models = {"original": original, "tensorized": str(tensorized), **({"lowrank": args.lowrank} if args.lowrank else {})}
+    if args.lowrank:
+        compression["lowrank"] = described(Path(args.lowrank))["plan"]
     load = {"before": os.getloadavg()}
     runs: dict[str, dict] = {loss: {name: [] for name in models} for loss in args.losses}
     for rnd in range(args.rounds):
@@ -163,6 +173,11 @@ def main(argv=None) -> None:
         ratios[loss]["tensorized_over_original_tokens_per_s_steady"] = (
             med(loss, "tensorized", "tokens_per_s_steady") / med(loss, "original", "tokens_per_s_steady"))
         ratios[loss]["tensorized_over_original_peak_rss"] = peak(loss, "tensorized") / peak(loss, "original")
+        if "lowrank" in models:
+            ratios[loss]["lowrank_over_original_tokens_per_s_steady"] = (
+                med(loss, "lowrank", "tokens_per_s_steady") / med(loss, "original", "tokens_per_s_steady"))
+            ratios[loss]["lowrank_over_tensorized_tokens_per_s_steady"] = (
+                med(loss, "lowrank", "tokens_per_s_steady") / med(loss, "tensorized", "tokens_per_s_steady"))
     tokens_per_s = {loss: {name: med(loss, name, "tokens_per_s_steady") for name in models} for loss in args.losses}
     quantized = [] if args.skip_quantized else [quantized_trainability(models["original"], b, hc.trainable)
                                                 for b in (8, 4)]

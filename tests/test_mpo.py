@@ -252,3 +252,28 @@ def test_materialized_and_factored_forward_agree_with_gradients():
     (yb ** 2).sum().backward()
     for ca, cb in zip(a.cores, b.cores):
         torch.testing.assert_close(ca.grad, cb.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_a_low_rank_layer_stays_factored_where_its_chain_is_cheaper_than_dense(monkeypatch):
+    """A rank-r factorisation (2 cores of trivial factors) never rebuilds W: its two thin GEMMs
+    need r (in + out) / (in out) of the dense FLOPs; a 3-core MPO whose chain costs more rebuilds it."""
+    from compactify import mpo_layer
+    from compactify.mpo import MPO
+
+    torch.manual_seed(2)
+    low = mpo_layer.MPOLinear.from_mpo(MPO([torch.randn(1, 36, 1, 4), torch.randn(4, 1, 48, 1)]))
+    mpo = mpo_layer.MPOLinear.from_linear(torch.nn.Linear(48, 36), chi=8, cores=3)
+    assert low.plan(80)[0] <= low.factored_below * low.dense_flops(80) < mpo.plan(80)[0]
+    assert not low.materializes(80) and mpo.materializes(80) and not mpo.materializes(4)
+    built = []
+    real = mpo_layer.cores_to_matrix
+    monkeypatch.setattr(mpo_layer, "cores_to_matrix", lambda cores: built.append(len(cores)) or real(cores))
+    x = torch.randn(2, 40, 48)
+    y = low(x)
+    mpo(x)
+    assert built == [3]                             # only the 3-core MPO rebuilt W
+    w = low.cores[0].reshape(36, 4) @ low.cores[1].reshape(4, 48)
+    torch.testing.assert_close(y, x @ w.T, rtol=1e-4, atol=1e-4)  # from_mpo without a bias
+    low.factored_below = 0.0                        # the rule off: W rebuilt like any MPO
+    torch.testing.assert_close(low(x), y, rtol=1e-4, atol=1e-4)
+    assert built == [3, 2]

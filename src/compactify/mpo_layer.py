@@ -148,12 +148,18 @@ class MPOLinear(nn.Module):
     small einsums lose to one large GEMM once there are more than a few tokens, and W costs
     ``o*i*chi`` FLOPs once per call, not per token; at one token the factored path wins
     (``benchmarks/materialize.py`` measures both, ``data/results/benchmarks/materialize.json``). Set the class attribute (or the instance's) to ``None`` for always-factored.
+    A layer whose chain needs at most ``factored_below`` of the dense FLOPs stays factored at any
+    number of tokens (:meth:`materializes`): a rank-r factorisation (2 cores, all outputs on one,
+    all inputs on the other) is two thin GEMMs, and training the activation-aware SVD of the
+    sensitivity plan that way ran 1.2-1.5x the tokens/s of rebuilding W (30% and 70% kept, 2 CPU
+    threads, bf16 autocast; the study's 3-core MPOs all need >= 0.99 of the dense FLOPs and rebuild W).
 
     ``mode`` (class default ``"factored"``: the forward just described) may be set per instance
     to ``"contracted"`` or ``"auto"``; see the module docstring and :func:`set_inference_mode`.
     """
 
     materialize_from: int | None = 32
+    factored_below: float = 0.8   # ... unless the factored chain needs at most this share of the dense FLOPs
     MODES = ("factored", "contracted", "auto")
     mode: str = "factored"
     auto_repeats: int = 7     # interleaved timings per path when ``auto`` measures a bucket
@@ -219,12 +225,18 @@ class MPOLinear(nn.Module):
                 return nn.functional.linear(x, self.dense_matrix(), self.bias)
         return self.forward_factored(x)
 
+    def materializes(self, batch: int) -> bool:
+        """Whether the factored forward rebuilds ``W`` for ``batch`` tokens: from ``materialize_from``
+        tokens on, unless the chain needs at most ``factored_below`` of the dense FLOPs."""
+        return (self.materialize_from is not None and batch >= self.materialize_from
+                and self.plan(batch)[0] > self.factored_below * 2 * batch * self.in_features * self.out_features)
+
     def forward_factored(self, x: torch.Tensor) -> torch.Tensor:
         """The ``factored`` forward: the planned einsum chain, or ``W`` rebuilt per call (with
-        its gradient path) from ``materialize_from`` tokens on."""
+        its gradient path) where :meth:`materializes`."""
         lead = x.shape[:-1]
         batch = math.prod(lead)
-        if self.materialize_from is not None and batch >= self.materialize_from:
+        if self.materializes(batch):
             return nn.functional.linear(x, cores_to_matrix(list(self.cores)), self.bias)
         n = len(self.cores)
         env = {f"c{k}": c for k, c in enumerate(self.cores)}
@@ -335,7 +347,7 @@ class MPOLinear(nn.Module):
             return self.dense_flops(batch) / r["flop_per_s"] + self.dense_bytes(batch) / r["byte_per_s"] + r["call_s"]
         if path != "factored":
             raise ValueError(f"path {path!r}: the cost model knows 'factored' and 'contracted'.")
-        if self.materialize_from is not None and batch >= self.materialize_from:  # W rebuilt, then one GEMM
+        if self.materializes(batch):  # W rebuilt, then one GEMM
             rebuild = 2 * self.out_features * self.in_features * max(self.bond_dims, default=1)
             return ((rebuild + self.dense_flops(batch)) / r["flop_per_s"] + 2 * self.dense_bytes(batch) / r["byte_per_s"]
                     + len(self.cores) * r["call_s"])

@@ -10,9 +10,10 @@ itself**, by walking its modules (:func:`cost`), never from a formula for one ar
   A low-rank layer (:func:`lowrank_model`: two ``nn.Linear`` in an ``nn.Sequential``) is two
   such layers.
 * :class:`compactify.mpo_layer.MPOLinear`: its own cost model, ``bytes(t)`` / ``flops(t)`` (cores,
-  input, every intermediate written and read, output), plus the bias; from ``materialize_from``
-  tokens on (prefill) the cores are contracted into the dense matrix first, counted as that
-  chain of matmuls, the matrix written and read, and one dense GEMM.
+  input, every intermediate written and read, output), plus the bias; where the layer
+  materializes (``MPOLinear.materializes``: from ``materialize_from`` tokens on, prefill, unless
+  its chain is far cheaper than dense) the cores are contracted into the dense matrix first,
+  counted as that chain of matmuls, the matrix written and read, and one dense GEMM.
 * bitsandbytes ``Linear8bitLt`` / ``Linear4bit``: their stored bytes as
   :func:`compactify.quantize.model_size` counts them (int8 + row scales; packed 4-bit + block
   scales and code books), plus activations. ``dequantized=True`` adds what bitsandbytes 0.50.2
@@ -117,7 +118,7 @@ def _materialize_flops(layer: MPOLinear) -> int:
 def _mpo_cost(m: MPOLinear, tokens: int, act: int) -> tuple[int, int]:
     el = m.cores[0].element_size()
     bias = m.bias.numel() * m.bias.element_size() if m.bias is not None else 0
-    if m.materialize_from is None or tokens < m.materialize_from:
+    if not m.materializes(tokens):
         return m.bytes(tokens) + bias, m.flops(tokens)
     dense = m.in_features * m.out_features
     return (el * (m.num_cores_params + 2 * dense) + bias + act * tokens * (m.in_features + m.out_features),

@@ -83,8 +83,10 @@ def described(path: Path) -> dict:
     """What a given compressed directory holds, from its config.json (written by compactify.tensorize)."""
     info = json.loads((path / "config.json").read_text()).get("compactify", {})
     specs = sorted({json.dumps(v, sort_keys=True) for v in info.get("plan", {}).get("entries", {}).values()})
-    return {"plan": f"given: {path}; {len(info.get('modules', {}))} MPO matrices, specs {', '.join(specs)}, "
-                    f"{info.get('plan', {}).get('cores')} cores"}
+    shape = ("rank-r factorisations (2 cores of trivial factors)" if info.get("init") == "asvd"
+             else f"{info.get('plan', {}).get('cores')} cores")
+    return {"plan": f"given: {path}; {len(info.get('modules', {}))} MPO matrices ({info.get('init', 'tt_svd')}), "
+                    f"specs {', '.join(specs)}, {shape}"}
 
 
 def quantized_trainability(model_ref: str, bits: int, groups: list[str]) -> dict:

@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--figure", default=str(ROOT / "figures" / "heal_long.png"))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     ap.add_argument("--figure-only", action="store_true", help="redraw the figure from --out")
+    ap.add_argument("--start", default=None,
+                    help="heal this saved model instead of notebook 03's (e.g. a start of scripts/recovery_curve.py); "
+                         "its checkpoints go to runs/<config>/heal_long_<folder name of --start's parent>")
     args = ap.parse_args(argv)
 
     from compactify import figures, run
@@ -56,11 +59,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if not args.figure_only:
         cfg = load_config(args.config, parse_overrides(args.set))
-        model_dir = run.require(cfg, "tensorized")
+        model_dir = Path(args.start) if args.start else run.require(cfg, "tensorized")
+        if args.start and not (model_dir / "config.json").is_file():
+            sys.exit(f"--start {model_dir}: no saved model there (config.json missing).")
+        work = run_dir(cfg) / (f"heal_long_{model_dir.resolve().parent.name}" if args.start else "heal_long")
         baseline = read_json(run.require(cfg, "baseline"))["baseline"]["perplexity_texts"]
-        result = long_run(model_dir, run_dir(cfg) / "heal_long", cfg, args.tokens, args.eval_every, baseline,
-                          stream=sys.stdout)
-        result["earlier_full_runs"] = earlier_runs(ROOT / "data" / "results")
+        result = long_run(model_dir, work, cfg, args.tokens, args.eval_every, baseline, stream=sys.stdout)
+        result["earlier_full_runs"] = [] if args.start else earlier_runs(ROOT / "data" / "results")
         save_results(out, result, cfg, device=cfg["device"], start=str(model_dir))
         print(f"heal-long: wrote {out}")
     elif not out.is_file():

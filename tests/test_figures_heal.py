@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 
 from compactify import readme
 from compactify.compare import compare_nll
@@ -84,3 +86,24 @@ def test_healed_frontier_table_judges_the_speed_targets(tmp_path):
     assert "missed by paper's MPO (TT-SVD) at 70% (0.96x), paper's MPO (TT-SVD) at 50% (0.96x)" in text
     assert "at 30%" not in text.split("missed by")[1].split(";")[0]  # 1.36x there: not slower than dense
     assert "the fastest at 50% kept at >= 1.5x dense: missed (activation-aware SVD (low rank), 1.20x)" in text
+
+
+def _long(scale: float) -> dict:
+    dense = {t: {"ppl": 40.0, "tokens": 2040, "seq_len": 256, "text": t} for t in TEXTS}
+    points = [{"tokens": n, "perplexity": {t: {"ppl": scale * 4e5 / max(n, 1) ** 0.5} for t in TEXTS}}
+              for n in (0, 50_000, 100_000, 200_000)]
+    return {"dense": dense, "points": points, "lr": 1e-3, "heal": {"tokens_per_s": 300.0}}
+
+
+def test_long_runs_side_by_side_one_line_per_start_and_the_targets():
+    from compactify.figures_heal import heal_long_comparison
+
+    fig = heal_long_comparison({"tt_svd": _long(1.0), "asvd": _long(0.7)})
+    assert len(fig.axes) == len(TEXTS)
+    ends = [line.get_ydata()[-1] for line in fig.axes[0].lines if line.get_marker() == "o"]
+    assert ends == pytest.approx([4e5 / 200_000 ** 0.5, 0.7 * 4e5 / 200_000 ** 0.5])  # the start at 0 tokens left out
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "3x dense" in texts and "1.5x dense" in texts and "dense 40.0" in texts
+    assert not any("x dense" in t.get_text() and "dense 40" not in t.get_text() for t in fig.axes[1].texts)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert [lab.startswith(STARTS[k][0]) for lab, k in zip(labels, ("tt_svd", "asvd"))] == [True, True]

@@ -171,3 +171,46 @@ def healed_frontier(d: Mapping) -> plt.Figure:
                title=f"{' / '.join(f'{t:,}' for t in tokens)} healing tokens each, same recipe", title_fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.86))
     return fig
+
+
+def heal_long_comparison(runs: Mapping[str, Mapping], targets: tuple[float, ...] = (3.0, 1.5)) -> plt.Figure:
+    """Long healing runs of several starts (``scripts/heal_long.py``, ``--start``), each
+    ``{start key of STARTS: result}``: held-out perplexity against healing tokens, log-log, one
+    panel per held-out text, one line per start, the dense level dashed and the issue's
+    ``targets`` (x dense) dotted on the first text."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    apply_style()
+    first_run = next(iter(runs.values()))
+    texts = list(first_run["dense"])
+    fig, axes = plt.subplots(1, len(texts), figsize=(4.8 * len(texts), 3.7))
+    x0 = min(p["tokens"] for r in runs.values() for p in r["points"] if p["tokens"] > 0)
+    for ax, t in zip(axes, texts):
+        dense = first_run["dense"][t]["ppl"]
+        for key, r in runs.items():
+            label, color = STARTS[key]
+            pts = [p for p in r["points"] if p["tokens"] > 0]
+            x, y = [p["tokens"] for p in pts], [p["perplexity"][t]["ppl"] for p in pts]
+            ax.plot(x, y, marker="o", ms=3, lw=1.3, color=color,
+                    label=f"{label} (lr {r['lr']:.0e}, {r['heal']['tokens_per_s']:.0f} tok/s)")
+            ax.annotate(f"x{y[-1] / dense:.3g}", (x[-1], y[-1]), xytext=(5, 0), textcoords="offset points",
+                        fontsize=7, color=color, ha="left", va="center")
+        ax.axhline(dense, ls="--", lw=1, color="k")
+        ax.text(x0, dense, f"dense {dense:.1f}", fontsize=7, va="bottom", ha="left")
+        if t == texts[0]:
+            for k in targets:
+                ax.axhline(k * dense, ls=":", lw=1, color="0.4")
+                ax.text(x0, k * dense, f"{k:g}x dense", fontsize=7, color="0.4", va="bottom", ha="left")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: short_number(v)))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(right=ax.get_xlim()[1] * 1.6)  # room for the end labels
+        ax.set_xlabel("healing tokens (one cosine schedule per run)")
+        ax.set_title(f"held-out perplexity: {t} ({first_run['dense'][t]['tokens']:,} tokens)", fontsize=9)
+    axes[0].set_ylabel("perplexity (log)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncol=len(labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    return fig

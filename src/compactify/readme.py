@@ -167,6 +167,18 @@ def heal_long(r: Path) -> str:
     h = _j(Path(r) / "heal", "heal_long.json")
     if h is None:
         return "(the long healing run has not been published: make heal-long)"
+    return _long_run(h, "The paper's TT-SVD start")
+
+
+def heal_long_asvd(r: Path) -> str:
+    """The same long healing of the activation-aware SVD start (scripts/heal_long.py --start)."""
+    h = _j(Path(r) / "heal", "heal_long_asvd.json")
+    if h is None:
+        return "(the long healing of the low-rank start has not been published: scripts/heal_long.py --start)"
+    return _long_run(h, "The activation-aware SVD start (the recovery curve's, 30% kept)")
+
+
+def _long_run(h: dict, who: str) -> str:
     pts, first = [p for p in h["points"] if p["tokens"] > 0], next(iter(h["dense"]))
     shown = {min(pts, key=lambda p: abs(math.log(p["tokens"] / t))) ["tokens"]: None
              for t in (5e4, 1e5, 2.5e5, 5e5, pts[-1]["tokens"])}
@@ -183,7 +195,7 @@ def heal_long(r: Path) -> str:
         return "met" if f["ppl_ratio_hi"] <= target else "missed" if f["ppl_ratio_lo"] > target else \
             "not resolved (its interval holds it)"
 
-    return (f"The paper's TT-SVD start healed for {h['tokens']:,} tokens of Brown in one cosine schedule (peak lr "
+    return (f"{who} healed for {h['tokens']:,} tokens of Brown in one cosine schedule (peak lr "
             f"{h['lr']:g}, {heal['compute']}, {heal['tokens_per_s']:.0f} tok/s, "
             f"{heal['train_seconds'] / 3600:.1f} h of training; {footer(h['meta'])}): `{first}` perplexity "
             + (f"{_ppl(start['perplexity'][first])} before, " if start else "") + f"{along}. At the end: {end}. "
@@ -251,7 +263,8 @@ def healed_frontier(r: Path) -> str:
 
 BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline, "baseline": baseline, "claims": claims,
                                             "frontier": frontier, "speed": speed, "heal_long": heal_long,
-                                            "recovery": recovery, "healed_frontier": healed_frontier}
+                                            "recovery": recovery, "healed_frontier": healed_frontier,
+                                            "heal_long_asvd": heal_long_asvd}
 _BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(\n<!-- /generated:\2 -->)", re.S)
 
 

@@ -120,6 +120,10 @@ def _heal_long(r: Path, out: Path) -> None:
         raise RunInputError(f"{path} is missing: run make heal-long (after make reproduce).")
     d = read_json(path)
     F.save(F.heal_long_figure(d), out, "heal_long", d["meta"])
+    low = Path(r) / "heal" / "heal_long_asvd.json"  # the same long healing of the low-rank start, where run
+    if low.is_file():
+        d2 = read_json(low)
+        F.save(F.heal_long_comparison({"tt_svd": d, "asvd": d2}), out, "heal_long_comparison", d2["meta"])
 
 
 def _healed_frontier(r: Path, out: Path) -> None:

@@ -92,12 +92,17 @@ def _pipeline(r: Path, out: Path) -> None:
     F.save(F.pipeline(measured(r), d["meta"].get("model", "embedded")), out, "pipeline", d["meta"])
 
 
+def _required(r: Path, rel: str, how: str) -> dict:
+    """A result written outside the notebooks (a script or benchmark), or an error naming ``how``."""
+    path = Path(r) / rel
+    if not path.is_file():
+        raise RunInputError(f"{path} is missing: run {how}.")
+    return read_json(path)
+
+
 def _speed_quality(r: Path, out: Path) -> None:
     d = load(r, "07_frontier.json")
-    roof = Path(r) / "benchmarks" / "roofline.json"
-    if not roof.is_file():
-        raise RunInputError(f"{roof} is missing: run benchmarks/roofline.py (make benchmarks).")
-    rf = read_json(roof)
+    rf = _required(r, "benchmarks/roofline.json", "benchmarks/roofline.py (make benchmarks)")
     F.save(F.speed_quality(d["points"], d["dense"], rf), out, "speed_quality", rf["meta"])
 
 
@@ -115,10 +120,7 @@ def _scale(r: Path, out: Path) -> None:
 
 
 def _heal_long(r: Path, out: Path) -> None:
-    path = Path(r) / "heal" / "heal_long.json"
-    if not path.is_file():
-        raise RunInputError(f"{path} is missing: run make heal-long (after make reproduce).")
-    d = read_json(path)
+    d = _required(r, "heal/heal_long.json", "make heal-long (after make reproduce)")
     F.save(F.heal_long_figure(d), out, "heal_long", d["meta"])
     low = Path(r) / "heal" / "heal_long_asvd.json"  # the same long healing of the low-rank start, where run
     if low.is_file():
@@ -127,18 +129,12 @@ def _heal_long(r: Path, out: Path) -> None:
 
 
 def _healed_frontier(r: Path, out: Path) -> None:
-    path = Path(r) / "benchmarks" / "healed_frontier.json"
-    if not path.is_file():
-        raise RunInputError(f"{path} is missing: run benchmarks/healed_frontier.py (after scripts/recovery_curve.py).")
-    d = read_json(path)
+    d = _required(r, "benchmarks/healed_frontier.json", "benchmarks/healed_frontier.py (after scripts/recovery_curve.py)")
     F.save(F.healed_frontier(d), out, "healed_frontier", d["meta"])
 
 
 def _recovery(r: Path, out: Path) -> None:
-    path = Path(r) / "heal" / "recovery_curve.json"
-    if not path.is_file():
-        raise RunInputError(f"{path} is missing: run scripts/recovery_curve.py (after make reproduce).")
-    d = read_json(path)
+    d = _required(r, "heal/recovery_curve.json", "scripts/recovery_curve.py (after make reproduce)")
     F.save(F.recovery_figure(d), out, "recovery_curve", d["meta"])
 
 

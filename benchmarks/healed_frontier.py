@@ -102,12 +102,11 @@ def measure(args, rec: dict) -> tuple[dict, dict]:
     points = []
     for p in rec["points"]:
         name = f"{p['start']}@{p['keep']:g}"
-        r = res[name]
+        r, size = res[name], stored_bytes(models[name])
         points.append({"start": p["start"], "keep": p["keep"], "lr": p["lr"], "tokens": p["tokens"],
                        "model_dir": str(dirs[name]), "after": {t: {k: v[k] for k in ("ppl", "tokens", "seq_len")}
                                                                 for t, v in p["after"].items()},
-                       "after_vs_dense": p["after_vs_dense"], "bytes": stored_bytes(models[name]),
-                       "bytes_ratio": stored_bytes(models[name]) / dense_bytes,
+                       "after_vs_dense": p["after_vs_dense"], "bytes": size, "bytes_ratio": size / dense_bytes,
                        "decode_tokens_per_s": r["decode"], "prefill_tokens_per_s": r["prefill"],
                        "decode_ratio": r["decode_ratio"], "decode_ratio_rounds": r["decode_ratio_rounds"],
                        "prefill_ratio": r["prefill_ratio"], "prefill_ratio_rounds": r["prefill_ratio_rounds"],

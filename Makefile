@@ -46,6 +46,7 @@ reproduce: data
 # is printed when both are done; the target fails if either does.
 test: data
 	$(PY) -m ruff check .
+	@df -Pk . | awk 'NR==2 {printf "[disk] %.1f GiB free for runs/smoke and the test files (they need about 3 GiB)\n", $$4/1048576}'
 	@rm -f .nbval.log; COMPACTIFY_PROGRESS=log OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider notebooks --nbval-lax \
 	  --durations=10 > .nbval.log 2>&1 & nb=$$!; \
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests --durations=25 $(PYTEST_ARGS); unit=$$?; \

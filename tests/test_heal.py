@@ -313,7 +313,7 @@ def test_ddp_strategy_in_a_world_of_one(tiny, tmp_path):
 
     r = train(tiny[1], tmp_path / "ddp", heal_cfg(tiny[2], strategy="ddp", steps=3, checkpoint_every=10))
     assert r["strategy"] == "ddp" and r["world_size"] == 1 and len(r["loss_curve"]) == 3
-    assert (tmp_path / "ddp" / "checkpoints" / "step_3" / "COMPLETE").is_file()
+    assert (tmp_path / "ddp" / "checkpoints" / "step_3" / "COMPLETE").is_file() and r["final_checkpoint_kept"]
     assert read_json(tmp_path / "ddp" / "heal.json")["final_loss"] == r["final_loss"]
 
 
@@ -322,9 +322,13 @@ def test_command_line_entry_point_with_overrides_and_its_error_line(tiny, tmp_pa
     from compactify.heal import main
 
     sets = [f"heal.data={tiny[2]}", "heal.seq_len=32", "heal.batch_per_rank=2", "heal.steps=2", "device=cpu"]
-    main(["--model-dir", str(tiny[1]), "--out-dir", str(tmp_path / "cli")] + sum((["--set", s] for s in sets), []))
+    main(["--model-dir", str(tiny[1]), "--out-dir", str(tmp_path / "cli")] + sum((["--set", s] for s in sets), [])
+         + ["--set", "heal.keep_final_checkpoint=false"])
     r = read_json(tmp_path / "cli" / "heal.json")
     assert r["plan"]["steps"] == 2 and r["meta"]["config"]["heal"]["seq_len"] == 32
+    # keep_final_checkpoint=false: the checkpoints go once the model and heal.json are written
+    assert not r["final_checkpoint_kept"] and not (tmp_path / "cli" / "checkpoints").exists()
+    assert (tmp_path / "cli" / "model").is_dir()
     with pytest.raises(SystemExit) as exit_info:
         main(["--model-dir", str(tiny[1]), "--out-dir", str(tmp_path / "bad"), "--set", "heal.strategy=zero3"])
     assert exit_info.value.code == 2

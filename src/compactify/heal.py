@@ -264,6 +264,7 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
                     "model": hc.teacher, "mode": hc.teacher_mode, "temperature": hc.kd_temperature,
                     "topk": hc.teacher_topk if hc.teacher_mode == "topk" else None},
                 "params": counts, "plan": plan, "resumed_from_step": start if ckpt is not None else None,
+                "final_checkpoint_kept": bool(hc.keep_final_checkpoint),
                 "steps_this_run": done, "tokens_this_run": done * tps, "train_seconds": seconds,
                 "tokens_per_s": done * tps / seconds if seconds > 0 else None,
                 "tokens_per_s_steady": len(steady) * tps / sum(p["seconds"] for p in steady),
@@ -273,6 +274,8 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
                 "first_loss": curve[0]["loss"], "final_loss": curve[-1]["loss"], "loss_curve": curve,
                 **({"heldout_curve": heldout} if heldout else {})}
             save_results(out_dir / "heal.json", result, cfg, device=device)
+            if not hc.keep_final_checkpoint:  # only now: the healed model and its record are whole
+                shutil.rmtree(root, ignore_errors=True)
             print(f"heal: done, {done * tps:,} tokens in {seconds:.1f} s; healed model in {out_dir / 'model'}",
                   flush=True)
         dist.barrier()

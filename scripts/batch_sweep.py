@@ -31,10 +31,11 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
     args = ap.parse_args(argv)
 
+    from compactify import compare as C
     from compactify import run
     from compactify.config import load_config, parse_overrides, run_dir
     from compactify.heal_study import variant_comparison
-    from compactify.results import save_results
+    from compactify.results import read_json, save_results
 
     cfg = load_config(args.config, parse_overrides(args.set))
     start = Path(args.start) if Path(args.start).is_dir() else run.require(cfg, args.start)
@@ -47,6 +48,15 @@ def main(argv=None) -> int:
     first_text = next(iter(next(iter(r["variants"].values()))["perplexity"]))
     r["best"] = min(r["variants"], key=lambda k: r["variants"][k]["perplexity"][first_text]["ppl"])
     r["judged_on"] = first_text
+    heal_json = run.path(cfg, "heal")
+    if args.start == "tensorized" and heal_json.exists():  # notebook 05's healing of the same start, paired
+        heal = read_json(heal_json)
+        hc = heal["heal"]["meta"]["config"]["heal"]
+        ref_name = (f"notebook 05 (batch {hc['batch_per_rank']} x {hc['seq_len']}, lr {hc['lr']:g}, "
+                    f"{heal['heal']['plan']['tokens']:,} tokens)")
+        r["vs_notebook_05"] = {"reference": ref_name, "by_variant": {
+            name: {t: C.compare_nll(heal["after"]["perplexity_texts"][t], v["perplexity"][t], ref_name, name)
+                   for t in v["perplexity"]} for name, v in r["variants"].items()}}
     save_results(args.out, r, cfg, device=cfg["device"], start=str(start))
     ref = next(iter(variants))
     for name, v in r["variants"].items():
@@ -55,6 +65,9 @@ def main(argv=None) -> int:
         if name != ref:
             p = r["paired_vs_first"][name][first_text]
             line += f" = x{p['ppl_ratio']:.3f} [{p['ppl_ratio_lo']:.3f}, {p['ppl_ratio_hi']:.3f}] the reference's"
+        if "vs_notebook_05" in r:
+            p = r["vs_notebook_05"]["by_variant"][name][first_text]
+            line += f"; x{p['ppl_ratio']:.3f} [{p['ppl_ratio_lo']:.3f}, {p['ppl_ratio_hi']:.3f}] notebook 05's"
         print(line)
     print(f"best on {first_text}: {r['best']}; wrote {args.out}")
     return 0

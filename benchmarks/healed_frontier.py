@@ -7,7 +7,9 @@ directory that script used) beside the dense model and times them all round-robi
 (:func:`compactify.speed.compare`: batch-1 prefill and greedy decode with the KV cache, medians
 and the per-round ratio's quartiles), with every MPO layer in ``--mode`` (default ``auto``: per
 layer the faster of factored and the contracted matrix, decided by measurement during the
-warm-up). Same dtype for all (fp32), same thread count. With the healed perplexities of
+warm-up). A second copy of the dense model, timed last in each round, is the A/A control: its
+ratio to the first copy is the harness's own error, and a model counts as slower than dense only
+below it. Same dtype for all (fp32), same thread count. With the healed perplexities of
 ``recovery_curve.json`` it writes the frontier: quality against decode speed and against bytes.
 
 Writes ``data/results/benchmarks/healed_frontier.json`` and ``figures/healed_frontier.png``::
@@ -28,6 +30,7 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAL05 = {"tt_svd": "tensorized", "activation_aware": "tensorized_aa"}  # notebook 05's folders under heal/
+CONTROL = "dense (second copy)"
 
 
 def healed_dir(run: Path, point: dict) -> Path:
@@ -44,7 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--recovery", default=str(ROOT / "data" / "results" / "heal" / "recovery_curve.json"))
     ap.add_argument("--mode", default="auto", help="MPO inference mode: factored | contracted | auto")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5, help="round-robin rounds (after one warm-up round)")
+    ap.add_argument("--repeats", type=int, default=9, help="round-robin rounds (after one warm-up round)")
+    ap.add_argument("--no-control", action="store_true", help="leave out the second copy of the dense model")
     ap.add_argument("--new-tokens", type=int, default=16, help="k of the decode rate (k-1)/(t_k - t_1)")
     ap.add_argument("--prefill", type=int, default=64, help="prompt tokens of the prefill measurement")
     ap.add_argument("--out", default=str(ROOT / "data" / "results" / "benchmarks" / "healed_frontier.json"))
@@ -92,6 +96,12 @@ def measure(args, rec: dict) -> tuple[dict, dict]:
     models = {"dense": dense.float().eval()}
     for name, d in progress(dirs.items(), desc="load healed models"):
         models[name] = load_model(d)[0].float().eval()
+    if not args.no_control:
+        # The A/A control: the dense model again, loaded the same way and timed last in each round.
+        # Its ratio to the first copy is the harness's own error (memory placement, the order in
+        # the round, other tenants of a shared machine): on this machine a second copy of the same
+        # model measured anywhere from 0.90x to 1.02x in trial runs of 7 rounds.
+        models[CONTROL] = load_model(cfg["model"])[0].float().eval()
     prompt = "The history of the English language"
     prefill_ids = tok("Linear algebra is the branch of mathematics concerning linear equations and their "
                       "representations in vector spaces and through matrices. " * 6,
@@ -99,6 +109,15 @@ def measure(args, rec: dict) -> tuple[dict, dict]:
     res = speed.compare(models, tok, prefill_ids, prompt, new_tokens=args.new_tokens, repeats=args.repeats,
                         reference="dense", mpo_mode=args.mode)
     dense_bytes = stored_bytes(dense)
+    control = None
+    if CONTROL in res:
+        c = res[CONTROL]
+        control = {"decode_ratio": c["decode_ratio"], "decode_ratio_rounds": c["decode_ratio_rounds"],
+                   "prefill_ratio": c["prefill_ratio"], "prefill_ratio_rounds": c["prefill_ratio_rounds"],
+                   "decode_tokens_per_s": c["decode"], "position": "last in each round"}
+        q = c["decode_ratio_rounds"]
+        print(f"{CONTROL:22s} decode x{c['decode_ratio']:.2f} (IQR of rounds {q['q1']:.2f}-{q['q3']:.2f}): "
+              "the harness's own error", flush=True)
     points = []
     for p in rec["points"]:
         name = f"{p['start']}@{p['keep']:g}"
@@ -123,7 +142,7 @@ def measure(args, rec: dict) -> tuple[dict, dict]:
             "dense": {"bytes": dense_bytes, "decode_tokens_per_s": res["dense"]["decode"],
                       "prefill_tokens_per_s": res["dense"]["prefill"],
                       "perplexity": {t: {k: v[k] for k in ("ppl", "tokens", "seq_len")} for t, v in rec["dense"].items()}},
-            "points": points}, cfg
+            "control": control, "points": points}, cfg
 
 
 if __name__ == "__main__":

@@ -160,6 +160,11 @@ def healed_frontier(d: Mapping) -> plt.Figure:
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: short_number(v)))
         ax.yaxis.set_minor_formatter(NullFormatter())
     a.axvline(1.0, color="0.5", ls=":", lw=0.8)
+    ctrl = d.get("control")
+    if ctrl:  # the A/A control's interquartile range: ratios the harness cannot tell from dense speed
+        q = ctrl["decode_ratio_rounds"]
+        a.axvspan(q["q1"], max(q["q3"], q["q1"] + 1e-3), color="0.85", zorder=0,
+                  label="dense, 2nd copy (IQR): timing error")
     a.set_xlabel(f"batch-1 decode tokens/s / dense ({s['threads']} threads, MPO mode {s['mode']}, same run)", fontsize=9)
     a.set_ylabel(f"healed {text} perplexity / dense (log)", fontsize=9)
     b.set_xlabel("model bytes / dense fp32 (embeddings included)", fontsize=9)

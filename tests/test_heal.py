@@ -9,7 +9,9 @@ study's compressed models.
 """
 from __future__ import annotations
 
+import copy
 import io
+import math
 import os
 import random
 from pathlib import Path
@@ -277,6 +279,26 @@ def test_long_run_reports_each_point_against_the_dense_model_on_the_same_windows
     assert final["ppl_b"] == pytest.approx(r["points"][-1]["perplexity"]["brown-heldout"]["ppl"])
     assert final["ppl_ratio_lo"] <= final["ppl_ratio"] <= final["ppl_ratio_hi"]
     assert r["tokens"] == 384 and len(r["heal"]["curve"]) == 6 and r["lr"] == cfg["heal"]["lr"]
+
+    # two long runs paired at every common point: a run against itself differs by exactly 0; a
+    # shifted copy by its shift; a run written without per-window NLL is refused, not guessed
+    from compactify.compare import PairingError
+    from compactify.heal_study import paired_long_runs
+
+    same = paired_long_runs(r, r)
+    assert [p["tokens"] for p in same] == [0, 128, 256, 384]
+    assert all(p["brown-heldout"]["ppl_ratio"] == pytest.approx(1.0) for p in same)
+    shifted = copy.deepcopy(r)
+    shifted["points"] = shifted["points"][1:]  # only the common points are paired
+    for p in shifted["points"]:
+        p["perplexity"]["brown-heldout"]["window_nll"] = [x - 0.1 for x in p["perplexity"]["brown-heldout"]["window_nll"]]
+    pairs = paired_long_runs(r, shifted)
+    assert [p["tokens"] for p in pairs] == [128, 256, 384]
+    assert all(p["brown-heldout"]["ppl_ratio"] == pytest.approx(math.exp(-0.1)) for p in pairs)
+    for p in shifted["points"]:
+        del p["perplexity"]["brown-heldout"]["window_nll"]
+    with pytest.raises(PairingError, match="no per-window NLL"):
+        paired_long_runs(r, shifted)
 
 
 # ---------------------------------------------------------------- bad input, in this process (world of one)

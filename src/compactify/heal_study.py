@@ -202,7 +202,9 @@ def long_run(model_dir, out_dir: Path, cfg: Mapping, tokens: int, eval_every_tok
                                                     "heal.eval_every": every, "heal.checkpoint_every": 2 * every,
                                                     "heal.resume": True}), stream=stream)
     points = [{"step": p["step"], "tokens": p["tokens"],
-               "perplexity": {t: {k: v[k] for k in ("ppl", "nll", "tokens", "seq_len", "windows", "text")}
+               # window_nll and ids_sha kept: two long runs can then be paired at every point (paired_long_runs)
+               "perplexity": {t: {k: v[k] for k in ("ppl", "nll", "tokens", "seq_len", "windows", "text", "ids_sha",
+                                                    "window_nll") if k in v}
                               for t, v in p["perplexity"].items()},
                "x_dense": {t: v["ppl"] / baseline[t]["ppl"] for t, v in p["perplexity"].items()}}
               for p in r["heldout_curve"]]
@@ -214,3 +216,16 @@ def long_run(model_dir, out_dir: Path, cfg: Mapping, tokens: int, eval_every_tok
             "heal": speed_record(r) | {"plan": r["plan"], "loss": r["loss"],
                                        "curve": [{k: p[k] for k in ("tokens", "lm_loss", "lr")}
                                                  for p in r["loss_curve"]]}}
+
+
+def paired_long_runs(a: Mapping, b: Mapping, name_a: str = "a", name_b: str = "b") -> list[dict]:
+    """Two :func:`long_run` results compared at every number of healing tokens both measured:
+    ``[{"tokens", text: compare_nll(a's point, b's point)}]`` (``ppl_ratio`` is b over a, with its
+    paired 95% interval over the same windows). Long runs written before their points kept the
+    per-window NLL cannot be paired: compactify.compare says so."""
+    from . import compare as C
+
+    b_at = {p["tokens"]: p for p in b["points"]}
+    return [{"tokens": p["tokens"], **{t: C.compare_nll(v, b_at[p["tokens"]]["perplexity"][t], name_a, name_b)
+                                       for t, v in p["perplexity"].items()}}
+            for p in a["points"] if p["tokens"] in b_at]

@@ -123,3 +123,24 @@ def test_long_runs_side_by_side_one_line_per_start_and_the_targets():
     assert not any("x dense" in t.get_text() and "dense 40" not in t.get_text() for t in fig.axes[1].texts)
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert [lab.startswith(STARTS[k][0]) for lab, k in zip(labels, ("tt_svd", "asvd"))] == [True, True]
+
+
+def test_long_run_tasks_table_pairs_each_model_with_the_reference(tmp_path):
+    """scripts/eval_models.py's JSON as the README shows it: one row per model, accuracies with the
+    paired difference from the reference, and the held-out perplexity ratio."""
+    def ev(lam, arc):
+        return {"tasks": {"lambada": {"metric": "acc", "value": lam, "n": 1000, "autocast": "bfloat16"},
+                          "arc_easy": {"metric": "acc_norm", "value": arc, "n": 570, "autocast": "bfloat16"}},
+                "perplexity_texts": {t: _ppl(t, 0.0) for t in TEXTS}}
+    diff = {"lambada": {"diff": -20.5, "lo": -23.0, "hi": -18.0}, "arc_easy": {"diff": -3.2, "lo": -6.1, "hi": -0.4}}
+    data = {"meta": {"git_commit": "abc1234", "model": "embedded", "device": {"device": "cpu"}, "config_name": "t"},
+            "reference": "dense", "tasks": ["lambada", "arc_easy"],
+            "evaluations": {"dense": ev(0.283, 0.426), "asvd@1M": ev(0.078, 0.394)},
+            "paired": {"asvd@1M": {"tasks": diff, "texts": {t: compare_nll(_ppl(t, 0.0), _ppl(t, 0.5)) for t in TEXTS}}}}
+    (tmp_path / "heal").mkdir()
+    (tmp_path / "heal" / "long_run_tasks.json").write_text(json.dumps(data))
+    text = readme.long_run_tasks(tmp_path)
+    assert "| dense | 28.3% | 42.6% | 1 |" in text
+    assert f"| asvd@1M | 7.8% (-20.5 [-23.0, -18.0]) | 39.4% (-3.2 [-6.1, -0.4]) | x{math.exp(0.5):.2f}" in text
+    assert "lambada (acc, 1000 docs)" in text and "commit abc1234" in text
+    assert "have not been published" in readme.long_run_tasks(tmp_path / "nothing")

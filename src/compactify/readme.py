@@ -178,6 +178,27 @@ def heal_long_asvd(r: Path) -> str:
     return _long_run(h, "The activation-aware SVD start (the recovery curve's, 30% kept)")
 
 
+def long_run_tasks(r: Path) -> str:
+    """``scripts/eval_models.py``'s scoring of healed models on more benchmark documents, paired with dense."""
+    h = _j(Path(r) / "heal", "long_run_tasks.json")
+    if h is None:
+        return "(the healed models' benchmark scores have not been published: scripts/eval_models.py)"
+    ref, tasks = h["reference"], h["tasks"]
+    ev = h["evaluations"]
+    text = next(iter(ev[ref]["perplexity_texts"]))
+    head = "| model | " + " | ".join(f"{t} ({ev[ref]['tasks'][t]['metric']}, {ev[ref]['tasks'][t]['n']} docs)"
+                                     for t in tasks) + f" | `{text}` perplexity / {ref} |"
+    rows = [head, "|---" * (len(tasks) + 2) + "|",
+            f"| {ref} | " + " | ".join(f"{100 * ev[ref]['tasks'][t]['value']:.1f}%" for t in tasks) + " | 1 |"]
+    for name, p in h["paired"].items():
+        cells = [f"{100 * ev[name]['tasks'][t]['value']:.1f}% ({p['tasks'][t]['diff']:+.1f} [{p['tasks'][t]['lo']:+.1f}, "
+                 f"{p['tasks'][t]['hi']:+.1f}])" for t in tasks]
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {_ratio(p['texts'][text])} |")
+    return ("\n".join(rows) + f"\n\nPoints of accuracy against {ref} on the same documents, paired 95% intervals; "
+            f"MPO layers contracted, {ev[ref]['tasks'][tasks[0]]['autocast']} autocast as in notebook 06; "
+            f"{footer(h['meta'])}.")
+
+
 def _long_run(h: dict, who: str) -> str:
     pts, first = [p for p in h["points"] if p["tokens"] > 0], next(iter(h["dense"]))
     shown = {min(pts, key=lambda p: abs(math.log(p["tokens"] / t))) ["tokens"]: None
@@ -282,7 +303,7 @@ def healed_frontier(r: Path) -> str:
 BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline, "baseline": baseline, "claims": claims,
                                             "frontier": frontier, "speed": speed, "heal_long": heal_long,
                                             "recovery": recovery, "healed_frontier": healed_frontier,
-                                            "heal_long_asvd": heal_long_asvd}
+                                            "heal_long_asvd": heal_long_asvd, "long_run_tasks": long_run_tasks}
 _BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(\n<!-- /generated:\2 -->)", re.S)
 
 

@@ -43,19 +43,16 @@ def main(argv=None) -> int:
     models = dict(m.split("=", 1) for m in args.models if "=" in m)
     if len(models) != len(args.models) or len(models) < 2:
         ap.error("--models needs at least two distinct NAME=DIR entries, the reference first")
-    missing = [d for d in models.values() if d != "embedded" and "/" in d and not Path(d).is_dir()]
-    if missing:
-        ap.error(f"no saved model at {', '.join(missing)}")
     cfg = load_config(args.config, parse_overrides(args.set))
     for item in args.limit:
         task, n = item.split("=", 1)
         cfg["eval"]["limit"][task] = int(n)
-    evaluations, seconds = {}, {}
+    evaluations, seconds, texts = {}, {}, None
     for name, src in models.items():
         t0 = time.perf_counter()
-        model, tok = load_model(src)
-        evaluations[name] = evaluate_model(model.eval(), tok, cfg, heldout_ids=heldout_ids_for(tok, cfg),
-                                           tasks=args.tasks)
+        model, tok = load_model(src)  # a bad path or id: load_model's error names it
+        texts = texts or heldout_ids_for(tok, cfg)  # tokenised once: pairing needs the same ids for every model
+        evaluations[name] = evaluate_model(model.eval(), tok, cfg, heldout_ids=texts, tasks=args.tasks)
         seconds[name] = time.perf_counter() - t0
         del model
         print(f"{name}: " + ", ".join(f"{t} {100 * r['value']:.1f}%" for t, r in evaluations[name]["tasks"].items()

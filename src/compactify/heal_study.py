@@ -204,7 +204,7 @@ def long_run(model_dir, out_dir: Path, cfg: Mapping, tokens: int, eval_every_tok
     points = [{"step": p["step"], "tokens": p["tokens"],
                # window_nll and ids_sha kept: two long runs can then be paired at every point (paired_long_runs)
                "perplexity": {t: {k: v[k] for k in ("ppl", "nll", "tokens", "seq_len", "windows", "text", "ids_sha",
-                                                    "window_nll") if k in v}
+                                                    "window_nll")}
                               for t, v in p["perplexity"].items()},
                "x_dense": {t: v["ppl"] / baseline[t]["ppl"] for t, v in p["perplexity"].items()}}
               for p in r["heldout_curve"]]

@@ -31,11 +31,10 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
     args = ap.parse_args(argv)
 
-    from compactify import compare as C
     from compactify import run
     from compactify.config import load_config, parse_overrides, run_dir
-    from compactify.heal_study import variant_comparison
-    from compactify.results import read_json, save_results
+    from compactify.heal_study import paired_with_run, variant_comparison
+    from compactify.results import save_results
 
     cfg = load_config(args.config, parse_overrides(args.set))
     start = Path(args.start) if Path(args.start).is_dir() else run.require(cfg, args.start)
@@ -50,13 +49,7 @@ def main(argv=None) -> int:
     r["judged_on"] = first_text
     heal_json = run.path(cfg, "heal")
     if args.start == "tensorized" and heal_json.exists():  # notebook 05's healing of the same start, paired
-        heal = read_json(heal_json)
-        hc = heal["heal"]["meta"]["config"]["heal"]
-        ref_name = (f"notebook 05 (batch {hc['batch_per_rank']} x {hc['seq_len']}, lr {hc['lr']:g}, "
-                    f"{heal['heal']['plan']['tokens']:,} tokens)")
-        r["vs_notebook_05"] = {"reference": ref_name, "by_variant": {
-            name: {t: C.compare_nll(heal["after"]["perplexity_texts"][t], v["perplexity"][t], ref_name, name)
-                   for t in v["perplexity"]} for name, v in r["variants"].items()}}
+        r["vs_notebook_05"] = paired_with_run(heal_json, r["variants"])
     save_results(args.out, r, cfg, device=cfg["device"], start=str(start))
     ref = next(iter(variants))
     for name, v in r["variants"].items():

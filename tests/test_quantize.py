@@ -218,6 +218,19 @@ def test_stats():
     assert s["median"] == 2.5 and s["min"] == 1.0 and s["iqr"] == pytest.approx(s["q3"] - s["q1"]) and s["n"] == 4
 
 
+def test_interleaved_rotates_the_order_so_each_measurement_takes_every_position():
+    from compactify.speed import interleaved
+
+    calls: list[str] = []
+    measure = {n: (lambda n=n: calls.append(n) or len(calls)) for n in "abc"}
+    out = interleaved(measure, rounds=3, warmup=1, rotate=True)
+    assert calls == list("abc" + "abc" + "bca" + "cab")   # warm-up, then counted rounds starting at a, b, c
+    assert out == {"a": [4, 9, 11], "b": [5, 7, 12], "c": [6, 8, 10]}  # the values of the counted rounds only
+    calls.clear()
+    interleaved(measure, rounds=2, warmup=0)
+    assert calls == list("abcabc")                        # fixed order by default
+
+
 def test_speed_helpers_side_by_side(embedded):
     tok = embedded[1]
     a, b = tiny(vocab_size=len(tok)), tiny(seed=1, vocab_size=len(tok))
@@ -227,7 +240,7 @@ def test_speed_helpers_side_by_side(embedded):
         compare({"a": a}, tok, IDS[:1], "Hello", new_tokens=1)
     r = compare({"a": a, "b": b}, tok, IDS[:1], "Hello there", new_tokens=3, repeats=2)
     assert r["a"]["prefill_ratio"] == 1.0 and r["a"]["decode_ratio"] == 1.0
-    assert r["b"]["decode"]["n"] == 2 and r["_setup"]["reference"] == "a"
+    assert r["b"]["decode"]["n"] == 2 and r["_setup"]["reference"] == "a" and r["_setup"]["order"] == "fixed"
     ids = tok("Hello there", return_tensors="pt").input_ids          # token ids, no tokenizer (benchmarks/scale.py)
     r = compare({"a": a, "b": b}, None, IDS[:1], ids, new_tokens=3, repeats=1, reference="b")
     assert r["b"]["decode_ratio"] == 1.0 and r["_setup"]["decode_prompt_tokens"] == ids.shape[1]

@@ -1,9 +1,12 @@
 """Healing data: documents -> token ids -> fixed-length packed sequences -> per-rank batches.
 
 The paper heals on generic chat data (UltraChat, Alpaca, OpenHermes) for "less than a single
-epoch". Offline, the healing text is the ``heal`` split of :mod:`compactify.corpus` (English
-prose, disjoint from the ``heldout`` split that perplexity is measured on); a config may
-instead name a local ``.txt`` file (documents separated by blank lines) or ``.jsonl`` file
+epoch". Offline, the healing text is named by ``heal.data``: ``heal``, the heal split of
+:mod:`compactify.corpus` (Brown's 1961 English prose, disjoint from the ``heldout`` split that
+perplexity is measured on); ``wiki-vital``, the lead sections of Wikipedia's vital articles
+(:mod:`compactify.wiki_corpus`, decontaminated against the held-out texts and the benchmarks); or
+``brown-wiki``, both (~2.2M tokens; rows of the two are shuffled together). A config may instead name a
+local ``.txt`` file (documents separated by blank lines) or ``.jsonl`` file
 (one record per line with a ``text`` field or a chat ``messages`` list), e.g. UltraChat
 exported where the hub is reachable.
 
@@ -45,18 +48,26 @@ class HealError(ConfigError):
 
 
 
+SOURCES = ("heal", "wiki-vital", "brown-wiki")  # named healing texts that ship with packages (see the module docstring)
+
+
 def load_documents(source: str) -> list[str]:
-    """The healing documents: ``"heal"`` (the corpus split) or a local .txt / .jsonl file."""
+    """The healing documents: a named source (:data:`SOURCES`) or a local .txt / .jsonl file."""
     if source == "heldout":
         raise HealError("heal.data is 'heldout', the split perplexity is evaluated on: healing on it would "
                             "leak evaluation text into training. Use heal.data=heal (the default).")
-    if source == "heal":
-        from . import corpus
+    if source in SOURCES:
+        from . import corpus, wiki_corpus
 
-        return corpus.documents("heal")
+        brown = list(corpus.documents("heal")) if source in ("heal", "brown-wiki") else []
+        try:
+            return brown + (list(wiki_corpus.documents()) if source in ("wiki-vital", "brown-wiki") else [])
+        except wiki_corpus.WikiCorpusError as e:
+            raise HealError(str(e)) from None
     path = resolve_path(source)
     if not path.is_file():
-        raise HealError(f"heal.data '{source}' is neither 'heal' nor an existing .txt/.jsonl file.")
+        raise HealError(f"heal.data '{source}' is neither one of {', '.join(SOURCES)} nor an existing .txt/.jsonl "
+                        "file.")
     if path.suffix == ".jsonl":
         docs = []
         for i, line in enumerate(path.read_text().splitlines()):
@@ -189,7 +200,7 @@ def packed_data(tokenizer, source: str, seq_len: int, seed: int) -> torch.Tensor
 
 def data_path_hint(source: str) -> str:
     """A stable name for the data source in a run's fingerprint."""
-    return source if source in ("heal", "heldout") else str(Path(resolve_path(source)).resolve())
+    return source if source in SOURCES + ("heldout",) else str(Path(resolve_path(source)).resolve())
 
 
 # ---------------------------------------------------------------- checkpoints

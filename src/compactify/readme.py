@@ -178,11 +178,8 @@ def heal_long_asvd(r: Path) -> str:
     return _long_run(h, "The activation-aware SVD start (the recovery curve's, 30% kept)")
 
 
-def long_run_tasks(r: Path) -> str:
-    """``scripts/eval_models.py``'s scoring of healed models on more benchmark documents, paired with dense."""
-    h = _j(Path(r) / "heal", "long_run_tasks.json")
-    if h is None:
-        return "(the healed models' benchmark scores have not been published: scripts/eval_models.py)"
+def _tasks_table(h: dict) -> str:
+    """One ``scripts/eval_models.py`` result as a table: accuracy per task, each model paired with the first."""
     ref, tasks = h["reference"], h["tasks"]
     ev = h["evaluations"]
     text = next(iter(ev[ref]["perplexity_texts"]))
@@ -197,6 +194,38 @@ def long_run_tasks(r: Path) -> str:
     return ("\n".join(rows) + f"\n\nPoints of accuracy against {ref} on the same documents, paired 95% intervals; "
             f"MPO layers contracted, {ev[ref]['tasks'][tasks[0]]['autocast']} autocast as in notebook 06; "
             f"{footer(h['meta'])}.")
+
+
+def long_run_tasks(r: Path) -> str:
+    """``scripts/eval_models.py``'s scoring of healed models on more benchmark documents, paired with dense."""
+    h = _j(Path(r) / "heal", "long_run_tasks.json")
+    if h is None:
+        return "(the healed models' benchmark scores have not been published: scripts/eval_models.py)"
+    return _tasks_table(h)
+
+
+def loss_study(r: Path) -> str:
+    """``scripts/loss_study.py``: the main start healed with each loss, paired with notebook 05's
+    next-token healing on every held-out text; and, where published, the same models' benchmark
+    scores (``loss_study_tasks.json``, ``scripts/eval_models.py``)."""
+    h = _j(Path(r) / "heal", "loss_study.json")
+    if h is None:
+        return "(the loss comparison has not been published: scripts/loss_study.py)"
+    vs = h.get("vs_notebook_05")
+    texts = list(next(iter(h["variants"].values()))["perplexity"])
+    rows = ["| loss | tokens/s | " + " | ".join(f"`{t}` perplexity" + (" (x notebook 05's, paired)" if vs else "")
+                                           for t in texts) + " |", "|---|---|" + "---|" * len(texts)]
+    for name, v in h["variants"].items():
+        cells = [f"{_ppl(v['perplexity'][t])}" + (f" ({_ratio(vs['by_variant'][name][t])})" if vs else "") for t in texts]
+        rows.append(f"| {name} | {v['tokens_per_s']:.0f} | " + " | ".join(cells) + " |")
+    rc = h["recipe"]
+    out = ("\n".join(rows) + f"\n\nEvery row heals notebook 03's main model (the paper's TT-SVD MPO) for {h['tokens']:,} tokens of Brown, "
+           f"batch {rc['batch_per_rank']} x {rc['seq_len']}, peak lr {rc['lr']:g}, teacher {rc['teacher_mode']} "
+           f"(the original model), temperature {rc['kd_temperature']:g}, mix = {rc['kd_weight (mix)']:g} kd + "
+           f"{1 - rc['kd_weight (mix)']:g} lm" + (f"; reference: {vs['reference']}" if vs else "")
+           + f"; {footer(h['meta'])}.")
+    t = _j(Path(r) / "heal", "loss_study_tasks.json")
+    return out if t is None else out + "\n\n" + _tasks_table(t)
 
 
 def _long_run(h: dict, who: str) -> str:
@@ -283,7 +312,8 @@ def healed_frontier(r: Path) -> str:
     within = [p for p in pts if floor <= p["decode_ratio"] < 1.0]
     half = max((p for p in pts if p["keep"] == 0.5), key=lambda p: p["decode_ratio"], default=None)
     control = "" if ctrl is None else (
-        f"A/A control: a second copy of the dense model, timed last in each round, measured "
+        f"A/A control: a second copy of the dense model, "
+        f"{ctrl.get('position', 'last in each round').replace('every position', 'in every position of a round')}, measured "
         f"{ctrl['decode_ratio']:.2f}x ({ctrl['decode_ratio_rounds']['q1']:.2f}-{ctrl['decode_ratio_rounds']['q3']:.2f}) "
         f"the first: the harness's own error, so a model counts as slower than dense only below "
         f"{floor:.2f}x. ")
@@ -297,13 +327,14 @@ def healed_frontier(r: Path) -> str:
     return ("\n".join(rows) + f"\n\nDense: {h['dense']['decode_tokens_per_s']['median']:.1f} decode tokens/s, "
             f"{h['dense']['prefill_tokens_per_s']['median']:.0f} prefill tokens/s ({s['prefill_tokens']} tokens); "
             f"batch 1, {s['dtype']}, {s['threads']} threads, MPO mode {s['mode']}, {s['repeats']} round-robin rounds "
-            f"after a warm-up; {footer(h['meta'])}. {verdicts}")
+            f"({s.get('order', 'fixed')} order) after a warm-up; {footer(h['meta'])}. {verdicts}")
 
 
 BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline, "baseline": baseline, "claims": claims,
                                             "frontier": frontier, "speed": speed, "heal_long": heal_long,
                                             "recovery": recovery, "healed_frontier": healed_frontier,
-                                            "heal_long_asvd": heal_long_asvd, "long_run_tasks": long_run_tasks}
+                                            "heal_long_asvd": heal_long_asvd, "long_run_tasks": long_run_tasks,
+                                            "loss_study": loss_study}
 _BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(\n<!-- /generated:\2 -->)", re.S)
 
 

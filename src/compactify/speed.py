@@ -48,17 +48,22 @@ def stats(times: list[float]) -> dict:
 
 
 def interleaved(measure: Mapping[str, Callable[[], float]], rounds: int, warmup: int = 1,
-                progress: Callable | None = None) -> dict[str, list]:
+                progress: Callable | None = None, rotate: bool = False) -> dict[str, list]:
     """Take each measurement (a call that returns a number, e.g. its seconds) round-robin: one of
     each per round, ``rounds`` counted rounds after ``warmup`` uncounted ones. A load that other
     jobs put on a shared machine then falls on all alike, so their ratio is fair. Returns
     ``{name: [value of each counted round]}``. The one round-robin loop of the study (speed,
-    ``MPOLinear``'s ``auto`` decision, the benchmarks). ``progress`` wraps the rounds (a tqdm)."""
+    ``MPOLinear``'s ``auto`` decision, the benchmarks). ``progress`` wraps the rounds (a tqdm).
+    ``rotate``: round r starts with the (r mod n)-th measurement instead of the first, so that
+    over n rounds each takes every position once (an effect of the order within a round, e.g. a
+    cache warmed by the previous model, then falls on all alike instead of on the last)."""
     out: dict[str, list] = {n: [] for n in measure}
+    names = list(measure)
     steps = range(warmup + rounds)
     for r in steps if progress is None else progress(steps, desc="timing (round-robin)"):
-        for n, f in measure.items():
-            value = f()
+        k = (r - warmup) % len(names) if rotate and r >= warmup else 0
+        for n in names[k:] + names[:k]:
+            value = measure[n]()
             if r >= warmup:
                 out[n].append(value)
     return out
@@ -103,7 +108,7 @@ def time_forward(model, input_ids: torch.Tensor, repeats: int = 5, warmup: int =
 
 def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.Tensor,
             decode_prompt: str | torch.Tensor, new_tokens: int = 16, repeats: int = 3, reference: str | None = None,
-            progress: Callable | None = None, mpo_mode: str | None = None) -> dict:
+            progress: Callable | None = None, mpo_mode: str | None = None, rotate: bool = False) -> dict:
     """Prefill and decode tokens/s of several models, measured round-robin in this process.
 
     ``decode_prompt`` is text (tokenized with ``tokenizer``) or token ids of shape ``(1, n)``;
@@ -117,7 +122,8 @@ def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.
     puts every model that has MPO layers in that inference mode before the warm-up (where
     ``auto`` makes its decisions) and back afterwards; ``out["_setup"]["mpo_mode"]`` records it
     and ``out[name]["mpo_mode"]`` the layers' state after timing (:func:`compactify.mpo_layer.mode_summary`:
-    paths chosen per bucket of tokens, bytes of cached matrices).
+    paths chosen per bucket of tokens, bytes of cached matrices). ``rotate``: each counted round
+    starts one model later (:func:`interleaved`), recorded in ``out["_setup"]["order"]``.
     """
     if new_tokens < 2:  # decode rate = (k - 1) / (t_k - t_1): one new token is the prompt's cost only
         raise ValueError(f"new_tokens must be at least 2 to separate decoding from the prompt, not {new_tokens}.")
@@ -133,7 +139,8 @@ def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.
             mpo = [n for n, m in models.items() if any(isinstance(x, MPOLinear) for x in m.modules())]
             for n in mpo:
                 stack.enter_context(inference_mode_set(models[n], mpo_mode))
-            out = compare(models, tokenizer, prompt_ids, decode_prompt, new_tokens, repeats, reference, progress)
+            out = compare(models, tokenizer, prompt_ids, decode_prompt, new_tokens, repeats, reference, progress,
+                          rotate=rotate)
             for n in mpo:
                 out[n]["mpo_mode"] = mode_summary(models[n])
         out["_setup"]["mpo_mode"] = mpo_mode
@@ -154,7 +161,8 @@ def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.
         return prefill, (new_tokens - 1) / max(many - one, 1e-9)
 
     # the warm-up round (not counted): first calls allocate, repack 4-bit weights, build caches
-    rounds = interleaved({n: functools.partial(one_round, models[n].eval()) for n in names}, repeats, progress=progress)
+    rounds = interleaved({n: functools.partial(one_round, models[n].eval()) for n in names}, repeats, progress=progress,
+                         rotate=rotate)
     pre = {n: [r[0] for r in v] for n, v in rounds.items()}
     dec = {n: [r[1] for r in v] for n, v in rounds.items()}
     out = {n: {"prefill": stats(pre[n]), "decode": stats(dec[n])} for n in names}
@@ -165,7 +173,8 @@ def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.
             out[n][f"{k}_ratio_rounds"] = stats([a / b for a, b in zip(rates[n], rates[reference])])
     out["_setup"] = {"reference": reference, "prefill_tokens": int(prompt_ids.numel()),
                      "decode_prompt_tokens": int(dec_ids.shape[1]), "new_tokens": new_tokens, "repeats": repeats,
-                     "threads": torch.get_num_threads(), "mpo_mode": None}
+                     "threads": torch.get_num_threads(), "mpo_mode": None,
+                     "order": "rotated (each counted round starts one model later)" if rotate else "fixed"}
     return out
 
 

@@ -204,26 +204,39 @@ def long_run_tasks(r: Path) -> str:
     return _tasks_table(h)
 
 
+LOSS_STUDY_FILES = ("loss_study.json", "loss_study_data.json")  # scripts/loss_study.py's runs, rows in this order
+
+
 def loss_study(r: Path) -> str:
-    """``scripts/loss_study.py``: the main start healed with each loss, paired with notebook 05's
-    next-token healing on every held-out text; and, where published, the same models' benchmark
-    scores (``loss_study_tasks.json``, ``scripts/eval_models.py``)."""
-    h = _j(Path(r) / "heal", "loss_study.json")
-    if h is None:
+    """``scripts/loss_study.py``'s runs (:data:`LOSS_STUDY_FILES`): the main start healed with
+    each loss and healing text, paired with notebook 05's next-token healing on Brown on every
+    held-out text; and, where published, the same models' benchmark scores
+    (``loss_study_tasks.json``, ``scripts/eval_models.py``)."""
+    runs = [h for h in (_j(Path(r) / "heal", f) for f in LOSS_STUDY_FILES) if h is not None]
+    if not runs:
         return "(the loss comparison has not been published: scripts/loss_study.py)"
-    vs = h.get("vs_notebook_05")
-    texts = list(next(iter(h["variants"].values()))["perplexity"])
-    rows = ["| loss | tokens/s | " + " | ".join(f"`{t}` perplexity" + (" (x notebook 05's, paired)" if vs else "")
-                                           for t in texts) + " |", "|---|---|" + "---|" * len(texts)]
-    for name, v in h["variants"].items():
-        cells = [f"{_ppl(v['perplexity'][t])}" + (f" ({_ratio(vs['by_variant'][name][t])})" if vs else "") for t in texts]
-        rows.append(f"| {name} | {v['tokens_per_s']:.0f} | " + " | ".join(cells) + " |")
-    rc = h["recipe"]
-    out = ("\n".join(rows) + f"\n\nEvery row heals notebook 03's main model (the paper's TT-SVD MPO) for {h['tokens']:,} tokens of Brown, "
-           f"batch {rc['batch_per_rank']} x {rc['seq_len']}, peak lr {rc['lr']:g}, teacher {rc['teacher_mode']} "
-           f"(the original model), temperature {rc['kd_temperature']:g}, mix = {rc['kd_weight (mix)']:g} kd + "
-           f"{1 - rc['kd_weight (mix)']:g} lm" + (f"; reference: {vs['reference']}" if vs else "")
-           + f"; {footer(h['meta'])}.")
+    texts = list(next(iter(runs[0]["variants"].values()))["perplexity"])
+    rows = ["| loss@healing text | tokens/s | " + " | ".join(f"`{t}` perplexity (x notebook 05's, paired)"
+                                                            for t in texts) + " |", "|---|---|" + "---|" * len(texts)]
+    nb05, first = _j(r, "05_heal.json"), runs[0]["vs_notebook_05"]["by_variant"]
+    some = next(iter(first.values()))
+    rows.append(f"| lm@heal (notebook 05, the reference) | "
+                f"{nb05['heal']['tokens_per_s_steady']:.0f} | " if nb05 else "| lm@heal (notebook 05, the reference) | | ")
+    rows[-1] += " | ".join(f"{_ppl(some[t]['ppl_a'])} (1)" for t in texts) + " |"
+    for h in runs:
+        vs = h["vs_notebook_05"]
+        for name, v in h["variants"].items():
+            label = name if "@" in name else f"{name}@{h['recipe'].get('data', 'heal')}"
+            cells = [f"{_ppl(v['perplexity'][t])} ({_ratio(vs['by_variant'][name][t])})" for t in texts]
+            rows.append(f"| {label} | {v['tokens_per_s']:.0f} | " + " | ".join(cells) + " |")
+    rc = runs[0]["recipe"]
+    out = ("\n".join(rows) + f"\n\nEvery row heals notebook 03's main model (the paper's TT-SVD MPO) for "
+           f"{runs[0]['tokens']:,} tokens (heal = Brown's heal split; brown-wiki = the same and Wikipedia's vital-article "
+           f"leads), batch {rc['batch_per_rank']} x {rc['seq_len']}, peak lr {rc['lr']:g}; kd: KL divergence from the "
+           f"original model ({rc['teacher_mode']} teacher, temperature {rc['kd_temperature']:g}); mix: "
+           f"{rc['kd_weight (mix)']:g} kd + {1 - rc['kd_weight (mix)']:g} lm. Reference: "
+           f"{runs[0]['vs_notebook_05']['reference']}, on Brown. "
+           + " ".join(f"{'Rows' if len(runs) == 1 else f'Run {i + 1}'}: {footer(h['meta'])}." for i, h in enumerate(runs)))
     t = _j(Path(r) / "heal", "loss_study_tasks.json")
     return out if t is None else out + "\n\n" + _tasks_table(t)
 

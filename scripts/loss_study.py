@@ -33,6 +33,8 @@ def main(argv=None) -> int:
                     help="each healed once: a heal.loss (lm | kd | mix: heal.kd_weight of kd, the rest lm), optionally "
                          "@ a heal.data source (heal | wiki-vital | brown-wiki; default: the config's)")
     ap.add_argument("--tokens", type=int, default=None, help="healing tokens per loss (default: heal.tokens)")
+    ap.add_argument("--subdir", default="loss_study", help="folder of the run directory the healed models go to "
+                    "(<run_dir>/<subdir>/<variant>/model); a variant's earlier folder there is replaced")
     ap.add_argument("--out", default=str(ROOT / "data" / "results" / "heal" / "loss_study.json"))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
     args = ap.parse_args(argv)
@@ -52,8 +54,8 @@ def main(argv=None) -> int:
         if loss not in ("lm", "kd", "mix"):
             ap.error(f"variant {v!r}: the loss must be lm, kd or mix")
         variants[v] = {"heal.loss": loss, **({"heal.data": data} if data else {})}
-    r = variant_comparison(start, run_dir(cfg) / "loss_study", cfg, variants, tokens, keep_models=True)
-    r["recipe"] = {"data": h["data"], "lr": h["lr"], "batch_per_rank": h["batch_per_rank"], "seq_len": h["seq_len"],
+    r = variant_comparison(start, run_dir(cfg) / args.subdir, cfg, variants, tokens, keep_models=True)
+    r["recipe"] = {"data": h["data"], "tokens": tokens, "lr": h["lr"], "batch_per_rank": h["batch_per_rank"], "seq_len": h["seq_len"],
                    "kd_temperature": h["kd_temperature"], "kd_weight (mix)": h["kd_weight"],
                    "teacher_mode": h["teacher_mode"]}
     heal_json = run.path(cfg, "heal")

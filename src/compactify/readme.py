@@ -204,7 +204,7 @@ def long_run_tasks(r: Path) -> str:
     return _tasks_table(h)
 
 
-LOSS_STUDY_FILES = ("loss_study.json", "loss_study_data.json")  # scripts/loss_study.py's runs, rows in this order
+LOSS_STUDY_FILES = ("loss_study.json", "loss_study_topk.json", "loss_study_data.json", "loss_study_equal_time.json")  # scripts/loss_study.py's runs, rows in this order
 
 
 def loss_study(r: Path) -> str:
@@ -227,6 +227,10 @@ def loss_study(r: Path) -> str:
         vs = h["vs_notebook_05"]
         for name, v in h["variants"].items():
             label = name if "@" in name else f"{name}@{h['recipe'].get('data', 'heal')}"
+            if h["recipe"]["teacher_mode"] != "online" and name.split("@")[0] in ("kd", "mix"):
+                label += f" ({h['recipe']['teacher_mode']} teacher)"
+            if h["tokens"] != runs[0]["tokens"]:
+                label += f", {h['tokens']:,} tokens"
             cells = [f"{_ppl(v['perplexity'][t])} ({_ratio(vs['by_variant'][name][t])})" for t in texts]
             rows.append(f"| {label} | {v['tokens_per_s']:.0f} | " + " | ".join(cells) + " |")
     rc = runs[0]["recipe"]

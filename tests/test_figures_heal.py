@@ -144,3 +144,40 @@ def test_long_run_tasks_table_pairs_each_model_with_the_reference(tmp_path):
     assert f"| asvd@1M | 7.8% (-20.5 [-23.0, -18.0]) | 39.4% (-3.2 [-6.1, -0.4]) | x{math.exp(0.5):.2f}" in text
     assert "lambada (acc, 1000 docs)" in text and "commit abc1234" in text
     assert "have not been published" in readme.long_run_tasks(tmp_path / "nothing")
+
+
+def _loss_run(variants: dict, tokens: int = 1024, mode: str = "online") -> dict:
+    """A result shaped like scripts/loss_study.py's: {variant: shift of its window NLL vs notebook 05's}."""
+    ref = {t: _ppl(t, 2.0) for t in TEXTS}
+    out = {"tokens": tokens, "variants": {}, "recipe": {"data": "heal", "tokens": tokens, "lr": 1e-3, "batch_per_rank": 4,
+                                                        "seq_len": 256, "kd_temperature": 1.0, "kd_weight (mix)": 0.5,
+                                                        "teacher_mode": mode},
+           "meta": {"git_commit": "abc1234", "config_name": "default", "seed": 0}}
+    by = {}
+    for name, shift in variants.items():
+        ppl = {t: _ppl(t, 2.0 + shift) for t in TEXTS}
+        out["variants"][name] = {"settings": {}, "tokens_per_s": 200.0, "perplexity": ppl}
+        by[name] = {t: compare_nll(ref[t], ppl[t], "nb05", name) for t in TEXTS}
+    out["vs_notebook_05"] = {"reference": "notebook 05 (lm loss, batch 4 x 256, lr 0.001, 1,024 tokens)", "by_variant": by}
+    return out
+
+
+def test_loss_study_block_and_figure_label_each_variant_and_pair_it_with_notebook_05(tmp_path):
+    from compactify.figures_heal import loss_study_figure
+
+    runs = {"loss_study.json": _loss_run({"kd": -0.1, "lm@brown-wiki": 0.05}),
+            "loss_study_topk.json": _loss_run({"kd": 0.02}, mode="topk"),
+            "loss_study_equal_time.json": _loss_run({"lm": -0.2}, tokens=2048)}
+    (tmp_path / "heal").mkdir()
+    for f, d in runs.items():
+        (tmp_path / "heal" / f).write_text(json.dumps(d))
+    text = readme.loss_study(tmp_path)
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == ["| lm@heal (notebook 05, the reference)", "| kd@heal", "| lm@brown-wiki",
+                    "| kd@heal (topk teacher)", "| lm@heal, 2,048 tokens"]    # file order, labelled
+    assert f"x{math.exp(-0.1):.2f}" in text and "Reference: notebook 05 (lm loss" in text
+    fig = loss_study_figure(list(runs.values()))
+    assert len(fig.axes) == len(TEXTS)                                     # no tasks: one panel per text
+    ticks = sorted(zip(fig.axes[0].get_yticks(), (t.get_text() for t in fig.axes[0].get_yticklabels())))
+    assert ticks[-1][1] == "kd@heal (200 tok/s)" and ticks[0][1].startswith("lm@heal, 2k tok")  # first variant on top
+    assert not readme.loss_study(tmp_path / "nothing").startswith("|")

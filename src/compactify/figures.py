@@ -297,7 +297,8 @@ _ELSEWHERE = {"figures_plan": ("plan_and_comparison", "sensitivity_heatmap", "se
               "figures_frontier": ("frontier", "matrix_errors", "speed_quality"),  # 07, benchmarks
               "figures_scale": ("scale_figure", "save_scale_figure"),  # benchmarks/scale.py
               "figures_pipeline": ("pipeline",),  # the README's overview
-              "figures_heal": ("heal_long_figure", "heal_long_comparison", "recovery_figure", "healed_frontier")}  # scripts/heal_long.py, recovery_curve.py
+              "figures_heal": ("heal_long_figure", "heal_long_comparison", "recovery_figure", "healed_frontier",
+                               "loss_study_figure")}  # scripts/heal_long.py, recovery_curve.py
 
 
 def __getattr__(name: str):

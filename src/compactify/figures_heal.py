@@ -219,3 +219,62 @@ def heal_long_comparison(runs: Mapping[str, Mapping], targets: tuple[float, ...]
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncol=len(labels), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     return fig
+
+
+def loss_study_figure(runs: list[Mapping], tasks: Mapping | None = None, reference: str = "lm@heal") -> plt.Figure:
+    """``scripts/loss_study.py``'s runs: each variant's held-out perplexity as a ratio to notebook
+    05's next-token healing on Brown (paired 95% interval; one panel per text), and, with ``tasks``
+    (``scripts/eval_models.py`` on the same models), each model's benchmark accuracy as a paired
+    difference from ``reference`` (points, 95% interval), dense and the dense model healed on Brown
+    included."""
+    import numpy as np
+
+    from . import compare as C
+
+    apply_style()
+    rows: list[tuple[str, Mapping, float]] = []
+    for h in runs:
+        for name, v in h["vs_notebook_05"]["by_variant"].items():
+            rc = h["recipe"]
+            label = name if "@" in name else f"{name}@{rc.get('data', 'heal')}"
+            if rc["teacher_mode"] != "online" and label.split("@")[0] in ("kd", "mix"):
+                label += f" ({rc['teacher_mode']})"
+            if h["tokens"] != runs[0]["tokens"]:
+                label += f", {h['tokens'] / 1000:.0f}k tok"
+            rows.append((label, v, h["variants"][name]["tokens_per_s"]))
+    texts = list(rows[0][1])
+    ev = tasks["evaluations"] if tasks else {}
+    task_names = list(tasks["tasks"]) if tasks else []
+    ncol = len(texts) + len(task_names)
+    fig, axes = plt.subplots(1, ncol, figsize=(3.3 * ncol, 0.42 * max(len(rows), len(ev)) + 1.6))
+    axes = np.atleast_1d(axes)
+    y = np.arange(len(rows))[::-1]
+    for ax, t in zip(axes, texts):
+        r = [v[t] for _, v, _ in rows]
+        mid = np.array([x["ppl_ratio"] for x in r])
+        err = np.array([[m - x["ppl_ratio_lo"] for m, x in zip(mid, r)], [x["ppl_ratio_hi"] - m for m, x in zip(mid, r)]])
+        colors = ["#2171b5" if x["ppl_ratio_hi"] < 1 else "#d94701" if x["ppl_ratio_lo"] > 1 else "0.4" for x in r]
+        ax.errorbar(mid, y, xerr=err, fmt="none", ecolor=colors, lw=1.5)
+        ax.scatter(mid, y, c=colors, s=18, zorder=3)
+        ax.axvline(1, color="k", lw=1, ls="--")
+        ax.set_yticks(y, [f"{n} ({s:.0f} tok/s)" for n, _, s in rows] if ax is axes[0] else [])
+        ax.set_xlabel(f"perplexity / {reference}'s")
+        ax.set_title(f"{t} ({r[0]['tokens']:,} tokens)", fontsize=9)
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+    if tasks:
+        names = list(ev)
+        yt = np.arange(len(names))[::-1]
+        for ax, task in zip(axes[len(texts):], task_names):
+            cmp = [C.compare_task(ev[reference]["tasks"][task], ev[n]["tasks"][task], task, reference, n) for n in names]
+            mid = np.array([c["diff"] for c in cmp])
+            err = np.array([[c["diff"] - c["lo"] for c in cmp], [c["hi"] - c["diff"] for c in cmp]])
+            ax.errorbar(mid, yt, xerr=err, fmt="o", ms=3.5, color="#31a354", lw=1.4)
+            ax.axvline(0, color="k", lw=1, ls="--")
+            ax.set_yticks(yt, [f"{n}: {100 * ev[n]['tasks'][task]['value']:.1f}%" for n in names], fontsize=7)
+            ax.set_xlabel(f"points vs {reference}")
+            t0 = ev[reference]["tasks"][task]
+            ax.set_title(f"{task} ({t0['metric']}, {t0['n']} docs)", fontsize=9)
+    fig.suptitle(f"Loss and healing text for the paper's TT-SVD start (30% kept), {runs[0]['tokens']:,} tokens each "
+                 f"unless named\nblue: better than {reference} (notebook 05), red: worse; paired 95% intervals", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -240,7 +240,8 @@ def loss_study(r: Path) -> str:
            f"original model ({rc['teacher_mode']} teacher, temperature {rc['kd_temperature']:g}); mix: "
            f"{rc['kd_weight (mix)']:g} kd + {1 - rc['kd_weight (mix)']:g} lm. Reference: "
            f"{runs[0]['vs_notebook_05']['reference']}, on Brown. "
-           + " ".join(f"{'Rows' if len(runs) == 1 else f'Run {i + 1}'}: {footer(h['meta'])}." for i, h in enumerate(runs)))
+           + "Measured at " + ", ".join(f"{h['meta'].get('git_commit')} ({', '.join(h['variants'])})" for h in runs)
+           + f"; {footer(runs[0]['meta']).split(' · commit')[0]}.")
     t = _j(Path(r) / "heal", "loss_study_tasks.json")
     return out if t is None else out + "\n\n" + _tasks_table(t)
 

@@ -138,6 +138,17 @@ def _recovery(r: Path, out: Path) -> None:
     F.save(F.recovery_figure(d), out, "recovery_curve", d["meta"])
 
 
+def _loss_study(r: Path, out: Path) -> None:
+    from .readme import LOSS_STUDY_FILES
+
+    runs = [read_json(p) for p in (Path(r) / "heal" / f for f in LOSS_STUDY_FILES) if p.is_file()]
+    if not runs:
+        raise RunInputError(f"{Path(r) / 'heal'} has no loss study: run scripts/loss_study.py (after make reproduce).")
+    tasks = Path(r) / "heal" / "loss_study_tasks.json"
+    t = read_json(tasks) if tasks.is_file() else None
+    F.save(F.loss_study_figure(runs, t), out, "loss_study", (t or runs[-1])["meta"])
+
+
 def _tables(r: Path, out: Path, repo_root: Path) -> None:
     d = load(r, "06_evaluate.json")
     t1, t2 = paper_tables(repo_root)
@@ -197,7 +208,8 @@ def artefacts(repo_root: Path) -> dict[str, Callable[[Path, Path], None]]:
     return {"Pipeline overview": _pipeline, "Fig. 1a": _fig1a, "Fig. 1b": _fig1b, "Fig. 2": lambda r, o: _fig2(r, o, repo_root), "Fig. 3": _fig3,
             "Fig. 4": _fig4, "Fig. 5": _fig5, "Tables I-II": lambda r, o: _tables(r, o, repo_root), "Frontier (beyond the paper)": _frontier, "Speed-quality frontier": _speed_quality,
             "Scale (7B shape, Figs. 3-4)": _scale, "Long healing (beyond the paper)": _heal_long,
-            "Recovery curve (beyond the paper)": _recovery, "Healed speed-quality frontier": _healed_frontier}
+            "Recovery curve (beyond the paper)": _recovery, "Healed speed-quality frontier": _healed_frontier,
+            "Loss and healing text (beyond the paper)": _loss_study}
 
 
 def build_all(results_dir: Path, out_dir: Path, repo_root: Path) -> dict[str, str]:

@@ -471,18 +471,24 @@ def test_launch_forwards_whole_lines_and_throttles_progress_bar_refreshes():
     assert out.getvalue() == "heal: 0%\nheal: 100%\nheal: saved checkpoint step_2\nheal: rank 1 failed: boom\n"
 
 
+def sweep_setup(tiny, tiny_mpo):
+    """heal_study's comparisons on the tiny MPO model: healing settings for a budget in tokens, the
+    start loaded, and a small held-out text of the same synthetic grammar."""
+    from compactify.models import load_model
+
+    cfg = heal_cfg(tiny[2], steps=None)
+    cfg["eval"]["perplexity"].update(seq_len=32, batch_size=4)
+    cfg["eval"]["autocast"] = None
+    model, tok = load_model(tiny_mpo)
+    return cfg, model, tok, {"synthetic": torch.tensor(tok(synthetic_text(12, seed=7)).input_ids)}
+
+
 def test_lr_sweep_heals_once_per_rate_from_the_same_start_and_names_the_best(tiny, tiny_mpo, tmp_path):
     """notebook 05's learning-rate sweep: one fresh healing per rate, same tokens, paired against the
     first rate; a rate too small to move the weights must lose to one that learns the grammar."""
     from compactify import heal_study
-    from compactify.models import load_model
 
-    root, _, text = tiny
-    cfg = heal_cfg(text, steps=None)
-    cfg["eval"]["perplexity"].update(seq_len=32, batch_size=4)
-    cfg["eval"]["autocast"] = None
-    _, tok = load_model(tiny_mpo)
-    heldout = {"synthetic": torch.tensor(tok(synthetic_text(12, seed=7)).input_ids)}
+    cfg, _, _, heldout = sweep_setup(tiny, tiny_mpo)
     r = heal_study.lr_sweep(tiny_mpo, tmp_path / "sweep", cfg, [1e-7, 1e-2], tokens=6 * 2 * 32, heldout=heldout)
     assert set(r["lrs"]) == {"1e-07", "0.01"} and r["tokens"] == 384 and r["judged_on"] == "synthetic"
     assert all(v["settings"] == {"heal.lr": float(k)} and len(v["curve"]) == 6 for k, v in r["lrs"].items())
@@ -498,16 +504,10 @@ def test_variant_comparison_can_keep_the_models_and_pair_them_with_a_separate_ru
     """scripts/loss_study.py: the healed models stay (for benchmarks scored later) without their
     checkpoints, and each is paired with another healing run of the same start by its results JSON."""
     from compactify import heal_study
-    from compactify.models import load_model
     from compactify.perplexity import heldout_perplexities
     from compactify.results import write_json
 
-    root, _, text = tiny
-    cfg = heal_cfg(text, steps=None)
-    cfg["eval"]["perplexity"].update(seq_len=32, batch_size=4)
-    cfg["eval"]["autocast"] = None
-    model, tok = load_model(tiny_mpo)
-    heldout = {"synthetic": torch.tensor(tok(synthetic_text(12, seed=7)).input_ids)}
+    cfg, model, tok, heldout = sweep_setup(tiny, tiny_mpo)
     r = heal_study.variant_comparison(tiny_mpo, tmp_path / "v", cfg, {"lr 1e-2": {"heal.lr": 1e-2}}, tokens=6 * 2 * 32,
                                       heldout=heldout, keep_models=True)
     kept = Path(r["variants"]["lr 1e-2"]["model_dir"])

@@ -103,10 +103,9 @@ def measure(args, rec: dict) -> tuple[dict, dict]:
     for name, d in progress(dirs.items(), desc="load healed models"):
         models[name] = load_model(d)[0].float().eval()
     if not args.no_control:
-        # The A/A control: the dense model again, loaded the same way and timed last in each round.
-        # Its ratio to the first copy is the harness's own error (memory placement, the order in
-        # the round, other tenants of a shared machine): on this machine a second copy of the same
-        # model measured anywhere from 0.90x to 1.02x in trial runs of 7 rounds.
+        # The A/A control: the dense model again, loaded the same way. Its ratio to the first copy
+        # is the harness's own error: timed last in every round (the fixed order) it measured 0.92x,
+        # in the rotated order 1.01x (README, healed frontier).
         models[CONTROL] = load_model(cfg["model"])[0].float().eval()
     prompt = "The history of the English language"
     prefill_ids = tok("Linear algebra is the branch of mathematics concerning linear equations and their "

@@ -179,5 +179,5 @@ def test_loss_study_block_and_figure_label_each_variant_and_pair_it_with_noteboo
     fig = loss_study_figure(list(runs.values()))
     assert len(fig.axes) == len(TEXTS)                                     # no tasks: one panel per text
     ticks = sorted(zip(fig.axes[0].get_yticks(), (t.get_text() for t in fig.axes[0].get_yticklabels())))
-    assert ticks[-1][1] == "kd@heal (200 tok/s)" and ticks[0][1].startswith("lm@heal, 2k tok")  # first variant on top
+    assert ticks[-1][1] == "kd@heal (200 tok/s)" and ticks[0][1] == "lm@heal, 2,048 tokens (200 tok/s)"  # first variant on top
     assert not readme.loss_study(tmp_path / "nothing").startswith("|")

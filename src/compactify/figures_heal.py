@@ -230,18 +230,11 @@ def loss_study_figure(runs: list[Mapping], tasks: Mapping | None = None, referen
     import numpy as np
 
     from . import compare as C
+    from .heal_study import loss_study_label
 
     apply_style()
-    rows: list[tuple[str, Mapping, float]] = []
-    for h in runs:
-        for name, v in h["vs_notebook_05"]["by_variant"].items():
-            rc = h["recipe"]
-            label = name if "@" in name else f"{name}@{rc.get('data', 'heal')}"
-            if rc["teacher_mode"] != "online" and label.split("@")[0] in ("kd", "mix"):
-                label += f" ({rc['teacher_mode']})"
-            if h["tokens"] != runs[0]["tokens"]:
-                label += f", {h['tokens'] / 1000:.0f}k tok"
-            rows.append((label, v, h["variants"][name]["tokens_per_s"]))
+    rows = [(loss_study_label(h, name, runs[0]["tokens"]), v, h["variants"][name]["tokens_per_s"])
+            for h in runs for name, v in h["vs_notebook_05"]["by_variant"].items()]
     texts = list(rows[0][1])
     ev = tasks["evaluations"] if tasks else {}
     task_names = list(tasks["tasks"]) if tasks else []

@@ -88,6 +88,20 @@ def paired_with_run(heal_json: Path, variants: Mapping[str, Mapping]) -> dict:
                for t in v["perplexity"]} for name, v in variants.items()}}
 
 
+# scripts/loss_study.py's result files under data/results/heal/, in the order the README and the figure list them
+LOSS_STUDY_FILES = ("loss_study.json", "loss_study_topk.json", "loss_study_data.json", "loss_study_equal_time.json")
+
+
+def loss_study_label(run: Mapping, name: str, tokens: int) -> str:
+    """A variant of one ``scripts/loss_study.py`` run as ``loss@healing text``, with its teacher
+    mode where not online and its token budget where not ``tokens`` (the first run's)."""
+    rc = run["recipe"]
+    label = name if "@" in name else f"{name}@{rc.get('data', 'heal')}"
+    if rc["teacher_mode"] != "online" and label.split("@")[0] in ("kd", "mix"):
+        label += f" ({rc['teacher_mode']} teacher)"
+    return label + (f", {run['tokens']:,} tokens" if run["tokens"] != tokens else "")
+
+
 def loss_comparison(model_dir, out_root: Path, cfg: Mapping, losses=("lm", "kd"), tokens: int = 8192,
                     heldout: Mapping | None = None, device="cpu") -> dict:
     """The same start healed with each loss for the same tokens (:func:`variant_comparison`); the

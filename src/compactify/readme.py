@@ -204,35 +204,29 @@ def long_run_tasks(r: Path) -> str:
     return _tasks_table(h)
 
 
-LOSS_STUDY_FILES = ("loss_study.json", "loss_study_topk.json", "loss_study_data.json", "loss_study_equal_time.json")  # scripts/loss_study.py's runs, rows in this order
-
-
 def loss_study(r: Path) -> str:
-    """``scripts/loss_study.py``'s runs (:data:`LOSS_STUDY_FILES`): the main start healed with
+    """``scripts/loss_study.py``'s runs (``heal_study.LOSS_STUDY_FILES``): the main start healed with
     each loss and healing text, paired with notebook 05's next-token healing on Brown on every
     held-out text; and, where published, the same models' benchmark scores
     (``loss_study_tasks.json``, ``scripts/eval_models.py``)."""
+    from .heal_study import LOSS_STUDY_FILES, loss_study_label
+
     runs = [h for h in (_j(Path(r) / "heal", f) for f in LOSS_STUDY_FILES) if h is not None]
     if not runs:
         return "(the loss comparison has not been published: scripts/loss_study.py)"
     texts = list(next(iter(runs[0]["variants"].values()))["perplexity"])
     rows = ["| loss@healing text | tokens/s | " + " | ".join(f"`{t}` perplexity (x notebook 05's, paired)"
                                                             for t in texts) + " |", "|---|---|" + "---|" * len(texts)]
-    nb05, first = _j(r, "05_heal.json"), runs[0]["vs_notebook_05"]["by_variant"]
-    some = next(iter(first.values()))
-    rows.append(f"| lm@heal (notebook 05, the reference) | "
-                f"{nb05['heal']['tokens_per_s_steady']:.0f} | " if nb05 else "| lm@heal (notebook 05, the reference) | | ")
-    rows[-1] += " | ".join(f"{_ppl(some[t]['ppl_a'])} (1)" for t in texts) + " |"
+    nb05 = _j(r, "05_heal.json")
+    ref = next(iter(runs[0]["vs_notebook_05"]["by_variant"].values()))  # its ppl_a: notebook 05's perplexity
+    rows.append(f"| lm@heal (notebook 05, the reference) | {nb05['heal']['tokens_per_s_steady']:.0f} | " if nb05 else
+                "| lm@heal (notebook 05, the reference) | | ")
+    rows[-1] += " | ".join(f"{_ppl(ref[t]['ppl_a'])} (1)" for t in texts) + " |"
     for h in runs:
-        vs = h["vs_notebook_05"]
         for name, v in h["variants"].items():
-            label = name if "@" in name else f"{name}@{h['recipe'].get('data', 'heal')}"
-            if h["recipe"]["teacher_mode"] != "online" and name.split("@")[0] in ("kd", "mix"):
-                label += f" ({h['recipe']['teacher_mode']} teacher)"
-            if h["tokens"] != runs[0]["tokens"]:
-                label += f", {h['tokens']:,} tokens"
-            cells = [f"{_ppl(v['perplexity'][t])} ({_ratio(vs['by_variant'][name][t])})" for t in texts]
-            rows.append(f"| {label} | {v['tokens_per_s']:.0f} | " + " | ".join(cells) + " |")
+            cells = [f"{_ppl(v['perplexity'][t])} ({_ratio(h['vs_notebook_05']['by_variant'][name][t])})" for t in texts]
+            rows.append(f"| {loss_study_label(h, name, runs[0]['tokens'])} | {v['tokens_per_s']:.0f} | "
+                        + " | ".join(cells) + " |")
     rc = runs[0]["recipe"]
     out = ("\n".join(rows) + f"\n\nEvery row heals notebook 03's main model (the paper's TT-SVD MPO) for "
            f"{runs[0]['tokens']:,} tokens (heal = Brown's heal split; brown-wiki = the same and Wikipedia's vital-article "

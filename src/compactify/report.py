@@ -139,7 +139,7 @@ def _recovery(r: Path, out: Path) -> None:
 
 
 def _loss_study(r: Path, out: Path) -> None:
-    from .readme import LOSS_STUDY_FILES
+    from .heal_study import LOSS_STUDY_FILES
 
     runs = [read_json(p) for p in (Path(r) / "heal" / f for f in LOSS_STUDY_FILES) if p.is_file()]
     if not runs:

@@ -54,8 +54,8 @@ def interleaved(measure: Mapping[str, Callable[[], float]], rounds: int, warmup:
     jobs put on a shared machine then falls on all alike, so their ratio is fair. Returns
     ``{name: [value of each counted round]}``. The one round-robin loop of the study (speed,
     ``MPOLinear``'s ``auto`` decision, the benchmarks). ``progress`` wraps the rounds (a tqdm).
-    ``rotate``: round r starts with the (r mod n)-th measurement instead of the first, so that
-    over n rounds each takes every position once (an effect of the order within a round, e.g. a
+    ``rotate``: the k-th counted round starts with the (k mod n)-th measurement instead of the
+    first (warm-up rounds keep the given order), so that over n rounds each takes every position once (an effect of the order within a round, e.g. a
     cache warmed by the previous model, then falls on all alike instead of on the last)."""
     out: dict[str, list] = {n: [] for n in measure}
     names = list(measure)

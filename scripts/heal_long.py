@@ -48,24 +48,36 @@ def main(argv=None) -> int:
     ap.add_argument("--start", default=None,
                     help="heal this saved model instead of notebook 03's (e.g. a start of scripts/recovery_curve.py); "
                          "its checkpoints go to runs/<config>/heal_long_<folder name of --start's parent>")
+    ap.add_argument("--subdir", default=None,
+                    help="the run's folder under runs/<config> instead (a second run of the same start, e.g. on "
+                         "another heal.data, needs its own: a run resumes only its own checkpoints)")
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep every checkpoint (one per two measurements, ~3x the trained weights each) and export "
+                         "each as a model directory <run folder>/at_<tokens>, to score the benchmarks along the run "
+                         "with scripts/eval_models.py")
     args = ap.parse_args(argv)
 
     from compactify import figures, run
 
     from compactify.config import load_config, parse_overrides, run_dir
-    from compactify.heal_study import long_run
+    from compactify.heal_study import export_checkpoints, long_run
     from compactify.results import read_json, save_results
 
     out = Path(args.out)
     if not args.figure_only:
         cfg = load_config(args.config, parse_overrides(args.set))
+        if args.keep_checkpoints:
+            cfg["heal"]["keep_checkpoints"] = 1_000_000
         model_dir = Path(args.start) if args.start else run.require(cfg, "tensorized")
         if args.start and not (model_dir / "config.json").is_file():
             sys.exit(f"--start {model_dir}: no saved model there (config.json missing).")
-        work = run_dir(cfg) / (f"heal_long_{model_dir.resolve().parent.name}" if args.start else "heal_long")
+        work = run_dir(cfg) / (args.subdir or (f"heal_long_{model_dir.resolve().parent.name}" if args.start
+                                               else "heal_long"))
         baseline = read_json(run.require(cfg, "baseline"))["baseline"]["perplexity_texts"]
         result = long_run(model_dir, work, cfg, args.tokens, args.eval_every, baseline, stream=sys.stdout)
         result["earlier_full_runs"] = [] if args.start else earlier_runs(ROOT / "data" / "results")
+        if args.keep_checkpoints:
+            result["exports"] = export_checkpoints(model_dir, work, result["heal"]["plan"]["tokens_per_step"])
         save_results(out, result, cfg, device=cfg["device"], start=str(model_dir))
         print(f"heal-long: wrote {out}")
     elif not out.is_file():

@@ -125,6 +125,31 @@ def test_long_runs_side_by_side_one_line_per_start_and_the_targets():
     assert [lab.startswith(STARTS[k][0]) for lab, k in zip(labels, ("tt_svd", "asvd"))] == [True, True]
 
 
+def test_long_runs_with_benchmarks_along_them_one_panel_per_task():
+    """Models saved along the runs and scored by scripts/eval_models.py: one more panel per task,
+    each run's accuracy at its saved points (95% interval: 1.96 standard errors), dense dashed and
+    chance dotted where the task has one."""
+    from compactify.figures_heal import LONG_RUNS, heal_long_comparison
+
+    def res(v, chance=0.0):
+        return {"value": v, "stderr": 0.01, "n": 570, "metric": "acc_norm", "chance": chance}
+    tasks = {"reference": "dense", "tasks": ["lambada", "arc_easy"], "evaluations": {
+        name: {"tasks": {"lambada": res(lam), "arc_easy": res(arc, 0.25)}}
+        for name, lam, arc in (("dense", 0.28, 0.42), ("a@1M", 0.07, 0.28), ("b@100k", 0.03, 0.27),
+                               ("b@200k", 0.05, 0.29))}}
+    fig = heal_long_comparison({"asvd": _long(1.0), "asvd_brownwiki": _long(0.8)}, tasks=tasks,
+                               task_points={"asvd": {200_000: "a@1M"}, "asvd_brownwiki": {100_000: "b@100k",
+                                                                                          200_000: "b@200k"}})
+    assert len(fig.axes) == len(TEXTS) + 2
+    lam, arc = fig.axes[len(TEXTS):]
+    drawn = [c for c in lam.containers]  # one errorbar per run, at its points
+    assert [list(c.lines[0].get_xdata()) for c in drawn] == [[200_000], [100_000, 200_000]]
+    assert list(drawn[1].lines[0].get_ydata()) == pytest.approx([3.0, 5.0])
+    assert {t.get_text() for t in arc.texts} == {"dense 42.0%", "chance"} and "chance" not in {t.get_text() for t in lam.texts}
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels[1].startswith(LONG_RUNS["asvd_brownwiki"][0])
+
+
 def test_long_run_tasks_table_pairs_each_model_with_the_reference(tmp_path):
     """scripts/eval_models.py's JSON as the README shows it: one row per model, accuracies with the
     paired difference from the reference, and the held-out perplexity ratio."""
@@ -139,11 +164,11 @@ def test_long_run_tasks_table_pairs_each_model_with_the_reference(tmp_path):
             "paired": {"asvd@1M": {"tasks": diff, "texts": {t: compare_nll(_ppl(t, 0.0), _ppl(t, 0.5)) for t in TEXTS}}}}
     (tmp_path / "heal").mkdir()
     (tmp_path / "heal" / "long_run_tasks.json").write_text(json.dumps(data))
-    text = readme.long_run_tasks(tmp_path)
+    text = readme.tasks_block("long_run_tasks.json", tmp_path)
     assert "| dense | 28.3% | 42.6% | 1 |" in text
     assert f"| asvd@1M | 7.8% (-20.5 [-23.0, -18.0]) | 39.4% (-3.2 [-6.1, -0.4]) | x{math.exp(0.5):.2f}" in text
     assert "lambada (acc, 1000 docs)" in text and "commit abc1234" in text
-    assert "have not been published" in readme.long_run_tasks(tmp_path / "nothing")
+    assert "have not been published" in readme.tasks_block("long_run_tasks.json", tmp_path / "nothing")
 
 
 def _loss_run(variants: dict, tokens: int = 1024, mode: str = "online") -> dict:

@@ -300,6 +300,24 @@ def test_long_run_reports_each_point_against_the_dense_model_on_the_same_windows
     with pytest.raises(PairingError, match="no per-window NLL"):
         paired_long_runs(r, shifted)
 
+    # the checkpoints the run kept (steps 4 and 6), exported as model directories for the benchmarks
+    # along the run: the last holds exactly the healed model's weights, the middle one other weights
+    from compactify.heal_data import export_checkpoint
+    from compactify.heal_study import export_checkpoints
+
+    exports = export_checkpoints(tiny_mpo, root / "long", tokens_per_step=64)
+    assert sorted(exports) == [256, 384] and exports[384].endswith("at_384")
+    healed = load_model(root / "long" / "model")[0].state_dict()
+    last, middle = (load_model(exports[t])[0].state_dict() for t in (384, 256))
+    assert healed.keys() == last.keys() == middle.keys()
+    assert all(torch.equal(healed[k], last[k]) for k in healed)
+    assert any(not torch.equal(healed[k], middle[k]) for k in healed)
+    stamp = (Path(exports[256]) / "config.json").stat().st_mtime_ns
+    assert export_checkpoints(tiny_mpo, root / "long", tokens_per_step=64) == exports  # kept, not rewritten
+    assert (Path(exports[256]) / "config.json").stat().st_mtime_ns == stamp
+    with pytest.raises(HealError, match="not a complete healing checkpoint"):
+        export_checkpoint(tiny_mpo, root / "long", root / "nowhere")
+
 
 # ---------------------------------------------------------------- bad input, in this process (world of one)
 def test_resume_dir_from_a_different_model_or_plan_is_refused(tiny, uninterrupted):

@@ -11,6 +11,8 @@ from .figures import apply_style, short_number
 # The three starts of the recovery curve, in the order a reader meets them, one colour each.
 STARTS = {"tt_svd": ("paper's MPO (TT-SVD)", "#d94701"), "activation_aware": ("activation-aware MPO", "#2171b5"),
           "asvd": ("activation-aware SVD (low rank)", "#31a354")}
+# Long healing runs (scripts/heal_long.py): the starts above on Brown, and one start on another heal.data
+LONG_RUNS = {**STARTS, "asvd_brownwiki": ("activation-aware SVD, healed on Brown + Wikipedia", "#756bb1")}
 
 
 def heal_long_figure(r: Mapping, target: float = 3.0) -> plt.Figure:
@@ -178,22 +180,28 @@ def healed_frontier(d: Mapping) -> plt.Figure:
     return fig
 
 
-def heal_long_comparison(runs: Mapping[str, Mapping], targets: tuple[float, ...] = (3.0, 1.5)) -> plt.Figure:
-    """Long healing runs of several starts (``scripts/heal_long.py``, ``--start``), each
-    ``{start key of STARTS: result}``: held-out perplexity against healing tokens, log-log, one
-    panel per held-out text, one line per start, the dense level dashed and the issue's
-    ``targets`` (x dense) dotted on the first text."""
+def heal_long_comparison(runs: Mapping[str, Mapping], targets: tuple[float, ...] = (3.0, 1.5),
+                         tasks: Mapping | None = None, task_points: Mapping[str, Mapping[int, str]] | None = None
+                         ) -> plt.Figure:
+    """Long healing runs (``scripts/heal_long.py``, ``--start``), each ``{key of LONG_RUNS:
+    result}``: held-out perplexity against healing tokens, log-log, one panel per held-out text,
+    one line per run, the dense level dashed and the issue's ``targets`` (x dense) dotted on the
+    first text. With ``tasks`` (``scripts/eval_models.py`` on models saved along the runs, the dense
+    model its reference) and ``task_points`` (``{run key: {healing tokens: model name in tasks}}``),
+    one more panel per task: accuracy against healing tokens with its 95% interval, dense dashed,
+    chance dotted."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     apply_style()
     first_run = next(iter(runs.values()))
     texts = list(first_run["dense"])
-    fig, axes = plt.subplots(1, len(texts), figsize=(4.8 * len(texts), 3.7))
+    task_names = list(tasks["tasks"]) if tasks else []
+    fig, axes = plt.subplots(1, len(texts) + len(task_names), figsize=(4.4 * (len(texts) + len(task_names)), 3.9))
     x0 = min(p["tokens"] for r in runs.values() for p in r["points"] if p["tokens"] > 0)
     for ax, t in zip(axes, texts):
         dense = first_run["dense"][t]["ppl"]
         for key, r in runs.items():
-            label, color = STARTS[key]
+            label, color = LONG_RUNS[key]
             pts = [p for p in r["points"] if p["tokens"] > 0]
             x, y = [p["tokens"] for p in pts], [p["perplexity"][t]["ppl"] for p in pts]
             ax.plot(x, y, marker="o", ms=3, lw=1.3, color=color,
@@ -215,9 +223,28 @@ def heal_long_comparison(runs: Mapping[str, Mapping], targets: tuple[float, ...]
         ax.set_xlabel("healing tokens (one cosine schedule per run)")
         ax.set_title(f"held-out perplexity: {t} ({first_run['dense'][t]['tokens']:,} tokens)", fontsize=9)
     axes[0].set_ylabel("perplexity (log)")
+    for ax, task in zip(axes[len(texts):], task_names):
+        ref = tasks["evaluations"][tasks["reference"]]["tasks"][task]
+        for key, at in (task_points or {}).items():
+            x = sorted(at)
+            res = [tasks["evaluations"][at[n]]["tasks"][task] for n in x]
+            y = [100 * r["value"] for r in res]
+            ax.errorbar(x, y, yerr=[196 * r["stderr"] for r in res], marker="o", ms=3.5, lw=1.3, capsize=2,
+                        color=LONG_RUNS[key][1])
+        ax.axhline(100 * ref["value"], ls="--", lw=1, color="k")
+        ax.text(x0, 100 * ref["value"], f"dense {100 * ref['value']:.1f}%", fontsize=7, va="bottom", ha="left")
+        if ref.get("chance"):
+            ax.axhline(100 * ref["chance"], ls=":", lw=1, color="0.4")
+            ax.text(x0, 100 * ref["chance"], "chance", fontsize=7, color="0.4", va="bottom", ha="left")
+        ax.set_xscale("log")
+        ax.set_xlim(axes[0].get_xlim())
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("healing tokens (one cosine schedule per run)")
+        ax.set_ylabel(f"{ref['metric']} (%), 95% interval")
+        ax.set_title(f"{task} ({ref['n']:,} documents)", fontsize=9)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncol=len(labels), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(labels), 3), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.9 if len(labels) <= 3 else 0.84))
     return fig
 
 

@@ -42,8 +42,8 @@ import torch.distributed as dist
 import yaml
 
 from .config import load_config, parse_overrides
-from .heal_data import (HealError, ShardedSampler, check_resume, data_path_hint, find_checkpoint, load_checkpoint,
-                        packed_data, plan_steps, save_checkpoint)
+from .heal_data import (HealError, ShardedSampler, check_resume, data_path_hint, export_weights, find_checkpoint,
+                        load_checkpoint, packed_data, plan_steps, save_checkpoint)
 from .heal_guard import acquire_lock, die_with_parent, release_lock
 from .progress import ThrottledLines
 from .distill import TopKTeacher, kd_loss, load_teacher, precompute_topk, teacher_logits
@@ -97,18 +97,6 @@ def wrap_model(model: torch.nn.Module, hc: HealConfig, device: torch.device) -> 
 
 
 # ---------------------------------------------------------------- training
-def _export(model_dir, full_sd: dict, dest: Path) -> None:
-    """Rebuild an unsharded model (dense or MPO) from ``model_dir``, load the healed weights, save."""
-    from .models import load_model, save_model_dir
-
-    fresh, tok = load_model(model_dir)
-    missing, unexpected = fresh.load_state_dict(full_sd, strict=False)
-    tied = {n for n, _ in fresh.named_parameters(remove_duplicate=False)} - {n for n, _ in fresh.named_parameters()}
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"healed state dict does not fit the model: missing {missing}, unexpected {unexpected}")
-    save_model_dir(fresh, tok, dest)
-
-
 def _teacher_for(hc, model, tok, data, sampler_rows, out_dir: Path, device, rank):
     """The online teacher model, or the top-k file (rank 0 writes it once), or None for heal.loss=lm."""
     if hc.loss == "lm":
@@ -253,7 +241,7 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
         full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         result = None
         if rank == 0:
-            _export(model_dir, full_sd, out_dir / "model")
+            export_weights(model_dir, full_sd, out_dir / "model")
             done = end - start
             steady = curve[max(start, 1):] or curve  # step 1 also allocates the AdamW state
             result = {

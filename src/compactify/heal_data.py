@@ -261,6 +261,40 @@ def load_checkpoint(path: Path, model, optim) -> dict:
     return read_json(path / "meta.json")
 
 
+def export_weights(model_dir, full_sd: dict, dest: Path) -> None:
+    """Rebuild an unsharded model (dense or MPO) from ``model_dir``, load ``full_sd`` (its trained
+    weights), save it as a model directory at ``dest``."""
+    from .models import load_model, save_model_dir
+
+    fresh, tok = load_model(model_dir)
+    missing, unexpected = fresh.load_state_dict(full_sd, strict=False)
+    tied = {n for n, _ in fresh.named_parameters(remove_duplicate=False)} - {n for n, _ in fresh.named_parameters()}
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"healed state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+    save_model_dir(fresh, tok, dest)
+
+
+def export_checkpoint(model_dir, checkpoint: Path, dest: Path) -> Path:
+    """A checkpoint of a healing run (``step_N``, complete) as a model directory at ``dest`` that
+    ``models.load_model`` and ``scripts/eval_models.py`` read: the weights of a point in the middle
+    of a run, to score on the benchmarks. ``model_dir`` is the run's start (it gives the structure:
+    which matrices are MPOs, with which bonds); the checkpoint's optimizer state is not kept."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / MARKER).is_file():
+        raise HealError(f"{checkpoint} is not a complete healing checkpoint (no {MARKER} marker): pass a "
+                        "step_N directory of a run's checkpoints/ folder.")
+    with tempfile.TemporaryDirectory() as tmp:
+        flat = Path(tmp) / "state.pt"
+        dcp_to_torch_save(str(checkpoint), str(flat))  # torch.distributed's own reader: full tensors, any world size
+        state = torch.load(flat, weights_only=False)["model"]
+    export_weights(model_dir, state, Path(dest))
+    return Path(dest)
+
+
 def check_resume(saved: dict, current: dict, where: Path) -> None:
     """Refuse to resume a checkpoint written for another model, data or training plan."""
     diff = [f"{k}: {saved.get(k)!r} in the checkpoint vs {current.get(k)!r} now"

@@ -92,6 +92,17 @@ def paired_with_run(heal_json: Path, variants: Mapping[str, Mapping]) -> dict:
 LOSS_STUDY_FILES = ("loss_study.json", "loss_study_topk.json", "loss_study_data.json", "loss_study_equal_time.json")
 
 
+# The long healing runs of scripts/heal_long.py under data/results/heal/ ({figure key: file}), and the
+# benchmark scoring of models saved along them (scripts/eval_models.py, the dense model first): which of
+# its models is which run after how many healing tokens ({run key: {tokens: model name}})
+LONG_RUN_FILES = {"tt_svd": "heal_long.json", "asvd": "heal_long_asvd.json",
+                  "asvd_brownwiki": "heal_long_asvd_brownwiki.json"}
+LONG_RUN_TASKS = ("heal_long_tasks.json", {
+    "asvd": {1_048_576: "asvd@1M"},
+    "asvd_brownwiki": {98_304: "asvd+wiki@98k", 196_608: "asvd+wiki@197k", 491_520: "asvd+wiki@492k",
+                       1_048_576: "asvd+wiki@1M"}})
+
+
 def loss_study_label(run: Mapping, name: str, tokens: int) -> str:
     """A variant of one ``scripts/loss_study.py`` run as ``loss@healing text``, with its teacher
     mode where not online and its token budget where not ``tokens`` (the first run's)."""
@@ -252,6 +263,23 @@ def long_run(model_dir, out_dir: Path, cfg: Mapping, tokens: int, eval_every_tok
             "heal": speed_record(r) | {"plan": r["plan"], "loss": r["loss"],
                                        "curve": [{k: p[k] for k in ("tokens", "lm_loss", "lr")}
                                                  for p in r["loss_curve"]]}}
+
+
+def export_checkpoints(model_dir, out_dir: Path, tokens_per_step: int) -> dict[int, str]:
+    """Every complete checkpoint a long run kept (``heal.keep_checkpoints`` large enough) as a model
+    directory ``out_dir/at_<tokens>``, for the benchmarks along the run (``scripts/eval_models.py``).
+    An export that already exists is kept. Returns ``{tokens: path}``."""
+    from .heal_data import export_checkpoint
+
+    out = {}
+    for ckpt in sorted((Path(out_dir) / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:])):
+        if (ckpt / "COMPLETE").is_file():
+            tokens = int(ckpt.name[5:]) * int(tokens_per_step)
+            dest = Path(out_dir) / f"at_{tokens}"
+            if not (dest / "config.json").is_file():
+                export_checkpoint(model_dir, ckpt, dest)
+            out[tokens] = str(dest)
+    return out
 
 
 def paired_long_runs(a: Mapping, b: Mapping, name_a: str = "a", name_b: str = "b") -> list[dict]:

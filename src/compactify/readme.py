@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import partial
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -162,20 +163,21 @@ def speed(r: Path) -> str:
     return text
 
 
-def heal_long(r: Path) -> str:
-    """``make heal-long`` (scripts/heal_long.py): held-out perplexity along one long healing schedule."""
-    h = _j(Path(r) / "heal", "heal_long.json")
-    if h is None:
-        return "(the long healing run has not been published: make heal-long)"
-    return _long_run(h, "The paper's TT-SVD start")
+# The long healing runs' blocks (scripts/heal_long.py): {block: (file under heal/, whose run, how to make it)}
+LONG_RUNS = {"heal_long": ("heal_long.json", "The paper's TT-SVD start", "make heal-long"),
+             "heal_long_asvd": ("heal_long_asvd.json", "The activation-aware SVD start (the recovery curve's, 30% kept)",
+                                "scripts/heal_long.py --start"),
+             "heal_long_asvd_brownwiki": ("heal_long_asvd_brownwiki.json", "The same activation-aware SVD start",
+                                          "scripts/heal_long.py --start --set heal.data=brown-wiki")}
+HEAL_DATA = {"heal": "Brown", "wiki-vital": "Wikipedia vital-article leads",
+             "brown-wiki": "Brown + Wikipedia vital-article leads (`brown-wiki`)"}
 
 
-def heal_long_asvd(r: Path) -> str:
-    """The same long healing of the activation-aware SVD start (scripts/heal_long.py --start)."""
-    h = _j(Path(r) / "heal", "heal_long_asvd.json")
-    if h is None:
-        return "(the long healing of the low-rank start has not been published: scripts/heal_long.py --start)"
-    return _long_run(h, "The activation-aware SVD start (the recovery curve's, 30% kept)")
+def long_run_block(name: str, r: Path) -> str:
+    """One long healing run (:data:`LONG_RUNS`): held-out perplexity along one long schedule."""
+    file, who, how = LONG_RUNS[name]
+    h = _j(Path(r) / "heal", file)
+    return f"(this long healing run has not been published: {how})" if h is None else _long_run(h, who)
 
 
 def _tasks_table(h: dict) -> str:
@@ -196,11 +198,11 @@ def _tasks_table(h: dict) -> str:
             f"{footer(h['meta'])}.")
 
 
-def long_run_tasks(r: Path) -> str:
+def tasks_block(file: str, r: Path) -> str:
     """``scripts/eval_models.py``'s scoring of healed models on more benchmark documents, paired with dense."""
-    h = _j(Path(r) / "heal", "long_run_tasks.json")
+    h = _j(Path(r) / "heal", file)
     if h is None:
-        return "(the healed models' benchmark scores have not been published: scripts/eval_models.py)"
+        return f"(these benchmark scores have not been published: scripts/eval_models.py --out {file})"
     return _tasks_table(h)
 
 
@@ -257,7 +259,8 @@ def _long_run(h: dict, who: str) -> str:
         return "met" if f["ppl_ratio_hi"] <= target else "missed" if f["ppl_ratio_lo"] > target else \
             "not resolved (its interval holds it)"
 
-    return (f"{who} healed for {h['tokens']:,} tokens of Brown in one cosine schedule (peak lr "
+    data = h["meta"].get("config", {}).get("heal", {}).get("data", "heal")
+    return (f"{who} healed for {h['tokens']:,} tokens of {HEAL_DATA.get(data, data)} in one cosine schedule (peak lr "
             f"{h['lr']:g}, {heal['compute']}, {heal['tokens_per_s']:.0f} tok/s, "
             f"{heal['train_seconds'] / 3600:.1f} h of training; {footer(h['meta'])}): `{first}` perplexity "
             + (f"{_ppl(start['perplexity'][first])} before, " if start else "") + f"{along}. At the end: {end}. "
@@ -343,10 +346,11 @@ def healed_frontier(r: Path) -> str:
 
 
 BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline, "baseline": baseline, "claims": claims,
-                                            "frontier": frontier, "speed": speed, "heal_long": heal_long,
-                                            "recovery": recovery, "healed_frontier": healed_frontier,
-                                            "heal_long_asvd": heal_long_asvd, "long_run_tasks": long_run_tasks,
-                                            "loss_study": loss_study}
+                                            "frontier": frontier, "speed": speed, "recovery": recovery,
+                                            "healed_frontier": healed_frontier, "loss_study": loss_study,
+                                            **{n: partial(long_run_block, n) for n in LONG_RUNS},
+                                            "long_run_tasks": partial(tasks_block, "long_run_tasks.json"),
+                                            "heal_long_tasks": partial(tasks_block, "heal_long_tasks.json")}
 _BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(\n<!-- /generated:\2 -->)", re.S)
 
 

@@ -122,10 +122,15 @@ def _scale(r: Path, out: Path) -> None:
 def _heal_long(r: Path, out: Path) -> None:
     d = _required(r, "heal/heal_long.json", "make heal-long (after make reproduce)")
     F.save(F.heal_long_figure(d), out, "heal_long", d["meta"])
-    low = Path(r) / "heal" / "heal_long_asvd.json"  # the same long healing of the low-rank start, where run
-    if low.is_file():
-        d2 = read_json(low)
-        F.save(F.heal_long_comparison({"tt_svd": d, "asvd": d2}), out, "heal_long_comparison", d2["meta"])
+    from .heal_study import LONG_RUN_FILES, LONG_RUN_TASKS
+
+    # the same long healing of other starts or on other text, where run; the benchmarks along them, where scored
+    runs = {k: read_json(Path(r) / "heal" / f) for k, f in LONG_RUN_FILES.items() if (Path(r) / "heal" / f).is_file()}
+    tasks = Path(r) / "heal" / LONG_RUN_TASKS[0]
+    t = read_json(tasks) if tasks.is_file() else None
+    if len(runs) > 1:
+        F.save(F.heal_long_comparison(runs, tasks=t, task_points=LONG_RUN_TASKS[1] if t else None), out,
+               "heal_long_comparison", (t or list(runs.values())[-1])["meta"])
 
 
 def _healed_frontier(r: Path, out: Path) -> None:

@@ -13,27 +13,14 @@ import math
 import re
 from functools import partial
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 from . import compare as C
 from . import report
 from .figures import footer
-from .results import atomic_write_bytes, read_json
-
-
-def _j(r: Path, name: str) -> dict | None:
-    p = Path(r) / name
-    return read_json(p) if p.is_file() else None
-
-
-def _ppl(p) -> str:
-    """A perplexity (a number, or a result dict with "ppl") as the README prints it."""
-    v = p["ppl"] if isinstance(p, dict) else p
-    return f"{v:,.0f}" if v >= 1000 else f"{v:.1f}"
-
-
-def _ratio(r: dict) -> str:
-    return f"x{r['ppl_ratio']:.2f} [{r['ppl_ratio_lo']:.2f}, {r['ppl_ratio_hi']:.2f}]"
+from .readme_heal import (LONG_RUNS, _j, _ppl, _ratio, healed_frontier, long_run_block, loss_study,  # noqa: F401
+                          recovery, slower_than_dense_below, tasks_block)
+from .results import atomic_write_bytes
 
 
 def baseline(r: Path) -> str:
@@ -157,192 +144,15 @@ def speed(r: Path) -> str:
     text = "\n".join(rows)
     if mm:
         runs = mm["runs"]
-        text += ("\n\nMPO layers by inference mode (SmolLM2 at 30% kept, batch-1 decode vs dense, `mpo_modes.json`): " +
-                 "; ".join(f"{t} thread(s): " + ", ".join(f"{m} {v['decode_ratio_to_dense']:.2f}x" for m, v in run["models"].items()
-                                                         if m != "dense") for t, run in runs.items()) + ".")
+        def ratio(v):  # with the IQR of the per-round ratios where the run kept them
+            q = v.get("decode_ratio_rounds")
+            return f"{v['decode_ratio_to_dense']:.2f}x" + (f" ({q['q1']:.2f}-{q['q3']:.2f})" if q else "")
+        ms = mm["settings"]
+        text += ("\n\nMPO layers by inference mode (SmolLM2 at 30% kept, batch-1 decode vs dense, `mpo_modes.json`, "
+                 f"{ms.get('order', 'fixed')} order, {ms['repeats']} rounds): "
+                 + "; ".join(f"{t} thread(s): " + ", ".join(f"{m} {ratio(v)}" for m, v in run["models"].items() if m != "dense")
+                             for t, run in runs.items()) + ".")
     return text
-
-
-# The long healing runs' blocks (scripts/heal_long.py): {block: (file under heal/, whose run, how to make it)}
-LONG_RUNS = {"heal_long": ("heal_long.json", "The paper's TT-SVD start", "make heal-long"),
-             "heal_long_asvd": ("heal_long_asvd.json", "The activation-aware SVD start (the recovery curve's, 30% kept)",
-                                "scripts/heal_long.py --start"),
-             "heal_long_asvd_brownwiki": ("heal_long_asvd_brownwiki.json", "The same activation-aware SVD start",
-                                          "scripts/heal_long.py --start --set heal.data=brown-wiki")}
-HEAL_DATA = {"heal": "Brown", "wiki-vital": "Wikipedia vital-article leads",
-             "brown-wiki": "Brown + Wikipedia vital-article leads (`brown-wiki`)"}
-
-
-def long_run_block(name: str, r: Path) -> str:
-    """One long healing run (:data:`LONG_RUNS`): held-out perplexity along one long schedule."""
-    file, who, how = LONG_RUNS[name]
-    h = _j(Path(r) / "heal", file)
-    return f"(this long healing run has not been published: {how})" if h is None else _long_run(h, who)
-
-
-def _tasks_table(h: dict) -> str:
-    """One ``scripts/eval_models.py`` result as a table: accuracy per task, each model paired with the first."""
-    ref, tasks = h["reference"], h["tasks"]
-    ev = h["evaluations"]
-    text = next(iter(ev[ref]["perplexity_texts"]))
-    head = "| model | " + " | ".join(f"{t} ({ev[ref]['tasks'][t]['metric']}, {ev[ref]['tasks'][t]['n']} docs)"
-                                     for t in tasks) + f" | `{text}` perplexity / {ref} |"
-    rows = [head, "|---" * (len(tasks) + 2) + "|",
-            f"| {ref} | " + " | ".join(f"{100 * ev[ref]['tasks'][t]['value']:.1f}%" for t in tasks) + " | 1 |"]
-    for name, p in h["paired"].items():
-        cells = [f"{100 * ev[name]['tasks'][t]['value']:.1f}% ({p['tasks'][t]['diff']:+.1f} [{p['tasks'][t]['lo']:+.1f}, "
-                 f"{p['tasks'][t]['hi']:+.1f}])" for t in tasks]
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | {_ratio(p['texts'][text])} |")
-    return ("\n".join(rows) + f"\n\nPoints of accuracy against {ref} on the same documents, paired 95% intervals; "
-            f"MPO layers contracted, {ev[ref]['tasks'][tasks[0]]['autocast']} autocast as in notebook 06; "
-            f"{footer(h['meta'])}.")
-
-
-def tasks_block(file: str, r: Path) -> str:
-    """``scripts/eval_models.py``'s scoring of healed models on more benchmark documents, paired with dense."""
-    h = _j(Path(r) / "heal", file)
-    if h is None:
-        return f"(these benchmark scores have not been published: scripts/eval_models.py --out {file})"
-    return _tasks_table(h)
-
-
-def loss_study(r: Path) -> str:
-    """``scripts/loss_study.py``'s runs (``heal_study.LOSS_STUDY_FILES``): the main start healed with
-    each loss and healing text, paired with notebook 05's next-token healing on Brown on every
-    held-out text; and, where published, the same models' benchmark scores
-    (``loss_study_tasks.json``, ``scripts/eval_models.py``)."""
-    from .heal_study import LOSS_STUDY_FILES, loss_study_label
-
-    runs = [h for h in (_j(Path(r) / "heal", f) for f in LOSS_STUDY_FILES) if h is not None]
-    if not runs:
-        return "(the loss comparison has not been published: scripts/loss_study.py)"
-    texts = list(next(iter(runs[0]["variants"].values()))["perplexity"])
-    rows = ["| loss@healing text | tokens/s | " + " | ".join(f"`{t}` perplexity (x notebook 05's, paired)"
-                                                            for t in texts) + " |", "|---|---|" + "---|" * len(texts)]
-    nb05 = _j(r, "05_heal.json")
-    ref = next(iter(runs[0]["vs_notebook_05"]["by_variant"].values()))  # its ppl_a: notebook 05's perplexity
-    rows.append(f"| lm@heal (notebook 05, the reference) | {nb05['heal']['tokens_per_s_steady']:.0f} | " if nb05 else
-                "| lm@heal (notebook 05, the reference) | | ")
-    rows[-1] += " | ".join(f"{_ppl(ref[t]['ppl_a'])} (1)" for t in texts) + " |"
-    for h in runs:
-        for name, v in h["variants"].items():
-            cells = [f"{_ppl(v['perplexity'][t])} ({_ratio(h['vs_notebook_05']['by_variant'][name][t])})" for t in texts]
-            rows.append(f"| {loss_study_label(h, name, runs[0]['tokens'])} | {v['tokens_per_s']:.0f} | "
-                        + " | ".join(cells) + " |")
-    rc = runs[0]["recipe"]
-    out = ("\n".join(rows) + f"\n\nEvery row heals notebook 03's main model (the paper's TT-SVD MPO) for "
-           f"{runs[0]['tokens']:,} tokens (heal = Brown's heal split; brown-wiki = the same and Wikipedia's vital-article "
-           f"leads), batch {rc['batch_per_rank']} x {rc['seq_len']}, peak lr {rc['lr']:g}; kd: KL divergence from the "
-           f"original model ({rc['teacher_mode']} teacher, temperature {rc['kd_temperature']:g}); mix: "
-           f"{rc['kd_weight (mix)']:g} kd + {1 - rc['kd_weight (mix)']:g} lm. Reference: "
-           f"{runs[0]['vs_notebook_05']['reference']}, on Brown. "
-           + "Measured at " + ", ".join(f"{h['meta'].get('git_commit')} ({', '.join(h['variants'])})" for h in runs)
-           + f"; {footer(runs[0]['meta']).split(' · commit')[0]}.")
-    t = _j(Path(r) / "heal", "loss_study_tasks.json")
-    return out if t is None else out + "\n\n" + _tasks_table(t)
-
-
-def _long_run(h: dict, who: str) -> str:
-    pts, first = [p for p in h["points"] if p["tokens"] > 0], next(iter(h["dense"]))
-    shown = {min(pts, key=lambda p: abs(math.log(p["tokens"] / t))) ["tokens"]: None
-             for t in (5e4, 1e5, 2.5e5, 5e5, pts[-1]["tokens"])}
-    start = next((p for p in h["points"] if p["tokens"] == 0), None)
-    along = ", ".join(f"{_ppl(p['perplexity'][first])} at {p['tokens'] / 1e3:,.0f}k" for p in pts if p["tokens"] in shown)
-    end = "; ".join(f"`{t}` {_ppl(v['ppl_b'])} = {_ratio(v)} the dense model's ({h['dense'][t]['ppl']:.1f}, "
-                    f"{v['tokens']:,} tokens, windows of {v['seq_len']})" for t, v in h["final_vs_dense"].items())
-    f, heal = h["final_vs_dense"][first], h["heal"]
-    half = min(pts, key=lambda p: abs(math.log(p["tokens"] / (pts[-1]["tokens"] / 2))))
-    slope = math.log(pts[-1]["perplexity"][first]["ppl"] / half["perplexity"][first]["ppl"]) / math.log(
-        pts[-1]["tokens"] / half["tokens"]) if half is not pts[-1] else float("nan")
-
-    def verdict(target: float) -> str:  # judged on the paired interval, not the point
-        return "met" if f["ppl_ratio_hi"] <= target else "missed" if f["ppl_ratio_lo"] > target else \
-            "not resolved (its interval holds it)"
-
-    data = h["meta"].get("config", {}).get("heal", {}).get("data", "heal")
-    return (f"{who} healed for {h['tokens']:,} tokens of {HEAL_DATA.get(data, data)} in one cosine schedule (peak lr "
-            f"{h['lr']:g}, {heal['compute']}, {heal['tokens_per_s']:.0f} tok/s, "
-            f"{heal['train_seconds'] / 3600:.1f} h of training; {footer(h['meta'])}): `{first}` perplexity "
-            + (f"{_ppl(start['perplexity'][first])} before, " if start else "") + f"{along}. At the end: {end}. "
-            f"Targets on `{first}`: <= 3x dense {verdict(3.0)}, <= 1.5x dense {verdict(1.5)}. Log-log slope of "
-            f"`{first}` perplexity against tokens over the last doubling ({half['tokens'] / 1e3:,.0f}k to "
-            f"{pts[-1]['tokens'] / 1e3:,.0f}k, the schedule's low-rate end): {slope:.2f}.")
-
-
-def recovery(r: Path) -> str:
-    """``scripts/recovery_curve.py``: before and after equal healing at each budget and start, and
-    each start's healed perplexity paired against the paper's TT-SVD start's."""
-    from .figures_heal import STARTS
-
-    h = _j(Path(r) / "heal", "recovery_curve.json")
-    if h is None:
-        return "(the recovery curve has not been published: scripts/recovery_curve.py)"
-    texts = list(h["dense"])
-    pts = sorted(h["points"], key=lambda p: (-p["keep"], list(STARTS).index(p["start"])))
-    rows = ["| block params kept | start (peak lr) | before healing | healed | " +
-            " | ".join(f"healed / dense, {t}" for t in texts) + " | healed / TT-SVD start's, paired |",
-            "|---" * (5 + len(texts)) + "|"]
-    for p in pts:
-        ref = next((q for q in pts if q["keep"] == p["keep"] and q["start"] == "tt_svd"), None)
-        vs = "" if ref is None or ref is p else _ratio(C.compare_nll(ref["after"][texts[0]], p["after"][texts[0]]))
-        rows.append(f"| {100 * p['keep']:.0f}% | {STARTS[p['start']][0]} ({p['lr']:.0e}) | "
-                    f"{_ppl(p['before'][texts[0]]) if 'before' in p else '–'} | {_ppl(p['after'][texts[0]])} | "
-                    + " | ".join(_ratio(p["after_vs_dense"][t]) for t in texts) + f" | {vs} |")
-    made = sorted({"the reference run (05_heal.json)" if p["source"] == "05_heal.json" else f"commit {p.get('commit', h['meta']['git_commit'])}"
-                   for p in pts})
-    tokens = sorted({p["tokens"] for p in pts})
-    return ("\n".join(rows) + f"\n\nPerplexities on `{texts[0]}` ({h['dense'][texts[0]]['tokens']:,} tokens, windows of "
-            f"{h['dense'][texts[0]]['seq_len']}; dense {h['dense'][texts[0]]['ppl']:.1f}); every model healed for "
-            f"{' / '.join(f'{t:,}' for t in tokens)} tokens of Brown; measured by: {', '.join(made)}; {footer(h['meta'])}.")
-
-
-def slower_than_dense_below(h: Mapping) -> float:
-    """The decode ratio under which a model of ``healed_frontier.json`` is judged slower than dense:
-    1.0, or lower where the A/A control (the dense model's second copy) measured lower in a quarter
-    of the rounds (the first quartile of its per-round ratio): the harness cannot tell such a
-    ratio from equal speed."""
-    ctrl = h.get("control")
-    return 1.0 if ctrl is None else min(1.0, ctrl["decode_ratio_rounds"]["q1"])
-
-
-def healed_frontier(r: Path) -> str:
-    """``benchmarks/healed_frontier.py``: every healed model's quality, decode speed and bytes, and
-    the speed targets of the speed issue judged on them."""
-    from .figures_heal import STARTS
-
-    h = _j(Path(r) / "benchmarks", "healed_frontier.json")
-    if h is None:
-        return "(the healed speed-quality frontier has not been published: benchmarks/healed_frontier.py)"
-    text, s = next(iter(h["dense"]["perplexity"])), h["settings"]
-    pts = sorted(h["points"], key=lambda p: (-p["keep"], list(STARTS).index(p["start"])))
-    rows = [f"| block params kept | start | healed / dense, {text} | decode x dense (IQR of rounds) | "
-            "prefill x dense | bytes x dense |", "|---|---|---|---|---|---|"]
-    for p in pts:
-        q = p["decode_ratio_rounds"]
-        rows.append(f"| {100 * p['keep']:.0f}% | {STARTS[p['start']][0]} | {_ratio(p['after_vs_dense'][text])} | "
-                    f"{p['decode_ratio']:.2f} ({q['q1']:.2f}-{q['q3']:.2f}) | {p['prefill_ratio']:.2f} | "
-                    f"{p['bytes_ratio']:.2f} |")
-    floor, ctrl = slower_than_dense_below(h), h.get("control")
-    slow = [p for p in pts if p["decode_ratio"] < floor]
-    within = [p for p in pts if floor <= p["decode_ratio"] < 1.0]
-    half = max((p for p in pts if p["keep"] == 0.5), key=lambda p: p["decode_ratio"], default=None)
-    control = "" if ctrl is None else (
-        f"A/A control: a second copy of the dense model, "
-        f"{ctrl.get('position', 'last in each round').replace('every position', 'in every position of a round')}, measured "
-        f"{ctrl['decode_ratio']:.2f}x ({ctrl['decode_ratio_rounds']['q1']:.2f}-{ctrl['decode_ratio_rounds']['q3']:.2f}) "
-        f"the first: the harness's own error, so a model counts as slower than dense only below "
-        f"{floor:.2f}x. ")
-    verdicts = (control + "Speed targets on these models: every compressed model at >= 1.0x dense in auto mode: "
-                + ("met" if not slow else "missed by " + ", ".join(
-                    f"{STARTS[p['start']][0]} at {100 * p['keep']:.0f}% ({p['decode_ratio']:.2f}x)" for p in slow))
-                + (" (" + ", ".join(f"{STARTS[p['start']][0]} at {100 * p['keep']:.0f}% ({p['decode_ratio']:.2f}x)"
-                                    for p in within) + " below 1.0x but within the control's error)" if within else "")
-                + (f"; the fastest at 50% kept at >= 1.5x dense: {'met' if half['decode_ratio'] >= 1.5 else 'missed'}"
-                   f" ({STARTS[half['start']][0]}, {half['decode_ratio']:.2f}x)" if half else "") + ".")
-    return ("\n".join(rows) + f"\n\nDense: {h['dense']['decode_tokens_per_s']['median']:.1f} decode tokens/s, "
-            f"{h['dense']['prefill_tokens_per_s']['median']:.0f} prefill tokens/s ({s['prefill_tokens']} tokens); "
-            f"batch 1, {s['dtype']}, {s['threads']} threads, MPO mode {s['mode']}, {s['repeats']} round-robin rounds "
-            f"({s.get('order', 'fixed')} order) after a warm-up; {footer(h['meta'])}. {verdicts}")
 
 
 BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline, "baseline": baseline, "claims": claims,

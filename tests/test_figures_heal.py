@@ -143,11 +143,19 @@ def test_long_runs_with_benchmarks_along_them_one_panel_per_task():
     assert len(fig.axes) == len(TEXTS) + 2
     lam, arc = fig.axes[len(TEXTS):]
     drawn = [c for c in lam.containers]  # one errorbar per run, at its points
-    assert [list(c.lines[0].get_xdata()) for c in drawn] == [[200_000], [100_000, 200_000]]
+    xs = [list(c.lines[0].get_xdata()) for c in drawn]  # shifted by a few per cent so that they stand side by side
+    assert xs[0] == pytest.approx([200_000], rel=0.03) and xs[1] == pytest.approx([100_000, 200_000], rel=0.03)
+    assert xs[0][0] != xs[1][1]
     assert list(drawn[1].lines[0].get_ydata()) == pytest.approx([3.0, 5.0])
     assert {t.get_text() for t in arc.texts} == {"dense 42.0%", "chance"} and "chance" not in {t.get_text() for t in lam.texts}
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels[1].startswith(LONG_RUNS["asvd_brownwiki"][0])
+    # a point far above both neighbours is named a loss spike; a smooth run gets no such label
+    spiky = _long(1.0)
+    spiky["points"][2]["perplexity"]["brown-heldout"]["ppl"] *= 20
+    fig = heal_long_comparison({"asvd": _long(1.0), "asvd_brownwiki": spiky})
+    assert [t.get_text() for t in fig.axes[0].texts].count("loss spike") == 1
+    assert "loss spike" not in [t.get_text() for t in fig.axes[1].texts]
 
 
 def test_long_run_tasks_table_pairs_each_model_with_the_reference(tmp_path):

@@ -190,24 +190,30 @@ def heal_long_comparison(runs: Mapping[str, Mapping], targets: tuple[float, ...]
     model its reference) and ``task_points`` (``{run key: {healing tokens: model name in tasks}}``),
     one more panel per task: accuracy against healing tokens with its 95% interval, dense dashed,
     chance dotted."""
+    import numpy as np
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     apply_style()
     first_run = next(iter(runs.values()))
     texts = list(first_run["dense"])
     task_names = list(tasks["tasks"]) if tasks else []
-    fig, axes = plt.subplots(1, len(texts) + len(task_names), figsize=(4.4 * (len(texts) + len(task_names)), 3.9))
+    ncol = len(texts)
+    nrow = 2 if task_names else 1  # the benchmarks in a second row, under the perplexities
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.0 * ncol, 3.6 * nrow + 0.5), squeeze=False)
     x0 = min(p["tokens"] for r in runs.values() for p in r["points"] if p["tokens"] > 0)
-    for ax, t in zip(axes, texts):
-        dense = first_run["dense"][t]["ppl"]
+    for ax, t in zip(axes[0], texts):
+        dense, ends = first_run["dense"][t]["ppl"], []
         for key, r in runs.items():
             label, color = LONG_RUNS[key]
             pts = [p for p in r["points"] if p["tokens"] > 0]
             x, y = [p["tokens"] for p in pts], [p["perplexity"][t]["ppl"] for p in pts]
             ax.plot(x, y, marker="o", ms=3, lw=1.3, color=color,
                     label=f"{label} (lr {r['lr']:.0e}, {r['heal']['tokens_per_s']:.0f} tok/s)")
-            ax.annotate(f"x{y[-1] / dense:.3g}", (x[-1], y[-1]), xytext=(5, 0), textcoords="offset points",
-                        fontsize=7, color=color, ha="left", va="center")
+            ends.append((y[-1], x[-1], color))
+            for i in range(1, len(y) - 1):  # a point far above both neighbours: a loss spike, named as such
+                if y[i] > 3 * max(y[i - 1], y[i + 1]):
+                    ax.annotate("loss spike", (x[i], y[i]), xytext=(6, -2), textcoords="offset points", fontsize=7,
+                                color=color, ha="left", va="top")
         ax.axhline(dense, ls="--", lw=1, color="k")
         ax.text(x0, dense, f"dense {dense:.1f}", fontsize=7, va="bottom", ha="left")
         if t == texts[0]:
@@ -222,29 +228,40 @@ def heal_long_comparison(runs: Mapping[str, Mapping], targets: tuple[float, ...]
         ax.set_xlim(right=ax.get_xlim()[1] * 1.6)  # room for the end labels
         ax.set_xlabel("healing tokens (one cosine schedule per run)")
         ax.set_title(f"held-out perplexity: {t} ({first_run['dense'][t]['tokens']:,} tokens)", fontsize=9)
-    axes[0].set_ylabel("perplexity (log)")
-    for ax, task in zip(axes[len(texts):], task_names):
+        # end labels (x dense), pushed apart where the runs end close together
+        lo, hi = np.log10(ax.get_ylim())
+        gap, last = 0.05 * (hi - lo), -np.inf
+        for y, x, color in sorted(ends):
+            at = max(np.log10(y), last + gap)
+            ax.annotate(f"x{y / dense:.3g}", (x, y), xytext=(x * 1.12, 10 ** at), textcoords="data", fontsize=7,
+                        color=color, ha="left", va="center")
+            last = at
+    axes[0][0].set_ylabel("perplexity (log)")
+    for ax in axes[1][len(task_names):] if task_names else []:
+        ax.set_visible(False)
+    for ax, task in zip(axes[1] if task_names else [], task_names):
         ref = tasks["evaluations"][tasks["reference"]]["tasks"][task]
-        for key, at in (task_points or {}).items():
+        for k, (key, at) in enumerate((task_points or {}).items()):
             x = sorted(at)
             res = [tasks["evaluations"][at[n]]["tasks"][task] for n in x]
-            y = [100 * r["value"] for r in res]
-            ax.errorbar(x, y, yerr=[196 * r["stderr"] for r in res], marker="o", ms=3.5, lw=1.3, capsize=2,
-                        color=LONG_RUNS[key][1])
+            shift = 1.05 ** (k - (len(task_points) - 1) / 2)  # side by side where two runs share a token count
+            ax.errorbar([v * shift for v in x], [100 * r["value"] for r in res], yerr=[196 * r["stderr"] for r in res],
+                        marker="o", ms=3.5, lw=1.3, capsize=2, color=LONG_RUNS[key][1])
         ax.axhline(100 * ref["value"], ls="--", lw=1, color="k")
         ax.text(x0, 100 * ref["value"], f"dense {100 * ref['value']:.1f}%", fontsize=7, va="bottom", ha="left")
         if ref.get("chance"):
             ax.axhline(100 * ref["chance"], ls=":", lw=1, color="0.4")
             ax.text(x0, 100 * ref["chance"], "chance", fontsize=7, color="0.4", va="bottom", ha="left")
         ax.set_xscale("log")
-        ax.set_xlim(axes[0].get_xlim())
+        ax.set_xlim(axes[0][0].get_xlim())
         ax.set_ylim(bottom=0)
         ax.set_xlabel("healing tokens (one cosine schedule per run)")
         ax.set_ylabel(f"{ref['metric']} (%), 95% interval")
-        ax.set_title(f"{task} ({ref['n']:,} documents)", fontsize=9)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(labels), 3), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.9 if len(labels) <= 3 else 0.84))
+        ax.set_title(f"{task} ({ref['n']:,} documents, models saved along the runs)", fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncol=1 if len(labels) > 2 else 2,
+               fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.045 * len(labels) + 0.02) / nrow if len(labels) > 2 else 0.9))
     return fig
 
 

@@ -99,8 +99,8 @@ LONG_RUN_FILES = {"tt_svd": "heal_long.json", "asvd": "heal_long_asvd.json",
                   "asvd_brownwiki": "heal_long_asvd_brownwiki.json"}
 LONG_RUN_TASKS = ("heal_long_tasks.json", {
     "asvd": {1_048_576: "asvd@1M"},
-    "asvd_brownwiki": {98_304: "asvd+wiki@98k", 196_608: "asvd+wiki@197k", 491_520: "asvd+wiki@492k",
-                       1_048_576: "asvd+wiki@1M"}})
+    "asvd_brownwiki": {98_304: "asvd+wiki@98k", 196_608: "asvd+wiki@197k", 294_912: "asvd+wiki@295k",
+                       491_520: "asvd+wiki@492k", 1_048_576: "asvd+wiki@1M"}})
 
 
 def loss_study_label(run: Mapping, name: str, tokens: int) -> str:

@@ -269,11 +269,11 @@ def export_checkpoints(model_dir, out_dir: Path, tokens_per_step: int) -> dict[i
     """Every complete checkpoint a long run kept (``heal.keep_checkpoints`` large enough) as a model
     directory ``out_dir/at_<tokens>``, for the benchmarks along the run (``scripts/eval_models.py``).
     An export that already exists is kept. Returns ``{tokens: path}``."""
-    from .heal_data import export_checkpoint
+    from .heal_data import MARKER, export_checkpoint
 
     out = {}
     for ckpt in sorted((Path(out_dir) / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:])):
-        if (ckpt / "COMPLETE").is_file():
+        if (ckpt / MARKER).is_file():
             tokens = int(ckpt.name[5:]) * int(tokens_per_step)
             dest = Path(out_dir) / f"at_{tokens}"
             if not (dest / "config.json").is_file():

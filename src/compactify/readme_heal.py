@@ -28,11 +28,12 @@ def _ratio(r: dict) -> str:
 
 
 
-# The long healing runs' blocks (scripts/heal_long.py): {block: (file under heal/, whose run, how to make it)}
-LONG_RUNS = {"heal_long": ("heal_long.json", "The paper's TT-SVD start", "make heal-long"),
-             "heal_long_asvd": ("heal_long_asvd.json", "The activation-aware SVD start (the recovery curve's, 30% kept)",
+# The long healing runs' blocks (scripts/heal_long.py): {block: (run key of heal_study.LONG_RUN_FILES, whose
+# run, how to make it)}
+LONG_RUNS = {"heal_long": ("tt_svd", "The paper's TT-SVD start", "make heal-long"),
+             "heal_long_asvd": ("asvd", "The activation-aware SVD start (the recovery curve's, 30% kept)",
                                 "scripts/heal_long.py --start"),
-             "heal_long_asvd_brownwiki": ("heal_long_asvd_brownwiki.json", "The same activation-aware SVD start",
+             "heal_long_asvd_brownwiki": ("asvd_brownwiki", "The same activation-aware SVD start",
                                           "scripts/heal_long.py --start --set heal.data=brown-wiki")}
 HEAL_DATA = {"heal": "Brown", "wiki-vital": "Wikipedia vital-article leads",
              "brown-wiki": "Brown + Wikipedia vital-article leads (`brown-wiki`)"}
@@ -40,8 +41,10 @@ HEAL_DATA = {"heal": "Brown", "wiki-vital": "Wikipedia vital-article leads",
 
 def long_run_block(name: str, r: Path) -> str:
     """One long healing run (:data:`LONG_RUNS`): held-out perplexity along one long schedule."""
-    file, who, how = LONG_RUNS[name]
-    h = _j(Path(r) / "heal", file)
+    from .heal_study import LONG_RUN_FILES
+
+    key, who, how = LONG_RUNS[name]
+    h = _j(Path(r) / "heal", LONG_RUN_FILES[key])
     return f"(this long healing run has not been published: {how})" if h is None else _long_run(h, who)
 
 

@@ -118,7 +118,7 @@ def main(argv=None) -> None:
             "auto_factored_layers": factored_choices(models["auto"]), "setup": res["_setup"]}
         print(f"{threads} thread(s): decode x dense " + ", ".join(
             f"{n} {res[n]['decode_ratio']:.2f}" for n in models if n != "dense") + " | prefill x dense " + ", ".join(
-            f"{n} {res[n]['prefill_ratio']:.2f}" for n in MODES), flush=True)
+            f"{n} {res[n]['prefill_ratio']:.2f}" for n in models if n != "dense"), flush=True)
     data = {"settings": {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "keep": args.keep, "cores": 3,
                          "plan": "Plan.uniform (every block matrix)", "threads": args.threads, "repeats": repeats,
                          "order": args.order, "control": None if args.no_control else CONTROL,

@@ -100,6 +100,12 @@ def _required(r: Path, rel: str, how: str) -> dict:
     return read_json(path)
 
 
+def _optional(r: Path, rel: str) -> dict | None:
+    """A result that is shown where it was run (None where not)."""
+    path = Path(r) / rel
+    return read_json(path) if path.is_file() else None
+
+
 def _speed_quality(r: Path, out: Path) -> None:
     d = load(r, "07_frontier.json")
     rf = _required(r, "benchmarks/roofline.json", "benchmarks/roofline.py (make benchmarks)")
@@ -120,14 +126,14 @@ def _scale(r: Path, out: Path) -> None:
 
 
 def _heal_long(r: Path, out: Path) -> None:
-    d = _required(r, "heal/heal_long.json", "make heal-long (after make reproduce)")
-    F.save(F.heal_long_figure(d), out, "heal_long", d["meta"])
     from .heal_study import LONG_RUN_FILES, LONG_RUN_TASKS
 
+    d = _required(r, f"heal/{LONG_RUN_FILES['tt_svd']}", "make heal-long (after make reproduce)")
+    F.save(F.heal_long_figure(d), out, "heal_long", d["meta"])
     # the same long healing of other starts or on other text, where run; the benchmarks along them, where scored
-    runs = {k: read_json(Path(r) / "heal" / f) for k, f in LONG_RUN_FILES.items() if (Path(r) / "heal" / f).is_file()}
-    tasks = Path(r) / "heal" / LONG_RUN_TASKS[0]
-    t = read_json(tasks) if tasks.is_file() else None
+    runs = {"tt_svd": d} | {k: h for k, f in LONG_RUN_FILES.items() if k != "tt_svd"
+                            and (h := _optional(r, f"heal/{f}")) is not None}
+    t = _optional(r, f"heal/{LONG_RUN_TASKS[0]}")
     if len(runs) > 1:
         F.save(F.heal_long_comparison(runs, tasks=t, task_points=LONG_RUN_TASKS[1] if t else None), out,
                "heal_long_comparison", (t or list(runs.values())[-1])["meta"])
@@ -146,11 +152,10 @@ def _recovery(r: Path, out: Path) -> None:
 def _loss_study(r: Path, out: Path) -> None:
     from .heal_study import LOSS_STUDY_FILES
 
-    runs = [read_json(p) for p in (Path(r) / "heal" / f for f in LOSS_STUDY_FILES) if p.is_file()]
+    runs = [h for h in (_optional(r, f"heal/{f}") for f in LOSS_STUDY_FILES) if h is not None]
     if not runs:
         raise RunInputError(f"{Path(r) / 'heal'} has no loss study: run scripts/loss_study.py (after make reproduce).")
-    tasks = Path(r) / "heal" / "loss_study_tasks.json"
-    t = read_json(tasks) if tasks.is_file() else None
+    t = _optional(r, "heal/loss_study_tasks.json")
     F.save(F.loss_study_figure(runs, t), out, "loss_study", (t or runs[-1])["meta"])
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from compactify import takeaways as T
+from compactify.aa_init import LABELS
 from compactify.config import REPO_ROOT
 
 R = REPO_ROOT / "data" / "results"
@@ -61,7 +62,7 @@ def test_03_plans_before_healing_and_the_improved_start(tmp_path):
     assert f"({at['uniform'] / at['sensitivity']:,.2f}x higher)" in text
     assert "reproduced (by construction)" in text
     if d.get("improved"):
-        assert "activation-aware start of the same plan" in text
+        assert f"{LABELS[d['improved']['init']]} start of the same plan" in text
     d.pop("improved", None)
     text = T.takeaway("03", write(tmp_path, "03_tensorize.json", d))
     assert "No activation-aware start in this run (`improved` is missing" in text
@@ -87,7 +88,7 @@ def test_05_healing_ratio_interval_and_speed(tmp_path):
     if d.get("improved"):
         own = d["improved"].get("lr") not in (None, d["settings"]["lr"])
         lr = f" (at its own peak rate, {d['improved']['lr']:.0e})" if own else ""
-        assert f"Healed alike{lr}, the activation-aware start reaches" in text
+        assert f"Healed alike{lr}, the {LABELS[d['improved']['init']]} start reaches" in text
     d.pop("improved", None)
     assert "No activation-aware start healed in this run" in T.takeaway("05", write(tmp_path, "05_heal.json", d))
 

@@ -45,6 +45,7 @@ from .aa_mpo import AAMPO
 from .mpo import MPO, count_params, factorize
 
 INITS = ("tt_svd", "activation_aware", "asvd")
+LABELS = {"tt_svd": "TT-SVD", "activation_aware": "activation-aware MPO", "asvd": "activation-aware SVD"}  # for prose and legends
 OPTIONS = {k: p.default for k, p in inspect.signature(AAMPO.__init__).parameters.items()
            if k in ("sweeps", "inner", "damping")}  # AAMPO's own defaults, used where none are given
 

@@ -163,7 +163,7 @@ def choices() -> dict:
     """Keys that take one of a fixed set of strings, each set from the module that owns it."""
     from .aa_init import INITS
 
-    return {"tensorize.init": INITS, "tensorize.compare_init": INITS}
+    return {"tensorize.init": INITS, "tensorize.compare_init": INITS, "quantize.speed.order": ("rotated", "fixed")}
 
 
 def check_choices(cfg: Mapping) -> None:

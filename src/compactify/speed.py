@@ -237,7 +237,7 @@ def inference_times(models: Mapping[str, torch.nn.Module], tokenizer, cfg: Mappi
         threads = torch.get_num_threads()
         seconds = task_times(models, tokenizer, cfg, tasks=tasks, decisions=decide)
         speed = compare(models, tokenizer, prompt_ids, decode_prompt, new_tokens=sc["new_tokens"],
-                        repeats=sc["repeats"], mpo_mode=sc["mpo_mode"])
+                        repeats=sc["repeats"], mpo_mode=sc["mpo_mode"], rotate=sc["order"] == "rotated")
     ref = next(iter(seconds))
     relative = {n: {t: s / seconds[ref][t] for t, s in seconds[n].items()} for n in seconds}
     return {"upcast": upcast, "task_seconds": seconds, "task_time_vs_original": relative, "decide_seconds": decide,

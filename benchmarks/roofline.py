@@ -132,7 +132,8 @@ def measure(args) -> dict:
             torch.set_num_threads(int(key))
         overhead[key] = R.call_overhead(device=args.device)
         print(f"{pass_label(key)}: timing {len(models)} formats round-robin ...", flush=True)
-        speed[key] = compare(models, tok, prompt_ids, dec_ids, new_tokens=args.new_tokens, repeats=args.repeats)
+        speed[key] = compare(models, tok, prompt_ids, dec_ids, new_tokens=args.new_tokens, repeats=args.repeats,
+                             rotate=args.order == "rotated")
         print(f"  done at {time.perf_counter() - t0:.0f} s", flush=True)
     for n, f in formats.items():
         if "skipped" in f:
@@ -163,7 +164,8 @@ def measure(args) -> dict:
                 "device_name": torch.cuda.get_device_name(dev) if cuda else None,
                 "threads": None if cuda else args.threads, "passes": passes, "weights": weights,
                 "skipped": {n: f["skipped"] for n, f in formats.items() if "skipped" in f},
-                "new_tokens": args.new_tokens, "repeats": args.repeats, "prefill_tokens": int(prompt_ids.shape[1]),
+                "new_tokens": args.new_tokens, "repeats": args.repeats, "order": args.order,
+                "prefill_tokens": int(prompt_ids.shape[1]),
                 "decode_prompt_tokens": int(dec_ids.shape[1]), "decode_context_tokens": ctx,
                 "bnb_dequantizes": deq, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                 "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "wall_s": time.perf_counter() - t0,
@@ -332,7 +334,11 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--meta", default=None, help="folder with SmolLM2's config.json + tokenizer.json for --random-weights "
                     "(default data/cache/gpu-carry/smollm2-meta, else data/cache/models/SmolLM2-135M-Instruct-fp32)")
     ap.add_argument("--new-tokens", type=int, default=None, help="decoded tokens per timing (default 16, quick 6)")
-    ap.add_argument("--repeats", type=int, default=None, help="round-robin repeats (default 5, quick 2)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="round-robin repeats (default: rotated, one per format, so each takes every position once; fixed 5; quick 2)")
+    ap.add_argument("--order", choices=["rotated", "fixed"], default="rotated",
+                    help="rotated: each round starts one format later (default since 2026-12-07); fixed: the same order every "
+                         "round, the last format always timed last (benchmarks/mpo_modes.py measured that position at 0.88x)")
     ap.add_argument("--prefill-tokens", type=int, default=None, help="prompt tokens of prefill (default 128, quick 32)")
     ap.add_argument("--out", default=str(REPO_ROOT / "data/results/benchmarks/roofline.json"))
     ap.add_argument("--figure", default=str(REPO_ROOT / "figures/roofline.png"))
@@ -351,7 +357,8 @@ def parse(argv=None) -> argparse.Namespace:
         except R.RooflineError as e:
             ap.error(str(e))
         args.new_tokens = args.new_tokens or (6 if args.quick else 16)
-        args.repeats = args.repeats or (2 if args.quick else 5)
+        n_formats = len(args.formats or (R.QUICK_FORMATS if args.quick else R.ALL_FORMATS))
+        args.repeats = args.repeats or (2 if args.quick else n_formats if args.order == "rotated" else 5)
         args.prefill_tokens = args.prefill_tokens or (32 if args.quick else 128)
     return args
 

@@ -272,3 +272,14 @@ def test_random_weights_build_smollm2_from_its_config_alone(tmp_path):
     assert 0.015 < float(w.detach().std()) < 0.025   # transformers' init (std initializer_range = 0.02), not pretrained values
     with pytest.raises(SystemExit):
         bench.parse(["--meta", str(tmp_path)])   # --meta without --random-weights
+
+
+def test_rotated_order_gives_each_format_every_position_by_default():
+    bench = _bench()
+    args = bench.parse(["--formats", "fp32", "bf16", "svd-30"])
+    assert args.order == "rotated" and args.repeats == 3          # one round per format: each leads once
+    assert bench.parse([]).repeats == len(bench.R.ALL_FORMATS)
+    assert bench.parse(["--order", "fixed"]).repeats == 5          # the harness's earlier default
+    assert bench.parse(["--quick"]).repeats == 2 and bench.parse(["--repeats", "7"]).repeats == 7
+    with pytest.raises(SystemExit):
+        bench.parse(["--order", "random"])

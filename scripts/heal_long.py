@@ -55,6 +55,9 @@ def main(argv=None) -> int:
                     help="keep every checkpoint (one per two measurements, ~3x the trained weights each) and export "
                          "each as a model directory <run folder>/at_<tokens>, to score the benchmarks along the run "
                          "with scripts/eval_models.py")
+    ap.add_argument("--stop-after-tokens", type=int, default=None,
+                    help="end at the last checkpoint at or before this many tokens, on the schedule of --tokens (the "
+                         "first part of the same run: a recipe check); the JSON says completed: false; no figure")
     args = ap.parse_args(argv)
 
     from compactify import figures, run
@@ -74,7 +77,12 @@ def main(argv=None) -> int:
         work = run_dir(cfg) / (args.subdir or (f"heal_long_{model_dir.resolve().parent.name}" if args.start
                                                else "heal_long"))
         baseline = read_json(run.require(cfg, "baseline"))["baseline"]["perplexity_texts"]
-        result = long_run(model_dir, work, cfg, args.tokens, args.eval_every, baseline, stream=sys.stdout)
+        result = long_run(model_dir, work, cfg, args.tokens, args.eval_every, baseline, stream=sys.stdout,
+                          stop_after_tokens=args.stop_after_tokens)
+        if result.get("completed") is False:
+            save_results(out, {**result, "schedule_tokens": args.tokens}, cfg, device=cfg["device"], start=str(model_dir))
+            print(f"heal-long: stopped at {result['stopped_at_tokens']:,} of {args.tokens:,} tokens; wrote {out}")
+            return 0
         result["earlier_full_runs"] = [] if args.start else earlier_runs(ROOT / "data" / "results")
         if args.keep_checkpoints:
             result["exports"] = export_checkpoints(model_dir, work, result["heal"]["plan"]["tokens_per_step"])

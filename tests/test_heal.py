@@ -300,6 +300,19 @@ def test_long_run_reports_each_point_against_the_dense_model_on_the_same_windows
     with pytest.raises(PairingError, match="no per-window NLL"):
         paired_long_runs(r, shifted)
 
+    # the first part of the same run (a recipe check): stopped at the last checkpoint at or before
+    # the tokens asked for (step 4 of 6), its points (the last at that checkpoint) equal to the full run's
+    part = long_run(tiny_mpo, root / "long_part", cfg, tokens=6 * 64, eval_every_tokens=128, baseline=base,
+                    stream=io.StringIO(), stop_after_tokens=5 * 64)
+    assert part["completed"] is False and part["stopped_at_tokens"] == 256
+    assert [p["tokens"] for p in part["points"]] == [0, 128, 256] and len(part["heal"]["curve"]) == 4
+    for a, b in zip(part["points"], r["points"]):
+        assert a["perplexity"]["brown-heldout"]["nll"] == pytest.approx(b["perplexity"]["brown-heldout"]["nll"], abs=1e-4)
+    assert [c["lm_loss"] for c in part["heal"]["curve"]] == pytest.approx([c["lm_loss"] for c in r["heal"]["curve"][:4]])
+    with pytest.raises(ValueError, match="before the first checkpoint"):
+        long_run(tiny_mpo, root / "long_early", cfg, tokens=6 * 64, eval_every_tokens=128, baseline=base,
+                 stop_after_tokens=3 * 64)
+
     # the checkpoints the run kept (steps 4 and 6), exported as model directories for the benchmarks
     # along the run: the last holds exactly the healed model's weights, the middle one other weights
     from compactify.heal_data import export_checkpoint

@@ -234,20 +234,33 @@ def dense_control(source, out_dir: Path, cfg: Mapping, tokenizer, heldout: Mappi
 
 
 def long_run(model_dir, out_dir: Path, cfg: Mapping, tokens: int, eval_every_tokens: int, baseline: Mapping,
-             stream=None) -> dict:
+             stream=None, stop_after_tokens: int | None = None) -> dict:
     """One long healing of ``model_dir`` (the reference recipe of ``cfg``, ``tokens`` in all) with
     held-out perplexity every ``eval_every_tokens`` (``heal.eval_every``): the recovery curve a
     reader extrapolates from. Resumable (``out_dir``'s checkpoints, one per two measurements).
     Each point is also given as a ratio to the dense model (``baseline``: notebook 00's
-    ``perplexity_texts``, same texts and windows), the last with its paired interval."""
+    ``perplexity_texts``, same texts and windows), the last with its paired interval.
+
+    ``stop_after_tokens``: end at the last checkpoint at or before that many tokens, on the full
+    run's schedule (the first part of the same run, e.g. to check a recipe where a long run
+    misbehaved); the record then says ``completed: False`` and holds the points and loss curve
+    up to that checkpoint (the last measured at it)."""
     from . import compare as C
     from .heal import launch
 
     per_step = int(cfg["heal"]["seq_len"]) * int(cfg["heal"]["batch_per_rank"]) * int(cfg["heal"]["nproc"])
     every = max(1, round(eval_every_tokens / per_step))
+    stop = None
+    if stop_after_tokens is not None:
+        stop = stop_after_tokens // per_step // (2 * every) * (2 * every)
+        if stop < 2 * every:
+            raise ValueError(f"stop_after_tokens={stop_after_tokens:,} is before the first checkpoint "
+                             f"({2 * every * per_step:,} tokens): stop later.")
     r = launch(model_dir, Path(out_dir), _cfg(cfg, {"heal.tokens": int(tokens), "heal.steps": None,
                                                     "heal.eval_every": every, "heal.checkpoint_every": 2 * every,
-                                                    "heal.resume": True}), stream=stream)
+                                                    "heal.resume": True, "heal.stop_after": stop}), stream=stream)
+    if r.get("completed") is False:
+        return _partial_run(Path(out_dir), stop, per_step, every, cfg, baseline)
     points = [{"step": p["step"], "tokens": p["tokens"],
                # window_nll and ids_sha kept: two long runs can then be paired at every point (paired_long_runs)
                "perplexity": {t: {k: v[k] for k in ("ppl", "nll", "tokens", "seq_len", "windows", "text", "ids_sha",
@@ -263,6 +276,28 @@ def long_run(model_dir, out_dir: Path, cfg: Mapping, tokens: int, eval_every_tok
             "heal": speed_record(r) | {"plan": r["plan"], "loss": r["loss"],
                                        "curve": [{k: p[k] for k in ("tokens", "lm_loss", "lr")}
                                                  for p in r["loss_curve"]]}}
+
+
+def _partial_run(out_dir: Path, stop: int, per_step: int, every: int, cfg: Mapping, baseline: Mapping) -> dict:
+    """:func:`long_run`'s record of a run stopped at step ``stop``, from that checkpoint's meta.json."""
+    from .heal_data import MARKER
+    from .results import read_json
+
+    ckpt = out_dir / "checkpoints" / f"step_{stop}"
+    if not (ckpt / MARKER).is_file():
+        raise RuntimeError(f"the healing stopped at step {stop} but {ckpt} is not a complete checkpoint")
+    meta = read_json(ckpt / "meta.json")
+    points = [{"step": p["step"], "tokens": p["tokens"],
+               "perplexity": {t: {k: v[k] for k in ("ppl", "nll", "tokens", "seq_len", "windows", "text", "ids_sha",
+                                                    "window_nll")} for t, v in p["perplexity"].items()},
+               "x_dense": {t: v["ppl"] / baseline[t]["ppl"] for t, v in p["perplexity"].items()}}
+              for p in meta["heldout"]]
+    return {"completed": False, "stopped_at_tokens": stop * per_step, "eval_every_steps": every,
+            "lr": float(cfg["heal"]["lr"]), "warmup": float(cfg["heal"]["warmup"]), "train_seconds": meta["train_seconds"],
+            "tokens_per_s": stop * per_step / meta["train_seconds"],
+            "dense": {t: {k: baseline[t][k] for k in ("ppl", "tokens", "seq_len", "text")} for t in points[-1]["perplexity"]},
+            "points": points, "heal": {"curve": [{"tokens": p["step"] * per_step, "lm_loss": p["lm_loss"], "lr": p["lr"]}
+                                                  for p in meta["curve"]]}}
 
 
 def export_checkpoints(model_dir, out_dir: Path, tokens_per_step: int) -> dict[int, str]:

@@ -152,6 +152,7 @@ def measure(args) -> dict:
                    "measured_s": t_meas}
             f["by_threads"][key] = {
                 "decode": s["decode"], "prefill": s["prefill"], "decode_ratio_to_fp32": s["decode_ratio"],
+                "decode_ratio_rounds": s.get("decode_ratio_rounds"),
                 "decode_bound": b, "decode_bound_as_executed": bx, "prefill_bound": bp,
                 "decode_fraction_of_bound": s["decode"]["median"] / b["tokens_per_s"],
                 "decode_fraction_of_bound_as_executed": s["decode"]["median"] / bx["tokens_per_s"],

@@ -234,3 +234,20 @@ def test_speed_quality_points_take_each_methods_speed_from_its_formats_roofline_
                    ("aa_mpo3", "fp16"): ("mpo3-50", 0.3)}
     fig = FP.speed_quality(pts, {"ppl": 40.0, "tokens": 1020}, roofline)
     assert len(fig.axes) == 2
+
+
+def test_asvd_raises_its_damping_only_when_the_cholesky_fails():
+    """A second moment with fewer calibration tokens than inputs is singular; fp32 sums can push an
+    eigenvalue below zero. The activation-aware SVD then raises its damping (recorded) instead of
+    failing; a well-conditioned C keeps the damping asked for; an all-zero C is a clear error."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(48, 32, generator=g)                 # out > in: the Cholesky (right) branch
+    X = torch.randn(200, 32, generator=g)
+    ok = LR.LowRank(W, X.T @ X / 200).rank(8)
+    assert ok.info["damping"] == 1e-6
+    bad = torch.eye(32, dtype=torch.float64)
+    bad[-1, -1] = -1e-3                                  # below what 1e-6 and 1e-4 x the mean diagonal lift
+    c = LR.LowRank(W, bad).rank(8)
+    assert c.info["damping"] == pytest.approx(1e-2) and torch.isfinite(c.weight).all()
+    with pytest.raises(LR.CompressError, match="not positive definite.*calib_tokens"):
+        LR.LowRank(W, torch.zeros(32, 32))

@@ -225,7 +225,7 @@ def test_timing_setup_puts_everything_back(tensorized, monkeypatch):
 def test_inference_times_relative_to_the_first_model_under_the_setup(monkeypatch):
     import compactify.evaluate as E
 
-    cfg = {"quantize": {"speed": {"threads": 1, "mpo_mode": None, "new_tokens": 3, "repeats": 1}}}
+    cfg = {"quantize": {"speed": {"threads": 1, "mpo_mode": None, "new_tokens": 3, "repeats": 1, "order": "rotated"}}}
     seen = {}
 
     def fake_tasks(models, tok, cfg, tasks, decisions):

@@ -132,10 +132,24 @@ class LowRank:
             if self.left:        # U_r = top eigenvectors of W C W^T; W' = U_r U_r^T W
                 self.vecs, self.S = _eigh_desc(w @ c @ w.T), None
             else:                # V_r = top eigenvectors of (W S)^T (W S); W' = W S V_r V_r^T S^{-1}
-                c = c + damping * c.diagonal().mean() * torch.eye(inp, dtype=c.dtype)
-                self.S = torch.linalg.cholesky(c)
+                self.S = self._cholesky(c, damping)
                 ws = w @ self.S
                 self.vecs = _eigh_desc(ws.T @ ws)
+
+    def _cholesky(self, c: torch.Tensor, damping: float) -> torch.Tensor:
+        """Cholesky factor of ``C`` plus ``damping`` x its mean diagonal. With fewer calibration tokens
+        than inputs ``C`` is singular, and the fp32 rounding of its sums can leave eigenvalues below
+        a small damping: then the damping is raised a hundredfold at a time (as SVD-LLM's code adds
+        to the diagonal when its Cholesky fails) and the value used is kept in ``self.damping``."""
+        eye, scale = torch.eye(c.shape[0], dtype=c.dtype), c.diagonal().mean()
+        for d in (damping, damping * 1e2, damping * 1e4, damping * 1e6):
+            S, info = torch.linalg.cholesky_ex(c + d * scale * eye)
+            if int(info) == 0:
+                self.damping = d
+                return S
+        raise CompressError(f"The calibration second moment of a {tuple(self.weight.shape)} matrix is not positive "
+                            f"definite even with damping {d:g} x its mean diagonal: is it all zeros or not finite? "
+                            "Collect it over more calibration text (frontier.calib_tokens).")
 
     def at(self, keep: float) -> Compressed:
         return self.rank(lowrank_rank(tuple(self.weight.shape), keep), keep)
@@ -157,7 +171,8 @@ class LowRank:
         A, B = A.to(dt).contiguous(), B.to(dt).contiguous()
         params = A.numel() + B.numel()
         keep = params / self.weight.numel() if keep is None else keep
-        return Compressed(self.method, keep, params, self.weight.numel(), A @ B, (A, B), {"rank": r})
+        info = {"rank": r, **({"damping": self.damping} if self.S is not None else {})}
+        return Compressed(self.method, keep, params, self.weight.numel(), A @ B, (A, B), info)
 
 
 class PlainMPO:

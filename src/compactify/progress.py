@@ -107,14 +107,15 @@ class ThrottledLines:
     one line) at most every ``every`` seconds: a notebook saves each refresh as a line of its own."""
 
     def __init__(self, stream, every: float = 60.0):
-        self.stream, self.every, self.pending, self.last = stream, every, "", 0.0
+        self.stream, self.every, self.pending, self.last = stream, every, "", None   # None: the first refresh shows
 
     def write(self, piece: str) -> None:
         self.pending += piece
         *lines, self.pending = self.pending.split("\n")
         for line in lines:  # whole lines: the last state of each
             self.stream.write(line.rsplit("\r", 1)[-1] + "\n")
-        if "\r" in self.pending and time.monotonic() - self.last >= self.every:
+        # (a start of 0.0 hid the first refresh on a machine up for less than `every` seconds)
+        if "\r" in self.pending and (self.last is None or time.monotonic() - self.last >= self.every):
             self.stream.write(self.pending.rsplit("\r", 1)[-1].strip() + "\n")
             self.last, self.pending = time.monotonic(), ""
         self.stream.flush()

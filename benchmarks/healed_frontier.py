@@ -26,20 +26,29 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/mpo_linear.py: spinning threads on 2 cores
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAL05 = {"tt_svd": "tensorized", "activation_aware": "tensorized_aa"}  # notebook 05's folders under heal/
 CONTROL = "dense (second copy)"
 
 
 def healed_dir(run: Path, point: dict) -> Path:
-    """Where the healed model of one recovery-curve point lies in the run directory."""
-    if point["source"] == "05_heal.json":
-        return run / "heal" / HEAL05[point["start"]] / "model"
-    return run / "recovery" / f"keep{point['keep']:g}_{point['start']}" / "heal" / "model"
+    """Where the healed model of one recovery-curve point lies in the run directory. Notebook 05 heals
+    the paper's start under heal/tensorized and its improved start (``tensorize.compare_init``, which
+    has changed over time) under heal/tensorized_aa: the model's own record of its init must match."""
+    if point["source"] != "05_heal.json":
+        return run / "recovery" / f"keep{point['keep']:g}_{point['start']}" / "heal" / "model"
+    path = run / "heal" / ("tensorized" if point["start"] == "tt_svd" else "tensorized_aa") / "model"
+    config = path / "config.json"
+    init = json.loads(config.read_text()).get("compactify", {}).get("init") if config.is_file() else None
+    if init is not None and init != point["start"]:
+        sys.exit(f"{path} holds a {init} start, but the recovery curve's point at {point['keep']:.0%} kept is a "
+                 f"{point['start']} start: this run directory is not the one the curve was measured on; rerun "
+                 "scripts/recovery_curve.py on it first.")
+    return path
 
 
 def main(argv=None) -> int:

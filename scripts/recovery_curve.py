@@ -5,12 +5,15 @@ The reference run heals one budget (notebook 03's main model, 30% of the block p
 This builds the same sensitivity plan at other budgets (``--keeps``, fraction of the block
 parameters kept) from notebook 02's profile, with both starts of notebook 03 (the paper's TT-SVD
 MPO and the activation-aware MPO, same bonds), heals each with notebook 05's recipe and tokens,
-each start at its own peak rate (``heal.lr``, ``heal.improved_lr``), and scores the held-out texts
-before and after, paired against the dense model (notebook 00's windows). The 30% points are the
-reference run's own (``05_heal.json``). ``--starts asvd`` adds the low-rank peer (the
-activation-aware SVD within each MPO's budget, ``tensorize.init: asvd``); it has no rate of its
-own in the config, so ``--sweep 3e-4 1e-3`` first heals it at each rate for ``--sweep-tokens`` at
-the main budget and keeps the best (recorded under ``lr_sweeps``). Results go to ``data/results/heal/recovery_curve.json``
+each start at its own peak rate, and scores the held-out texts before and after, paired against
+the dense model (notebook 00's windows). The 30% points of the paper's start and of the reference
+run's improved start (``tensorize.compare_init``: the activation-aware SVD since 2026-12-07, the
+activation-aware MPO before) are the reference run's own (``05_heal.json``). Rates: ``heal.lr``
+for TT-SVD, ``heal.improved_lr`` (or ``heal.lr``) for the improved start, ``--rate START=LR`` for
+another (the activation-aware MPO's is 3e-4, ``data/results/heal/start_lr_sweep.json``), or
+``--sweep 3e-4 1e-3``, which first heals the start at each rate for ``--sweep-tokens`` at the main
+budget and keeps the best (recorded under ``lr_sweeps``). ``--starts asvd`` is the low-rank peer (the
+activation-aware SVD within each MPO's budget, ``tensorize.init: asvd``). Results go to ``data/results/heal/recovery_curve.json``
 after every healing (atomic), so an interrupted run keeps what it measured; a rerun resumes.
 """
 from __future__ import annotations
@@ -36,6 +39,8 @@ def main(argv=None) -> int:
                     help="also heal each --check-starts start at these rates for --sweep-tokens at the main budget "
                          "(recorded under rate_checks, paired against the first rate; the rates used do not change)")
     ap.add_argument("--check-starts", nargs="*", default=[], help="starts for --check-rates")
+    ap.add_argument("--rate", nargs="*", default=[], metavar="START=LR",
+                    help="a start's peak rate where the config has none for it, e.g. activation_aware=3e-4")
     ap.add_argument("--out", default=str(ROOT / "data" / "results" / "heal" / "recovery_curve.json"))
     ap.add_argument("--figure", default=str(ROOT / "figures" / "recovery_curve.png"))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
@@ -57,7 +62,17 @@ def main(argv=None) -> int:
     heldout = heldout_ids_for(tok, cfg)
     choices = S.choices_from_profile(dense, profile["panel"] + profile["heatmap"], ratios=tc["ratio_grid"], cores=cores,
                                      allow_dense=tc["allow_dense"], dense_types=["down"] if tc["leave_down_dense"] else [])
-    lrs = {"tt_svd": float(hc["lr"]), "activation_aware": float(hc["improved_lr"] or hc["lr"])}
+    improved = (heal05.get("improved") or {}).get("init")   # the reference run's second start (notebook 05)
+    # each start's peak rate: the paper's heal.lr; the reference run's improved start its own (heal.improved_lr,
+    # or heal.lr); any other start from --rate or a --sweep (the activation-aware MPO: --rate activation_aware=3e-4,
+    # data/results/heal/start_lr_sweep.json)
+    lrs = {"tt_svd": float(hc["lr"]), **({improved: float(hc["improved_lr"] or hc["lr"])} if improved else {})}
+    for item in args.rate:
+        name, _, value = item.partition("=")
+        try:
+            lrs[name] = float(value)
+        except ValueError:
+            ap.error(f"--rate {item!r}: give START=LR, e.g. activation_aware=3e-4")
     unknown = set(args.starts + args.check_starts) - {"tt_svd", "activation_aware", "asvd"}
     if unknown:
         ap.error(f"unknown start(s) {sorted(unknown)}: use tt_svd, activation_aware, asvd")
@@ -74,10 +89,10 @@ def main(argv=None) -> int:
     for p in points:  # points of a file written before points carried their commit: the file's commit measured them
         p.setdefault("commit", done["meta"]["git_commit"])
     t03 = read_json(run.require(cfg, "tensorize"))
-    befores = {"tt_svd": heal05["before"], "activation_aware": (t03.get("improved") or {}).get("evaluation")}
-    for start, key in (("tt_svd", "after"), ("activation_aware", None)):  # the reference run's own budget
-        after = heal05[key] if key else (heal05.get("improved") or {}).get("after")
-        if after:
+    befores = {"tt_svd": heal05["before"], improved: (t03.get("improved") or {}).get("evaluation")}
+    for start, after in (("tt_svd", heal05["after"]), (improved, (heal05.get("improved") or {}).get("after"))):
+        if start and after and not any(p["keep"] == tc["main_keep_ratio"] and p["start"] == start for p in points):
+            # (the reference run's own budget; a point the script measured itself there is kept)
             before = befores[start]["perplexity_texts"] if befores[start] else None
             points.append({"keep": tc["main_keep_ratio"], "start": start, "lr": lrs[start], "source": "05_heal.json",
                            "tokens": heal05["heal"]["plan"]["tokens"], "after": after["perplexity_texts"],
@@ -87,7 +102,7 @@ def main(argv=None) -> int:
 
     def build(start: str, keep: float):
         plan = T.plans(choices, keep, len(dense.model.layers), cores, tc["leave_down_dense"])[0][tc["main_plan"]]
-        if start == "activation_aware":
+        if start == improved:
             return T.improved_start(dense, tok, plan, _init(cfg, start, compare=True))[0]
         return aa_init.tensorize_from_config(copy.deepcopy(dense), tok, plan, _init(cfg, start))
 
@@ -100,7 +115,8 @@ def main(argv=None) -> int:
     for start in [s for s in args.starts if s not in lrs]:
         if start not in sweeps:
             if not args.sweep:
-                ap.error(f"the {start} start has no peak rate in the config: pass --sweep 3e-4 1e-3 to measure one")
+                ap.error(f"the {start} start has no peak rate in the config: pass --rate {start}=LR, or --sweep 3e-4 1e-3 "
+                         "to measure one")
             start_dir = save_model_dir(build(start, tc["main_keep_ratio"]), tok, work / f"sweep_{start}" / "start")
             sweeps[start] = {"keep": tc["main_keep_ratio"], **heal_study.lr_sweep(
                 start_dir, work / f"sweep_{start}", cfg, args.sweep, args.sweep_tokens, heldout)}

@@ -154,7 +154,7 @@ def _t03(d, rdir):
     imp = d.get("improved")
     if imp and (imp.get("evaluation") or {}).get("perplexity_texts", {}).get(text):
         a = imp["evaluation"]["perplexity_texts"][text]["ppl"]
-        improved = (f"The {LABELS.get(imp['init'], imp['init'])} start of the same plan (same bonds and parameters) starts at "
+        improved = (f"The {LABELS.get(imp['init'], imp['init'])} start of the same plan (the same parameter budget per matrix) starts at "
                     f"{fmt_ppl(a)}, {a / s['ppl']:,.2f}x the TT-SVD start's.")
     else:
         improved = f"No activation-aware start in this run ({_absent(d, 'improved')})."

@@ -261,13 +261,7 @@ def long_run(model_dir, out_dir: Path, cfg: Mapping, tokens: int, eval_every_tok
                                                     "heal.resume": True, "heal.stop_after": stop}), stream=stream)
     if r.get("completed") is False:
         return _partial_run(Path(out_dir), stop, per_step, every, cfg, baseline)
-    points = [{"step": p["step"], "tokens": p["tokens"],
-               # window_nll and ids_sha kept: two long runs can then be paired at every point (paired_long_runs)
-               "perplexity": {t: {k: v[k] for k in ("ppl", "nll", "tokens", "seq_len", "windows", "text", "ids_sha",
-                                                    "window_nll")}
-                              for t, v in p["perplexity"].items()},
-               "x_dense": {t: v["ppl"] / baseline[t]["ppl"] for t, v in p["perplexity"].items()}}
-              for p in r["heldout_curve"]]
+    points = _points(r["heldout_curve"], baseline)
     last = r["heldout_curve"][-1]["perplexity"]
     return {"tokens": r["plan"]["tokens"], "eval_every_steps": every, "lr": float(cfg["heal"]["lr"]),
             "dense": {t: {k: baseline[t][k] for k in ("ppl", "tokens", "seq_len", "text")} for t in last},
@@ -276,6 +270,15 @@ def long_run(model_dir, out_dir: Path, cfg: Mapping, tokens: int, eval_every_tok
             "heal": speed_record(r) | {"plan": r["plan"], "loss": r["loss"],
                                        "curve": [{k: p[k] for k in ("tokens", "lm_loss", "lr")}
                                                  for p in r["loss_curve"]]}}
+
+
+def _points(heldout_curve, baseline: Mapping) -> list[dict]:
+    """A long run's held-out points, each also as a ratio to the dense model on the same windows
+    (window_nll and ids_sha kept: two long runs can then be paired at every point, paired_long_runs)."""
+    keep = ("ppl", "nll", "tokens", "seq_len", "windows", "text", "ids_sha", "window_nll")
+    return [{"step": p["step"], "tokens": p["tokens"],
+             "perplexity": {t: {k: v[k] for k in keep} for t, v in p["perplexity"].items()},
+             "x_dense": {t: v["ppl"] / baseline[t]["ppl"] for t, v in p["perplexity"].items()}} for p in heldout_curve]
 
 
 def _partial_run(out_dir: Path, stop: int, per_step: int, every: int, cfg: Mapping, baseline: Mapping) -> dict:
@@ -287,11 +290,7 @@ def _partial_run(out_dir: Path, stop: int, per_step: int, every: int, cfg: Mappi
     if not (ckpt / MARKER).is_file():
         raise RuntimeError(f"the healing stopped at step {stop} but {ckpt} is not a complete checkpoint")
     meta = read_json(ckpt / "meta.json")
-    points = [{"step": p["step"], "tokens": p["tokens"],
-               "perplexity": {t: {k: v[k] for k in ("ppl", "nll", "tokens", "seq_len", "windows", "text", "ids_sha",
-                                                    "window_nll")} for t, v in p["perplexity"].items()},
-               "x_dense": {t: v["ppl"] / baseline[t]["ppl"] for t, v in p["perplexity"].items()}}
-              for p in meta["heldout"]]
+    points = _points(meta["heldout"], baseline)
     return {"completed": False, "stopped_at_tokens": stop * per_step, "eval_every_steps": every,
             "lr": float(cfg["heal"]["lr"]), "warmup": float(cfg["heal"]["warmup"]), "train_seconds": meta["train_seconds"],
             "tokens_per_s": stop * per_step / meta["train_seconds"],

@@ -68,3 +68,15 @@ def test_wrong_type_in_a_config_file(tmp_path):
     p.write_text("heal:\n  steps: ten\n")
     with pytest.raises(ConfigError, match="'heal.steps' is 'ten'"):
         load_config(p)
+
+
+def test_command_line_overrides_read_exponent_numbers_as_numbers():
+    """--set heal.lr=5e-4: PyYAML (YAML 1.1) reads an exponent without a dot as a string, which the
+    type check would then refuse; on the command line it is a number, in lists too."""
+    from compactify.config import parse_overrides
+
+    o = parse_overrides(["heal.lr=5e-4", "heal.lr_sweep=[1e-4, 3.0e-4]", "name=1e5x", "heal.data=heal"])
+    assert o == {"heal.lr": 5e-4, "heal.lr_sweep": [1e-4, 3e-4], "name": "1e5x", "heal.data": "heal"}
+    assert load_config("configs/smoke.yaml", parse_overrides(["heal.lr=5e-4"]))["heal"]["lr"] == 5e-4
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        parse_overrides(["heal.lr"])

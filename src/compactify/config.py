@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -212,10 +213,22 @@ def parse_overrides(pairs) -> dict:
         if not sep or not key:
             raise ConfigError(f"Override '{pair}' is not KEY=VALUE: write e.g. --set eval.limit=5 (dotted key, YAML value).")
         try:
-            out[key] = yaml.safe_load(value)
+            out[key] = _numbers(yaml.safe_load(value))
         except yaml.YAMLError as e:
             raise ConfigError(f"Override '{pair}': the value is not valid YAML ({e}).") from e
     return out
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _numbers(value):
+    """YAML 1.1 (PyYAML) reads ``5e-4`` (no dot) as a string; on the command line it means a number."""
+    if isinstance(value, str) and _FLOAT.match(value):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
 
 
 def resolve_path(path: str | Path) -> Path:

@@ -95,6 +95,7 @@ def main(argv=None) -> int:
             # (the reference run's own budget; a point the script measured itself there is kept)
             before = befores[start]["perplexity_texts"] if befores[start] else None
             points.append({"keep": tc["main_keep_ratio"], "start": start, "lr": lrs[start], "source": "05_heal.json",
+                           "run_commit": (heal05["meta"].get("git_commit") or "")[:7] or None,
                            "tokens": heal05["heal"]["plan"]["tokens"], "after": after["perplexity_texts"],
                            "after_vs_dense": versus_dense(after["perplexity_texts"]),
                            **({"before": before, "before_vs_dense": versus_dense(before)} if before else {})})

@@ -156,8 +156,9 @@ def recovery(r: Path) -> str:
         rows.append(f"| {100 * p['keep']:.0f}% | {STARTS[p['start']][0]} ({p['lr']:.0e}) | "
                     f"{_ppl(p['before'][texts[0]]) if 'before' in p else '–'} | {_ppl(p['after'][texts[0]])} | "
                     + " | ".join(_ratio(p["after_vs_dense"][t]) for t in texts) + f" | {vs} |")
-    made = sorted({"the reference run (05_heal.json)" if p["source"] == "05_heal.json" else f"commit {p.get('commit', h['meta']['git_commit'])}"
-                   for p in pts})
+    made = sorted({(f"the reference run of {p['run_commit']} (its 05_heal.json)" if p.get("run_commit")
+                    else "the reference run (05_heal.json)") if p["source"] == "05_heal.json"
+                   else f"commit {p.get('commit', h['meta']['git_commit'])}" for p in pts})
     tokens = sorted({p["tokens"] for p in pts})
     return ("\n".join(rows) + f"\n\nPerplexities on `{texts[0]}` ({h['dense'][texts[0]]['tokens']:,} tokens, windows of "
             f"{h['dense'][texts[0]]['seq_len']}; dense {h['dense'][texts[0]]['ppl']:.1f}); every model healed for "

@@ -137,7 +137,8 @@ def speed(r: Path) -> str:
     rows = [f"Measured on {footer(rf['meta'])}; {key} thread(s): memory bandwidth "
             f"{c['bandwidth_roof']['bytes_per_s'] / 1e9:.1f} GB/s, fp32 GEMM {c['gemm']['float32']['flops_per_s'] / 1e9:.0f} GFLOP/s; "
             f"{rf['settings']['repeats']} round-robin rounds, {rf['settings'].get('order', 'fixed')} order.",
-            "", "| format | bytes / fp32 | FLOPs / fp32 (decode) | decode tok/s (IQR) | x dense fp32 (IQR) | % of its bound | "
+            "", "| format | bytes / fp32 | FLOPs / fp32 (decode) | decode tok/s (IQR) | x dense fp32 (median, IQR of rounds) | "
+            "% of its bound | "
             "prefill tok/s |", "|---|---|---|---|---|---|---|"]
     fp32_flops = rf["formats"]["fp32"]["decode_cost"]["flops_per_token"]
     for name, f in rf["formats"].items():
@@ -148,7 +149,8 @@ def speed(r: Path) -> str:
         d = t["decode"]
         rows.append(f"| {f['label']} | {f['stored_bytes'] / fp32_bytes:.2f} | "
                     f"{f['decode_cost']['flops_per_token'] / fp32_flops:.2f} | {d['median']:.1f} ({d['q1']:.1f}-{d['q3']:.1f}) | "
-                    f"{t['decode_ratio_to_fp32']:.2f}{_iqr(t.get('decode_ratio_rounds'))} | "
+                    f"{(t.get('decode_ratio_rounds') or {}).get('median', t['decode_ratio_to_fp32']):.2f}"
+                    f"{_iqr(t.get('decode_ratio_rounds'))} | "
                     f"{100 * t['decode_fraction_of_bound']:.0f}% | {t['prefill']['median']:.0f} |")
     text = "\n".join(rows)
     if mm:

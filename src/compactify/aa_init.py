@@ -46,6 +46,11 @@ from .mpo import MPO, count_params, factorize
 
 INITS = ("tt_svd", "activation_aware", "asvd")
 LABELS = {"tt_svd": "TT-SVD", "activation_aware": "activation-aware MPO", "asvd": "activation-aware SVD"}  # for prose and legends
+
+
+def label(init: str) -> str:
+    """An init's name for prose and legends (an unknown one as given)."""
+    return LABELS.get(init, init)
 OPTIONS = {k: p.default for k, p in inspect.signature(AAMPO.__init__).parameters.items()
            if k in ("sweeps", "inner", "damping")}  # AAMPO's own defaults, used where none are given
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 from . import compare as C
 from . import report
-from .aa_init import LABELS
+from .aa_init import label
 from .figures import footer
 from .readme_heal import (LONG_RUNS, _j, _ppl, _ratio, healed_frontier, long_run_block, loss_study,  # noqa: F401
                           recovery, slower_than_dense_below, tasks_block)
@@ -63,7 +63,7 @@ def headline(r: Path) -> str:
            f"left dense) takes perplexity on `{text}` ({ev['tokens']:,} tokens, windows of {ev['seq_len']}) from "
            f"{_ppl(dense[text])} to {_ppl(ev)} before healing"
            + (f" (a uniform plan at the same budget: {uniform[0]:.2g})" if uniform else "")
-           + (f"; the same plan's {LABELS.get(t['improved']['init'], t['improved']['init'])} start is at {_ppl(aa)}"
+           + (f"; the same plan's {label(t['improved']['init'])} start is at {_ppl(aa)}"
               if aa else "") + "."]
     out.append(f"Healing ({hh['plan']['tokens']:,} tokens of Brown, {hh['loss']} loss, lr {hs['lr']:.0e}, {hh['compute']}, "
                f"{hh['world_size']} process{'es' if hh['world_size'] > 1 else ''}, {hh['tokens_per_s_steady']:.0f} tok/s) brings the paper's TT-SVD start to "
@@ -80,7 +80,7 @@ def headline(r: Path) -> str:
     if imp.get("after"):
         pn = imp["paired_nll_vs_tt_svd"]
         own = f" at its own peak rate {imp['lr']:.0e}" if imp.get("lr") and imp["lr"] != hs["lr"] else ""
-        out.append(f"The {LABELS.get(imp['init'], imp['init'])} start heals to {_ppl(imp['after']['perplexity'])} with the same recipe{own}: "
+        out.append(f"The {label(imp['init'])} start heals to {_ppl(imp['after']['perplexity'])} with the same recipe{own}: "
                    + ", ".join(f"x{math.exp(p['diff']):.2f} [{math.exp(p['lo']):.2f}, {math.exp(p['hi']):.2f}] "
                                f"the TT-SVD start's perplexity on {x}" for x, p in pn.items())
                    + " (paired over the same windows).")
@@ -156,8 +156,7 @@ def speed(r: Path) -> str:
     if mm:
         runs = mm["runs"]
         def ratio(v):  # with the IQR of the per-round ratios where the run kept them
-            q = v.get("decode_ratio_rounds")
-            return f"{v['decode_ratio_to_dense']:.2f}x" + (f" ({q['q1']:.2f}-{q['q3']:.2f})" if q else "")
+            return f"{v['decode_ratio_to_dense']:.2f}x" + _iqr(v.get("decode_ratio_rounds"))
         ms = mm["settings"]
         text += ("\n\nMPO layers by inference mode (SmolLM2 at 30% kept, batch-1 decode vs dense, `mpo_modes.json`, "
                  f"{ms.get('order', 'fixed')} order, {ms['repeats']} rounds): "

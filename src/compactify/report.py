@@ -13,7 +13,7 @@ from typing import Callable
 
 from . import figures as F
 from . import paper as P
-from .aa_init import LABELS
+from .aa_init import label
 from .results import ResultFileError, read_json
 from .run import PRODUCERS, RunInputError
 
@@ -59,7 +59,7 @@ def _fig2(r: Path, out: Path, repo_root: Path) -> None:
 def _fig3(r: Path, out: Path) -> None:
     d = load(r, "05_heal.json")
     imp = d.get("improved") or {}
-    starts = {f"{LABELS.get(imp['init'], imp['init'])} start": imp["heal"]["loss_curve"]} if imp.get("heal") else None
+    starts = {f"{label(imp['init'])} start": imp["heal"]["loss_curve"]} if imp.get("heal") else None
     control = (d.get("dense_control") or {}).get("heal") or {}
     F.save(F.heal_figure(d["heal"]["loss_curve"], d["speed"], (d.get("loss_comparison") or {}).get("losses"),
                          starts=starts, control=control.get("loss_curve")), out, "fig3_healing", d["meta"])

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import compare as C, report
-from .aa_init import LABELS
+from .aa_init import label
 from .config import REPO_ROOT
 from .results import ResultFileError, read_json
 from .run import PRODUCERS
@@ -154,7 +154,7 @@ def _t03(d, rdir):
     imp = d.get("improved")
     if imp and (imp.get("evaluation") or {}).get("perplexity_texts", {}).get(text):
         a = imp["evaluation"]["perplexity_texts"][text]["ppl"]
-        improved = (f"The {LABELS.get(imp['init'], imp['init'])} start of the same plan (the same parameter budget per matrix) starts at "
+        improved = (f"The {label(imp['init'])} start of the same plan (the same parameter budget per matrix) starts at "
                     f"{fmt_ppl(a)}, {a / s['ppl']:,.2f}x the TT-SVD start's.")
     else:
         improved = f"No activation-aware start in this run ({_absent(d, 'improved')})."
@@ -202,7 +202,7 @@ def _t05(d, rdir):
         r = (imp.get("paired_nll_vs_tt_svd") or {}).get(x)
         own = imp.get("lr") and imp["lr"] != (d.get("settings") or {}).get("lr")
         lr = f" (at its own peak rate, {imp['lr']:.0e})" if own else ""
-        improved = (f"Healed alike{lr}, the {LABELS.get(imp['init'], imp['init'])} start reaches "
+        improved = (f"Healed alike{lr}, the {label(imp['init'])} start reaches "
                     f"{fmt_ppl(imp['after']['perplexity_texts'][x]['ppl'])} on {x}"
                     + (f", its perplexity {_ratio_text(r)} relative to the healed TT-SVD start." if r else "."))
     else:

@@ -44,8 +44,9 @@ import torch
 from .aa_mpo import AAMPO
 from .mpo import MPO, count_params, factorize
 
-INITS = ("tt_svd", "activation_aware", "asvd")
-LABELS = {"tt_svd": "TT-SVD", "activation_aware": "activation-aware MPO", "asvd": "activation-aware SVD"}  # for prose and legends
+INITS = ("tt_svd", "activation_aware", "asvd", "asvd_seq")
+LABELS = {"tt_svd": "TT-SVD", "activation_aware": "activation-aware MPO", "asvd": "activation-aware SVD",
+          "asvd_seq": "sequential activation-aware SVD"}  # for prose and legends
 
 
 def label(init: str) -> str:
@@ -112,6 +113,10 @@ def prepare(init: str, targets, stats: Mapping | None, options: Mapping | None, 
     before anything is decomposed; ``info`` is the model's current ``config.compactify``.
     Returns None for ``tt_svd``, else what :func:`decompose` needs. Raises :class:`InitError`."""
     check_init(init)
+    if init == "asvd_seq":
+        raise InitError("init='asvd_seq' is fitted block by block on the compressed model's own inputs, which "
+                        "tensorize() alone cannot see: build it with compactify.aa_seq.sequential_asvd(dense, plan, ids) "
+                        "or aa_init.tensorize_from_config (tensorize.init: asvd_seq).")
     if init == "tt_svd":
         given = [n for n, v in (("stats", stats), ("aa_options", options), ("calibration", calibration)) if v is not None]
         if given:
@@ -130,12 +135,17 @@ def prepare(init: str, targets, stats: Mapping | None, options: Mapping | None, 
     for key, name, layer, _, bonds in targets:
         C = stats[_key(key)]
         n = layer.in_features
-        if not isinstance(C, torch.Tensor) or tuple(C.shape) != (n, n):
-            raise InitError(f"Calibration stats for '{key}' ({name}) have shape {tuple(getattr(C, 'shape', ()))}, "
-                            f"not ({n}, {n}): pass the second moment of THIS layer's inputs. Nothing was changed.")
-        if not torch.isfinite(C).all():
-            raise InitError(f"Calibration stats for '{key}' ({name}) contain NaN/Inf (overflow in the calibration "
-                            "forward?). Nothing was changed.")
+        if isinstance(C, tuple) and init != "asvd":
+            raise InitError(f"Calibration stats for '{key}' ({name}) are a (C', K) pair, which only init='asvd' "
+                            "uses (sequential calibration, compactify.aa_seq). Nothing was changed.")
+        for M in (C if isinstance(C, tuple) and len(C) == 2 else (C,)):
+            if not isinstance(M, torch.Tensor) or tuple(M.shape) != (n, n):
+                raise InitError(f"Calibration stats for '{key}' ({name}) have shape {tuple(getattr(M, 'shape', ()))}, "
+                                f"not ({n}, {n}): pass the second moment of THIS layer's inputs (or, for a sequential "
+                                "calibration, the pair (C', K) of that shape). Nothing was changed.")
+            if not torch.isfinite(M).all():
+                raise InitError(f"Calibration stats for '{key}' ({name}) contain NaN/Inf (overflow in the calibration "
+                                "forward?). Nothing was changed.")
         if _budget(layer.out_features, n, bonds) > 1:
             raise InitError(f"Plan entry '{key}' ({name}) gives an MPO larger than the dense matrix (bonds "
                             f"{list(bonds)}); the activation-aware fit works within a parameter budget <= dense. "
@@ -174,13 +184,15 @@ def decompose(aa: AAInit, key: str, weight: torch.Tensor, cores: int, bonds) -> 
 
 
 def _asvd(weight: torch.Tensor, C: torch.Tensor, keep: float) -> tuple[MPO, dict]:
-    """The activation-aware SVD of ``weight`` at the largest rank within ``keep``, as a 2-core MPO."""
+    """The activation-aware SVD of ``weight`` at the largest rank within ``keep``, as a 2-core MPO;
+    ``C`` is the input second moment, or the pair ``(C', K)`` of a sequential calibration."""
     from .lowrank import LowRank, activation_error, lowrank_rank
 
     weight = weight.detach()
     out, inp = weight.shape
     r = lowrank_rank((out, inp), keep)
-    A, B = LowRank(weight, C, aware=True).rank(r).factors
+    C, K = C if isinstance(C, tuple) else (C, None)   # K: the cross moment of a sequential calibration
+    A, B = LowRank(weight, C, aware=True, cross=K).rank(r).factors
     plain = LowRank(weight, aware=False).rank(r).weight
     mpo = MPO([A.reshape(1, out, 1, r).contiguous(), B.reshape(r, 1, inp, 1).contiguous()])
     return mpo, {"aa": round(activation_error(weight, A @ B, C), 6), "plain": round(activation_error(weight, plain, C), 6)}
@@ -197,7 +209,8 @@ def sync(info: Mapping, modules: Mapping) -> dict:
     :func:`compactify.tensorize._sync`): a module is ``asvd`` if it is a rank-r factorisation
     (:func:`is_lowrank`), else activation-aware iff it has an entry in ``activation_errors``."""
     act = {k: v for k, v in (info.get("activation_errors") or {}).items() if k in modules}
-    kinds = {"asvd" if is_lowrank(spec) else "activation_aware" if name in act else "tt_svd"
+    seq = bool(((info.get("activation_aware") or {}).get("calibration") or {}).get("sequential"))
+    kinds = {("asvd_seq" if seq else "asvd") if is_lowrank(spec) else "activation_aware" if name in act else "tt_svd"
              for name, spec in modules.items()}
     init = kinds.pop() if len(kinds) == 1 else "mixed"
     return {"init": init, **({"activation_aware": info.get("activation_aware"), "activation_errors": act} if act else {})}
@@ -236,6 +249,23 @@ def tensorize_from_config(model, tokenizer, plan, cfg: Mapping, progress: bool =
     init = check_init(cfg["tensorize"]["init"])
     if init == "tt_svd":
         return tensorize(model, plan, progress=progress, errors=errors)
+    if init == "asvd_seq":
+        return sequential_from_config(model, tokenizer, plan, cfg, progress=progress)
     stats, calibration = activation_stats(model, tokenizer, cfg, plan, progress)
     return tensorize(model, plan, progress=progress, errors=errors, init=init, stats=stats,
                      aa_options=options_from_config(cfg) if init == "activation_aware" else None, calibration=calibration)
+
+
+def sequential_from_config(dense, tokenizer, plan, cfg: Mapping, progress: bool = False):
+    """:func:`compactify.aa_seq.sequential_asvd` of ``dense`` (not changed) with the run's settings:
+    ``tensorize.seq_calib_tokens`` tokens of ``frontier.calib_split`` in ``frontier.calib_seq_len``
+    windows, ridge ``tensorize.seq_ridge``."""
+    from .aa_seq import sequential_asvd
+    from .frontier import calibration_ids
+
+    fc, tc = cfg["frontier"], cfg["tensorize"]
+    ids = calibration_ids(tokenizer, fc["calib_split"], tc["seq_calib_tokens"], cfg["seed"])
+    n = ids.numel() // fc["calib_seq_len"] * fc["calib_seq_len"]
+    calibration = {"split": fc["calib_split"], "tokens": n, "seq_len": fc["calib_seq_len"], "seed": cfg["seed"]}
+    return sequential_asvd(dense, plan, ids, seq_len=fc["calib_seq_len"], batch_size=fc["batch_size"],
+                           ridge=tc["seq_ridge"], calibration=calibration, progress=progress)

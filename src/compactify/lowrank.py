@@ -117,14 +117,23 @@ class LowRank:
     """
 
     def __init__(self, weight: torch.Tensor, C: torch.Tensor | None = None, damping: float = 1e-6,
-                 aware: bool | None = None):
+                 aware: bool | None = None, cross: torch.Tensor | None = None):
         self.weight = _check_weight(weight)
         self.aware = C is not None if aware is None else aware
         self.method = "asvd" if self.aware else "svd"
         w = self.weight.double()
         out, inp = w.shape
         self.left = out <= inp
-        if not self.aware:
+        self.target = None
+        if cross is not None:    # sequential calibration (compactify.aa_seq): fit the dense outputs on other inputs
+            if not self.aware:
+                raise CompressError("cross= (a sequential calibration's K = X'^T X) needs the activation-aware SVD: pass C.")
+            c, k = _check_stats(C, self.weight, "asvd"), _check_stats(cross, self.weight, "asvd")
+            self.S, self.left = self._cholesky(c, damping), False
+            # M0 S = W K^T S^{-T}: the least-squares map on the compressed inputs, whitened by them
+            self.target = w @ torch.linalg.solve_triangular(self.S, k, upper=False).T
+            self.vecs = _eigh_desc(self.target.T @ self.target)
+        elif not self.aware:
             self.vecs = _eigh_desc(w @ w.T if self.left else w.T @ w)
             self.S = None
         else:
@@ -160,7 +169,10 @@ class LowRank:
             raise CompressError(f"rank={r} must be between 1 and {min(self.weight.shape)} for a "
                                 f"{tuple(self.weight.shape)} matrix.")
         w, v = self.weight.double(), self.vecs[:, :r]
-        if self.left:
+        if self.target is not None:   # [M0 S]_r S^{-1}: A = (M0 S) V_r, B = V_r^T S^{-1}
+            A = self.target @ v
+            B = torch.linalg.solve_triangular(self.S.T, v, upper=True).T
+        elif self.left:
             A, B = v, v.T @ w
         elif self.S is None:
             A, B = w @ v, v.T

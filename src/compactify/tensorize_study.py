@@ -73,8 +73,10 @@ def improved_start(dense, tokenizer, plan: Plan, cfg: Mapping) -> tuple[object, 
     """The same plan and bond dimensions from ``tensorize.compare_init`` (the activation-aware MPO:
     cores fitted to the matrices' calibration inputs), and the seconds it took, calibration included."""
     t0 = time.perf_counter()
-    stats, calibration = aa_init.activation_stats(dense, tokenizer, cfg, plan)
     init = cfg["tensorize"]["compare_init"]
+    if init == "asvd_seq":
+        return aa_init.sequential_from_config(dense, tokenizer, plan, cfg), time.perf_counter() - t0
+    stats, calibration = aa_init.activation_stats(dense, tokenizer, cfg, plan)
     model = tensorize(copy.deepcopy(dense), plan, init=init, stats=stats, calibration=calibration,
                       aa_options=aa_init.options_from_config(cfg) if init == "activation_aware" else None)
     return model, time.perf_counter() - t0

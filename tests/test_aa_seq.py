@@ -107,3 +107,23 @@ def test_asvd_seq_refused_where_it_cannot_be_built():
                     stats={(b, "q"): (C, torch.eye(3)) for b in range(2)})
     with pytest.raises(ValueError, match="fewer than one window"):
         aa_seq.sequential_asvd(model, _plan(), torch.arange(10), seq_len=128)
+
+
+def test_asvd_seq_from_the_config(tiny_llama_dir):
+    """tensorize.init: asvd_seq builds the sequential start from the config's calibration settings
+    (the heal split, seq_calib_tokens, seq_ridge) and leaves the model it was given unchanged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compactify.config import load_config
+
+    cfg = load_config(None, {"tensorize.init": "asvd_seq", "tensorize.seq_calib_tokens": 300,
+                             "tensorize.seq_ridge": 0.05, "frontier.calib_seq_len": 64})
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    plan = T.Plan.uniform(2, target_ratio=0.5, blocks=[1], matrices=("q", "down"))
+    out = aa_init.tensorize_from_config(model, tok, plan, cfg)
+    assert not hasattr(model.config, "compactify") and out is not model
+    info = out.config.compactify
+    assert info["init"] == "asvd_seq" and sorted(info["plan"]["entries"]) == ["1.down", "1.q"]
+    assert info["activation_aware"]["calibration"] == {"split": "heal", "tokens": 256, "seq_len": 64, "seed": 0,
+                                                       "sequential": True, "ridge": 0.05}

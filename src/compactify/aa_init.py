@@ -21,6 +21,12 @@ all inputs (factors ``(out, 1)`` and ``(1, in)``, bond ``r``): exactly a rank-``
 it is saved, loaded, healed and sized by the same code as every MPO model, and compared with the
 MPOs at (at most) the same parameters.
 
+``init="asvd_seq"`` is the same factorisation fitted block by block on the *compressed* model's
+own inputs towards the dense outputs (:mod:`compactify.aa_seq`, GPTQ's order of work): it cannot
+be built by :func:`~compactify.tensorize.tensorize` from per-matrix stats alone, so
+:func:`tensorize_from_config` calls :func:`sequential_from_config` for it. Its model records
+``init: asvd_seq`` (a low-rank model whose calibration record says ``sequential``).
+
 Everything here is checked before :func:`~compactify.tensorize.tensorize` changes anything
 (:func:`prepare`): an unknown init, stats missing for a planned matrix or of the wrong shape,
 unknown options. The config records ``init`` (``tt_svd``, ``activation_aware``, or ``mixed``

@@ -12,7 +12,8 @@ from .figures import apply_style, short_number
 STARTS = {"tt_svd": ("paper's MPO (TT-SVD)", "#d94701"), "activation_aware": ("activation-aware MPO", "#2171b5"),
           "asvd": ("activation-aware SVD (low rank)", "#31a354")}
 # Long healing runs (scripts/heal_long.py): the starts above on Brown, and one start on another heal.data
-LONG_RUNS = {**STARTS, "asvd_brownwiki": ("activation-aware SVD, healed on Brown + Wikipedia", "#756bb1")}
+LONG_RUNS = {**STARTS, "asvd_brownwiki": ("activation-aware SVD, healed on Brown + Wikipedia", "#756bb1"),
+             "asvd_brownwiki_lr5e-4": ("the same, at half the peak rate", "#e7298a")}
 
 
 def heal_long_figure(r: Mapping, target: float = 3.0) -> plt.Figure:

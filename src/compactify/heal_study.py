@@ -96,7 +96,8 @@ LOSS_STUDY_FILES = ("loss_study.json", "loss_study_topk.json", "loss_study_data.
 # benchmark scoring of models saved along them (scripts/eval_models.py, the dense model first): which of
 # its models is which run after how many healing tokens ({run key: {tokens: model name}})
 LONG_RUN_FILES = {"tt_svd": "heal_long.json", "asvd": "heal_long_asvd.json",
-                  "asvd_brownwiki": "heal_long_asvd_brownwiki.json"}
+                  "asvd_brownwiki": "heal_long_asvd_brownwiki.json",
+                  "asvd_brownwiki_lr5e-4": "heal_long_asvd_brownwiki_lr5e-4.json"}
 LONG_RUN_TASKS = ("heal_long_tasks.json", {
     "asvd": {1_048_576: "asvd@1M"},
     "asvd_brownwiki": {98_304: "asvd+wiki@98k", 196_608: "asvd+wiki@197k", 294_912: "asvd+wiki@295k",

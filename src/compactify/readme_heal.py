@@ -34,7 +34,9 @@ LONG_RUNS = {"heal_long": ("tt_svd", "The paper's TT-SVD start", "make heal-long
              "heal_long_asvd": ("asvd", "The activation-aware SVD start (the recovery curve's, 30% kept)",
                                 "scripts/heal_long.py --start"),
              "heal_long_asvd_brownwiki": ("asvd_brownwiki", "The same activation-aware SVD start",
-                                          "scripts/heal_long.py --start --set heal.data=brown-wiki")}
+                                          "scripts/heal_long.py --start --set heal.data=brown-wiki"),
+             "heal_long_asvd_brownwiki_lr5e4": ("asvd_brownwiki_lr5e-4", "The same start, data and schedule at peak lr 5e-4",
+                                                 "scripts/heal_long.py --start --set heal.data=brown-wiki heal.lr=5.0e-4")}
 HEAL_DATA = {"heal": "Brown", "wiki-vital": "Wikipedia vital-article leads",
              "brown-wiki": "Brown + Wikipedia vital-article leads (`brown-wiki`)"}
 
@@ -128,9 +130,12 @@ def _long_run(h: dict, who: str) -> str:
             "not resolved (its interval holds it)"
 
     data = h["meta"].get("config", {}).get("heal", {}).get("data", "heal")
+    part = heal.get("tokens_this_run") or h["tokens"]
+    speed = (f"{heal['tokens_per_s']:.0f} tok/s, {heal['train_seconds'] / 3600:.1f} h of training" if part >= h["tokens"] else
+             f"resumed at {h['tokens'] - part:,} tokens from a checkpoint of the same run; its last {part:,} tokens: "
+             f"{heal['tokens_per_s']:.0f} tok/s, {heal['train_seconds'] / 3600:.1f} h of training")
     return (f"{who} healed for {h['tokens']:,} tokens of {HEAL_DATA.get(data, data)} in one cosine schedule (peak lr "
-            f"{h['lr']:g}, {heal['compute']}, {heal['tokens_per_s']:.0f} tok/s, "
-            f"{heal['train_seconds'] / 3600:.1f} h of training; {footer(h['meta'])}): `{first}` perplexity "
+            f"{h['lr']:g}, {heal['compute']}, {speed}; {footer(h['meta'])}): `{first}` perplexity "
             + (f"{_ppl(start['perplexity'][first])} before, " if start else "") + f"{along}. At the end: {end}. "
             f"Targets on `{first}`: <= 3x dense {verdict(3.0)}, <= 1.5x dense {verdict(1.5)}. Log-log slope of "
             f"`{first}` perplexity against tokens over the last doubling ({half['tokens'] / 1e3:,.0f}k to "

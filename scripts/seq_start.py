@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     from compactify import aa_init, run
     from compactify import compare as C
     from compactify.config import load_config, parse_overrides, run_dir
-    from compactify.heal_study import lr_sweep
+    from compactify.heal_study import lr_sweep, paired_with_refs, print_paired
     from compactify.models import load_model, save_model_dir
     from compactify.perplexity import heldout_ids_for, heldout_perplexities
     from compactify.results import read_json, save_results
@@ -89,17 +89,11 @@ def main(argv=None) -> int:
     sweep = lr_sweep(model_dir, run_dir(cfg) / "seq_start", cfg, args.lrs, int(cfg["heal"]["tokens"]), heldout)
     refs = {f"tt_svd at lr {cfg['heal']['lr']:g}": t05["after"]["perplexity_texts"],
             f"asvd at lr {t05['improved']['lr']:g}": t05["improved"]["after"]["perplexity_texts"]}
-    sweep["vs_notebook_05"] = {lr: {ref: {t: C.compare_nll(texts[t], r["perplexity"][t], ref, f"asvd_seq at lr {lr}")
-                                          for t in r["perplexity"]} for ref, texts in refs.items()}
-                               for lr, r in sweep["lrs"].items()}
+    sweep["vs_notebook_05"] = paired_with_refs(sweep["lrs"], refs, "asvd_seq at lr")
     out = {"plan_from": "results/03_tensorize.json of run_dir", "main_start": f"{main_point[0]}:{main_point[1]:g}",
            "starts": starts, "healing": sweep, "notebook_05_tokens": t05["heal"]["plan"]["tokens"]}
     save_results(args.out, out, cfg, device=cfg["device"], start=str(model_dir))
-    for lr, by_ref in sweep["vs_notebook_05"].items():
-        for ref, by_text in by_ref.items():
-            r = by_text["brown-heldout"]
-            print(f"lr {lr}: brown-heldout {r['ppl_b']:.1f} = x{r['ppl_ratio']:.3f} "
-                  f"[{r['ppl_ratio_lo']:.3f}, {r['ppl_ratio_hi']:.3f}] {ref}")
+    print_paired(sweep["vs_notebook_05"], digits=3)
     print(f"sequential start: wrote {args.out}")
     return 0
 

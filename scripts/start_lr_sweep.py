@@ -27,10 +27,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
     args = ap.parse_args(argv)
 
-    from compactify import compare as C
     from compactify import run
     from compactify.config import load_config, parse_overrides, run_dir
-    from compactify.heal_study import lr_sweep
+    from compactify.heal_study import lr_sweep, paired_with_refs, print_paired
     from compactify.results import read_json, save_results
 
     cfg = load_config(args.config, parse_overrides(args.set))
@@ -40,17 +39,10 @@ def main(argv=None) -> int:
     sweep = lr_sweep(start, run_dir(cfg) / "start_lr_sweep", cfg, args.lrs, tokens)
     refs = {f"tt_svd at heal.lr={cfg['heal']['lr']:g}": heal["after"]["perplexity_texts"],
             f"activation_aware at heal.lr={cfg['heal']['lr']:g}": heal["improved"]["after"]["perplexity_texts"]}
-    sweep["vs_notebook_05"] = {
-        lr: {ref: {t: C.compare_nll(texts[t], run_["perplexity"][t], ref, f"activation_aware at lr={lr}")
-                   for t in run_["perplexity"]} for ref, texts in refs.items()}
-        for lr, run_ in sweep["lrs"].items()}
+    sweep["vs_notebook_05"] = paired_with_refs(sweep["lrs"], refs, "activation_aware at lr")
     sweep["notebook_05_tokens"] = heal["heal"]["plan"]["tokens"]
     save_results(args.out, sweep, cfg, device=cfg["device"], start=str(start))
-    for lr, by_ref in sweep["vs_notebook_05"].items():
-        for ref, by_text in by_ref.items():
-            r = by_text["brown-heldout"]
-            print(f"lr {lr}: brown-heldout {r['ppl_b']:.1f} = x{r['ppl_ratio']:.2f} "
-                  f"[{r['ppl_ratio_lo']:.2f}, {r['ppl_ratio_hi']:.2f}] {ref}")
+    print_paired(sweep["vs_notebook_05"])
     print(f"start-lr sweep: wrote {args.out}")
     return 0
 

@@ -31,8 +31,7 @@ from typing import Mapping
 
 import torch
 
-from .frontier import MATRIX_PATHS
-from .models import blocks
+from .models import MATRIX_PATHS, blocks
 from .tensorize import Plan, tensorize
 
 STAGES = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))  # the order a Llama block reads its matrices
@@ -116,7 +115,7 @@ def sequential_asvd(dense, plan: Plan, ids: torch.Tensor, seq_len: int = 256, ba
     changed. ``ids``: calibration token ids (never the held-out text). ``ridge``: the regression's
     damping, relative to the mean diagonal of ``C'``: the least-squares map ``M0`` has ``in x in``
     free directions per output, which a few thousand calibration tokens overfit (SmolLM2 at 30%
-    kept, 2,048 tokens: 8.6e7 held-out perplexity at 1e-6, 1,929 at 1e-2, 1,128 at 1e-1)."""
+    kept, 2,048 tokens: 4.3e8 held-out perplexity at 1e-6, 1,929 at 1e-2; data/results/heal/seq_start.json)."""
     from .progress import progress as tqdm
 
     ids = ids.reshape(-1)
@@ -126,8 +125,7 @@ def sequential_asvd(dense, plan: Plan, ids: torch.Tensor, seq_len: int = 256, ba
                          "pass more text or a smaller seq_len.")
     windows = ids[: n * seq_len].view(n, seq_len).to(next(dense.parameters()).device)
     batches = [windows[i:i + batch_size] for i in range(0, n, batch_size)]
-    model = copy.deepcopy(dense)
-    was = dense.training, model.training
+    model, was_training = copy.deepcopy(dense), dense.training
     dense.eval()
     model.eval()
     calibration = {**dict(calibration or {}), "sequential": True, "ridge": ridge}
@@ -151,6 +149,5 @@ def sequential_asvd(dense, plan: Plan, ids: torch.Tensor, seq_len: int = 256, ba
                 dense_in = [(_run(layers_d[b], h, kw), kw) for h, kw in dense_in]
                 comp_in = [(_run(layers_c[b], h, kw), kw) for h, kw in comp_in]
     finally:
-        dense.train(was[0])
-    model.train(was[1])
-    return model
+        dense.train(was_training)
+    return model.train(was_training)

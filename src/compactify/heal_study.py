@@ -88,6 +88,25 @@ def paired_with_run(heal_json: Path, variants: Mapping[str, Mapping]) -> dict:
                for t in v["perplexity"]} for name, v in variants.items()}}
 
 
+def paired_with_refs(runs: Mapping[str, Mapping], refs: Mapping[str, Mapping], name: str) -> dict:
+    """Each healed run (``{key: run}`` with ``perplexity``, e.g. :func:`lr_sweep`'s ``lrs``) paired on
+    the same held-out windows with each reference (``{ref name: perplexity_texts}``, e.g. notebook
+    05's two healed starts): ``{key: {ref: {text: paired comparison}}}``."""
+    from . import compare as C
+
+    return {key: {ref: {t: C.compare_nll(texts[t], r["perplexity"][t], ref, f"{name} {key}") for t in r["perplexity"]}
+                  for ref, texts in refs.items()} for key, r in runs.items()}
+
+
+def print_paired(paired: Mapping, text: str = "brown-heldout", digits: int = 2) -> None:
+    """One line per run and reference of :func:`paired_with_refs` on ``text``."""
+    for key, by_ref in paired.items():
+        for ref, by_text in by_ref.items():
+            r = by_text[text]
+            print(f"lr {key}: {text} {r['ppl_b']:.1f} = x{r['ppl_ratio']:.{digits}f} "
+                  f"[{r['ppl_ratio_lo']:.{digits}f}, {r['ppl_ratio_hi']:.{digits}f}] {ref}")
+
+
 # scripts/loss_study.py's result files under data/results/heal/, in the order the README and the figure list them
 LOSS_STUDY_FILES = ("loss_study.json", "loss_study_topk.json", "loss_study_data.json", "loss_study_equal_time.json")
 

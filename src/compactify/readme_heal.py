@@ -68,12 +68,22 @@ def _tasks_table(h: dict) -> str:
             f"{footer(h['meta'])}.")
 
 
-def tasks_block(file: str, r: Path) -> str:
-    """``scripts/eval_models.py``'s scoring of healed models on more benchmark documents, paired with dense."""
+def tasks_block(file: str, r: Path, against: tuple[str, str] | None = None) -> str:
+    """``scripts/eval_models.py``'s scoring of healed models on more benchmark documents, paired with dense;
+    with ``against = (file, model)``, its last model also paired with that model of another scoring on
+    the same documents (e.g. two long runs' final models, scored in separate runs)."""
+    from . import compare as C
+
     h = _j(Path(r) / "heal", file)
     if h is None:
         return f"(these benchmark scores have not been published: scripts/eval_models.py --out {file})"
-    return _tasks_table(h)
+    other = _j(Path(r) / "heal", against[0]) if against else None
+    if other is None:
+        return _tasks_table(h)
+    name = list(h["evaluations"])[-1]
+    paired, _ = C.paired(other["evaluations"][against[1]], h["evaluations"][name], against[1], name)
+    return _tasks_table(h) + f"\n\n{name} minus {against[1]} (`{against[0]}`), paired on the same documents: " + "; ".join(
+        f"{t} {p['diff']:+.1f} points [{p['lo']:.1f}, {p['hi']:.1f}] over {p['n']:,}" for t, p in paired.items()) + "."
 
 
 def loss_study(r: Path) -> str:

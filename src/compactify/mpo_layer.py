@@ -72,7 +72,7 @@ def _plan(core_shapes: Sequence[tuple[int, ...]], batch: int) -> tuple[int, list
                 + ([f"r{a - 1}"] if a else []) + ([f"r{b}"] if b < n - 1 else []))
 
     def pair(x, y):
-        return 2 * math.prod(size[l] for l in set(x) | set(y))
+        return 2 * math.prod([size[l] for l in set(x) | set(y)])  # a list: torch.compile traces it
 
     seg, state = {}, {}  # (a, b) -> (cost, how)
     for length in range(1, n + 1):
@@ -96,7 +96,7 @@ def _plan(core_shapes: Sequence[tuple[int, ...]], batch: int) -> tuple[int, list
 
     def emit(left, lab_l, right, lab_r, lab_out):
         name = f"t{len(program)}"
-        program.append((name, left, right, f"{sub(lab_l)},{sub(lab_r)}->{sub(lab_out)}", math.prod(size[l] for l in lab_out)))
+        program.append((name, left, right, f"{sub(lab_l)},{sub(lab_r)}->{sub(lab_out)}", math.prod([size[l] for l in lab_out])))
         return name
 
     def build_seg(a, b):
@@ -258,7 +258,11 @@ class MPOLinear(nn.Module):
 
     def dense_matrix(self) -> torch.Tensor:
         """``W`` (``out x in``, the cores' dtype, built in fp32), cached; rebuilt when a core is
-        another tensor or was written in place since (data pointer and version counter)."""
+        another tensor or was written in place since (data pointer and version counter). Under
+        torch.compile the cached ``W`` is used as it is (traced code reads no data pointers;
+        ``compactify.mpo_modes.prepare_compiled`` builds it eagerly first)."""
+        if self._dense is not None and torch.compiler.is_compiling():
+            return self._dense
         # = list(self.cores), without nn.Module.__getattr__ and ParameterList's indexing (slow per call)
         cores = list(self._modules["cores"]._parameters.values())
         # One list of (address, version) per call, compared at once: this check runs on every
@@ -291,6 +295,8 @@ class MPOLinear(nn.Module):
         """``auto``'s path for ``x``: the bucket's recorded decision, made now if there is none."""
         bucket = self.bucket(x.numel() // self.in_features)
         decision = self.auto_decisions.get(bucket)
+        if decision is None and torch.compiler.is_compiling():
+            return "factored"  # nothing can be timed while tracing (prepare_compiled decides first)
         if decision is None:
             t0 = time.perf_counter()
             decision = self.decide(x)

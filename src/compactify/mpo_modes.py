@@ -92,6 +92,23 @@ def set_inference_mode(model: nn.Module, mode: str, tokens: Sequence[int] | None
     return summary
 
 
+def prepare_compiled(model: nn.Module, tokens: int = 1) -> int:
+    """Make every :class:`MPOLinear` of ``model`` ready to be traced by ``torch.compile`` for calls
+    of ``tokens`` tokens, in its current mode: its contraction plan made, ``contracted``'s ``W``
+    built, ``auto``'s bucket decided (measured eagerly, since nothing can be timed while tracing;
+    the decision compares eager paths). Returns how many layers it prepared (0: a dense model)."""
+    layers = _mpo_layers(model)
+    for m in layers:
+        m.plan(tokens)
+        if m.mode == "contracted":
+            m.dense_matrix()
+        elif m.mode == "auto" and m.bucket(tokens) not in m.auto_decisions:
+            c = m.cores[0]
+            with torch.no_grad():
+                m.auto_path(torch.randn(tokens, m.in_features, device=c.device, dtype=c.dtype))
+    return len(layers)
+
+
 @contextlib.contextmanager
 def inference_mode_set(model: nn.Module, mode: str, tokens: Sequence[int] | None = None):
     """:func:`set_inference_mode` within a block (yields its summary); afterwards every layer has

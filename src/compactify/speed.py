@@ -84,12 +84,97 @@ def _forward_seconds(model, input_ids: torch.Tensor) -> float:
         return time.perf_counter() - t
 
 
-def _generate_seconds(model, input_ids: torch.Tensor, new_tokens: int, pad_token_id: int | None) -> float:
+DECODE_RUNTIMES = ("eager", "compiled")
+
+
+def _decompose_gemv(largest: int) -> None:
+    """Let inductor turn every one-row matmul whose matrix has at most ``largest`` rows and columns
+    into a fused multiply-and-sum (its ``decompose_mm_pass``). Why: at batch 1 each weight matrix
+    is used in a matrix-vector product, and the BLAS that torch's CPU wheels call (MKL, here on an
+    AMD CPU) streams a matrix at less than half the rate a plain read reaches
+    (``benchmarks/roofline.py``'s ``gemv`` probe); inductor's generated reduction reads at nearly
+    the full rate. The pass reads its CPU size limit from module globals set when it is imported,
+    so the limit is raised there; a torch without them is refused with a clear error."""
+    from torch._inductor.fx_passes import decompose_mem_bound_mm as pass_
+
+    for name in ("cpu_max_first_dimension_decomposition", "cpu_max_other_dimension_decomposition"):
+        if not hasattr(pass_, name):
+            raise RuntimeError(f"torch {torch.__version__} has no inductor setting {name}: compiled decoding "
+                               "needs torch's decompose_mm_pass (torch >= 2.6); use decode='eager'.")
+    pass_.cpu_max_first_dimension_decomposition = 1
+    pass_.cpu_max_other_dimension_decomposition = max(int(largest), pass_.cpu_max_other_dimension_decomposition)
+
+
+def generate_kwargs(model, runtime: str = "eager", max_cache_len: int = 256) -> dict:
+    """Extra ``generate`` arguments for a decode ``runtime``: ``eager`` (none: transformers' default
+    dynamic KV cache, every op a separate call) or ``compiled``: transformers' own compiled
+    decoding, a static KV cache of ``max_cache_len`` positions and each decode step's forward
+    compiled by ``torch.compile`` (inductor, static shapes; prefill stays eager), which fuses the
+    step's ~1,700 small ops and, on a CPU, turns each one-row matmul into a fused multiply-and-sum
+    (:func:`_decompose_gemv`). The first call compiles (about a minute for SmolLM2 on 2 cores);
+    later calls of the same shapes reuse it. Greedy tokens are the same as eager's up to float
+    rounding (a test checks a tiny model)."""
+    if runtime not in DECODE_RUNTIMES:
+        raise ValueError(f"Unknown decode runtime {runtime!r}: use one of {', '.join(DECODE_RUNTIMES)}.")
+    if runtime == "eager":
+        return {}
+    from transformers import CompileConfig
+
+    from .mpo_modes import prepare_compiled
+
+    prepare_compiled(model, tokens=1)   # MPO layers: plan, W or auto's decision made eagerly (batch-1 decoding)
+    if next(model.parameters()).device.type == "cpu":
+        _decompose_gemv(max(max(p.shape) for p in model.parameters() if p.dim() == 2))
+    config = CompileConfig(mode=None, dynamic=False, fullgraph=False,
+                           options={"post_grad_fusion_options": {"decompose_mm_pass": {}}})
+    config._compile_all_devices = True  # transformers compiles decoding on accelerators only unless asked
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # one entry per model
+    return {"cache_implementation": "static", "compile_config": config, "max_cache_len": max_cache_len}
+
+
+def gemv_probe(weights, repeats: int = 9) -> dict:
+    """How fast this machine streams ``weights`` (a model's matrices) through three kernels, each
+    matrix times one token's activations, the three timed interleaved (:func:`interleaved`):
+    ``read`` (``w.sum()``: one plain pass over the bytes, the rate a kernel could reach),
+    ``linear`` (torch's ``F.linear``: the BLAS GEMV that eager decoding calls) and ``compiled``
+    (the multiply-and-sum inductor generates for it under :func:`generate_kwargs`; one compiled
+    call per matrix, so its dispatch cost is in). Returns ``{"bytes", "matrices", way: {"seconds":
+    stats, "bytes_per_s"}}`` with the bytes counted from the tensors."""
+    weights = [w.detach() for w in weights]
+    if not weights or any(w.dim() != 2 for w in weights):
+        raise ValueError("gemv_probe needs a non-empty list of matrices (2-D weights).")
+    total = sum(w.numel() * w.element_size() for w in weights)
+    xs = [torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights]
+    fused = torch.compile(lambda x, w: (x * w).sum(-1), dynamic=False)   # what decompose_mm_pass makes of F.linear
+
+    def timed(fn):
+        def run():
+            with torch.inference_mode():
+                _sync(xs[0])
+                t = time.perf_counter()
+                for x, w in zip(xs, weights):
+                    fn(x, w)
+                _sync(xs[0])
+                return time.perf_counter() - t
+        return run
+
+    ways = {"read": timed(lambda x, w: w.sum()), "linear": timed(torch.nn.functional.linear), "compiled": timed(fused)}
+    times = interleaved(ways, rounds=repeats, warmup=1)
+    out: dict = {"bytes": total, "matrices": len(weights)}
+    for way, ts in times.items():
+        st = stats(ts)
+        out[way] = {"seconds": st, "bytes_per_s": total / st["median"]}
+    return out
+
+
+def _generate_seconds(model, input_ids: torch.Tensor, new_tokens: int, pad_token_id: int | None,
+                      extra: Mapping | None = None) -> float:
     with torch.inference_mode():
         _sync(input_ids)
         t = time.perf_counter()
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_token_id)
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_token_id,
+                             **(extra or {}))
         _sync(input_ids)
         dt = time.perf_counter() - t
     assert out.shape[1] == input_ids.shape[1] + new_tokens
@@ -108,7 +193,8 @@ def time_forward(model, input_ids: torch.Tensor, repeats: int = 5, warmup: int =
 
 def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.Tensor,
             decode_prompt: str | torch.Tensor, new_tokens: int = 16, repeats: int = 3, reference: str | None = None,
-            progress: Callable | None = None, mpo_mode: str | None = None, rotate: bool = False) -> dict:
+            progress: Callable | None = None, mpo_mode: str | None = None, rotate: bool = False,
+            decode: str | Mapping[str, str] = "eager") -> dict:
     """Prefill and decode tokens/s of several models, measured round-robin in this process.
 
     ``decode_prompt`` is text (tokenized with ``tokenizer``) or token ids of shape ``(1, n)``;
@@ -124,6 +210,10 @@ def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.
     and ``out[name]["mpo_mode"]`` the layers' state after timing (:func:`compactify.mpo_layer.mode_summary`:
     paths chosen per bucket of tokens, bytes of cached matrices). ``rotate``: each counted round
     starts one model later (:func:`interleaved`), recorded in ``out["_setup"]["order"]``.
+    ``decode``: the decode runtime (:func:`generate_kwargs`: ``eager`` or ``compiled``), for all
+    models or per name (a mapping; missing names are eager), in ``out["_setup"]["decode"]``; the
+    compilation happens in the warm-up round, which is not counted. One model object may appear
+    under two names with two runtimes, timed side by side.
     """
     if new_tokens < 2:  # decode rate = (k - 1) / (t_k - t_1): one new token is the prompt's cost only
         raise ValueError(f"new_tokens must be at least 2 to separate decoding from the prompt, not {new_tokens}.")
@@ -140,7 +230,7 @@ def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.
             for n in mpo:
                 stack.enter_context(inference_mode_set(models[n], mpo_mode))
             out = compare(models, tokenizer, prompt_ids, decode_prompt, new_tokens, repeats, reference, progress,
-                          rotate=rotate)
+                          rotate=rotate, decode=decode)
             for n in mpo:
                 out[n]["mpo_mode"] = mode_summary(models[n])
         out["_setup"]["mpo_mode"] = mpo_mode
@@ -154,14 +244,19 @@ def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.
     pad = 0 if tokenizer is None else tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else tokenizer.eos_token_id
 
-    def one_round(m) -> tuple[float, float]:  # prefill tokens/s; decode tokens/s of the new tokens after the first
+    cache_len = dec_ids.shape[1] + new_tokens  # one static cache size for both calls: one compiled graph
+    runtimes = {n: decode if isinstance(decode, str) else decode.get(n, "eager") for n in names}
+    extra = {n: generate_kwargs(models[n], runtimes[n], cache_len) for n in names}
+
+    def one_round(m, extra) -> tuple[float, float]:  # prefill tokens/s; decode tokens/s of the tokens after the first
         prefill = prompt_ids.numel() / _forward_seconds(m, prompt_ids)
-        one = _generate_seconds(m, dec_ids, 1, pad)
-        many = _generate_seconds(m, dec_ids, new_tokens, pad)
+        one = _generate_seconds(m, dec_ids, 1, pad, extra)
+        many = _generate_seconds(m, dec_ids, new_tokens, pad, extra)
         return prefill, (new_tokens - 1) / max(many - one, 1e-9)
 
     # the warm-up round (not counted): first calls allocate, repack 4-bit weights, build caches
-    rounds = interleaved({n: functools.partial(one_round, models[n].eval()) for n in names}, repeats, progress=progress,
+    rounds = interleaved({n: functools.partial(one_round, models[n].eval(), extra[n]) for n in names}, repeats,
+                         progress=progress,
                          rotate=rotate)
     pre = {n: [r[0] for r in v] for n, v in rounds.items()}
     dec = {n: [r[1] for r in v] for n, v in rounds.items()}
@@ -173,7 +268,7 @@ def compare(models: Mapping[str, torch.nn.Module], tokenizer, prompt_ids: torch.
             out[n][f"{k}_ratio_rounds"] = stats([a / b for a, b in zip(rates[n], rates[reference])])
     out["_setup"] = {"reference": reference, "prefill_tokens": int(prompt_ids.numel()),
                      "decode_prompt_tokens": int(dec_ids.shape[1]), "new_tokens": new_tokens, "repeats": repeats,
-                     "threads": torch.get_num_threads(), "mpo_mode": None,
+                     "threads": torch.get_num_threads(), "mpo_mode": None, "decode": runtimes,
                      "order": "rotated (each counted round starts one model later)" if rotate else "fixed"}
     return out
 

@@ -62,6 +62,7 @@ benchmarks: data
 	$(PY) benchmarks/mpo_modes.py --repeats 5
 	$(PY) benchmarks/heal_speed.py --steps 3
 	$(PY) benchmarks/roofline.py
+	$(PY) benchmarks/decode_compiled.py
 	$(PY) benchmarks/scale.py --device cpu --dtype bfloat16 --scale 0.25 --blocks 4 --repeats 5 --heal-steps 3 --out data/results/scale/cpu_scaled.json
 	$(PY) benchmarks/scale.py --device cpu --dtype bfloat16 --scale 0.25 --blocks 4 --repeats 5 --heal-steps 3 --materialize-from none --out data/results/scale/cpu_scaled_factored.json
 

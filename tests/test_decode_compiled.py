@@ -53,3 +53,56 @@ def test_gemv_probe_counts_the_bytes_it_streams_and_times_three_kernels():
         assert out[way]["bytes_per_s"] == pytest.approx(out["bytes"] / out[way]["seconds"]["median"])
     with pytest.raises(ValueError, match="matrices"):
         speed.gemv_probe([torch.randn(3)])
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_compiled.py"
+    spec = importlib.util.spec_from_file_location("decode_compiled_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bytes_fit_recovers_fixed_cost_and_bandwidth_from_dense_and_svd_only():
+    bench = _bench()
+
+    def rec(nbytes, ms):
+        return {"decode_cost": {"bytes_per_token": nbytes},
+                "by_threads": {"1": {"compiled": {"decode": {"median": 1e3 / ms}}}}}
+    # 5 ms per token + bytes at 20 GB/s; the MPO point is far off the line and must not count
+    formats = {"fp32": rec(5e8, 5 + 25), "bf16": rec(2.5e8, 5 + 12.5), "svd-50": rec(3e8, 5 + 15),
+               "mpo3-50": rec(3e8, 200)}
+    fit = bench.bytes_fit(formats, "1", "compiled")
+    assert fit["formats"] == ["fp32", "bf16", "svd-50"]
+    assert fit["fixed_ms_per_token"] == pytest.approx(5) and fit["bytes_per_s"] == pytest.approx(2e10)
+    assert bench.bytes_fit({k: formats[k] for k in ("fp32", "mpo3-50")}, "1", "compiled") is None
+
+
+def test_benchmark_refuses_unknown_and_bitsandbytes_formats_and_always_times_dense():
+    bench = _bench()
+    with pytest.raises(SystemExit):
+        bench.parse(["--formats", "svd-45"])
+    with pytest.raises(SystemExit):
+        bench.parse(["--formats", "nf4"])
+    args = bench.parse(["--quick", "--formats", "svd-30"])
+    assert args.formats == ["fp32", "svd-30"] and args.threads == [1] and args.repeats == 3
+
+
+def test_cost_as_executed_counts_the_cached_matrix_of_contracted_and_auto_layers():
+    from compactify import roofline as R
+    from compactify.mpo_modes import set_inference_mode
+    from compactify.tensorize import Plan, tensorize
+
+    dense = R.decode_cost(tiny_llama(**SHAPE), 8).parts["blocks"]
+    model = tensorize(tiny_llama(**SHAPE), Plan.uniform(1, target_ratio=0.5, cores=3), errors=False)
+    stored = R.decode_cost(model, 8)
+    assert stored.parts["blocks"]["bytes"] < dense["bytes"] and stored.parts["blocks"]["flops"] != dense["flops"]
+    assert R.decode_cost(model, 8, executed=True).parts == stored.parts      # factored: as stored
+    set_inference_mode(model, "contracted")                                  # every W cached: read like dense
+    assert R.decode_cost(model, 8, executed=True).parts["blocks"] == dense
+    assert R.decode_cost(model, 8).parts == stored.parts                     # the format's own cost is unchanged
+    set_inference_mode(model, "auto")                                        # nothing decided yet: as stored
+    assert R.decode_cost(model, 8, executed=True).parts == stored.parts

@@ -165,7 +165,39 @@ def speed(r: Path) -> str:
     return text
 
 
-BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline, "baseline": baseline, "claims": claims,
+def decode_compiled(r: Path) -> str:
+    """benchmarks/decode_compiled.py: the GEMV probe, eager vs compiled decode per format, the bytes fit."""
+    d = _j(Path(r) / "benchmarks", "decode_compiled.json")
+    if d is None:
+        return "(benchmarks/decode_compiled.py has not been published: make benchmarks)"
+    st, f = d["settings"], d["formats"]
+    rows = [f"Measured on {footer(d['meta'])}; {st['repeats']} round-robin rounds (rotated), {st['new_tokens']} new "
+            f"tokens after a {st['decode_prompt_tokens']}-token prompt, MPO layers in {st['mpo_mode']} mode.", ""]
+    for t in (str(x) for x in st["threads"]):
+        p, c = d["gemv_probe"][t], d["ceilings"][t]["bandwidth_roof"]["bytes_per_s"]
+        rows.append(f"**{t} thread{'s' * (t != '1')}.** Streaming the dense model's {p['matrices']} matrices once "
+                    f"({p['bytes'] / 1e6:.0f} MB), one token each: plain read {p['read']['bytes_per_s'] / 1e9:.1f} GB/s, "
+                    f"torch linear (MKL GEMV) {p['linear']['bytes_per_s'] / 1e9:.1f}, compiled multiply-sum "
+                    f"{p['compiled']['bytes_per_s'] / 1e9:.1f} (triad {c / 1e9:.1f}).")
+        fits = [f"{rt}: {v['fixed_ms_per_token']:.1f} ms per token + bytes at {v['bytes_per_s'] / 1e9:.1f} GB/s"
+                for rt, v in d.get("bytes_fit", {}).get(t, {}).items() if v]
+        if fits:
+            rows.append(f"Time per token against bytes per token (dense and SVD): {'; '.join(fits)}.")
+        rows += ["", "| format | bound tok/s | eager tok/s (% of bound) | compiled tok/s (% of bound) | eager x dense eager "
+                 "(IQR of rounds) | compiled x dense compiled (IQR) | compiled x dense eager |", "|---|---|---|---|---|---|---|"]
+        for rec in f.values():
+            b = rec["by_threads"][t]
+            e, k = b["eager"], b["compiled"]
+            rows.append(f"| {rec['label']} | {b['bound']['tokens_per_s']:.1f} | {e['decode']['median']:.1f} "
+                        f"({100 * e['fraction_of_bound']:.0f}%) | {k['decode']['median']:.1f} ({100 * k['fraction_of_bound']:.0f}%) | "
+                        f"{e['ratio_to_fp32_same_runtime']['median']:.2f}{_iqr(e['ratio_to_fp32_same_runtime'])} | "
+                        f"{k['ratio_to_fp32_same_runtime']['median']:.2f}{_iqr(k['ratio_to_fp32_same_runtime'])} | "
+                        f"{k['ratio_to_fp32_eager']['median']:.2f} |")
+        rows.append("")
+    return "\n".join(rows).rstrip()
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {"decode_compiled": decode_compiled, "headline": headline, "baseline": baseline, "claims": claims,
                                             "frontier": frontier, "speed": speed, "recovery": recovery,
                                             "healed_frontier": healed_frontier, "loss_study": loss_study,
                                             **{n: partial(long_run_block, n) for n in LONG_RUNS},

@@ -15,6 +15,7 @@ from . import figures as F
 from . import paper as P
 from .aa_init import label
 from .results import ResultFileError, read_json
+from .speed_claims import compiled_note, roofline_note
 from .run import PRODUCERS, RunInputError
 
 # PRODUCERS (result file -> the notebook that writes it) lives in compactify.run.
@@ -245,23 +246,6 @@ def _ratio_iqr(v: dict) -> str:
     return f"{v['decode_ratio']:.2f}x" + (f" (IQR {r['q1']:.2f}-{r['q3']:.2f})" if r else "")
 
 
-def _roofline_note(results_dir: Path) -> dict:
-    """What benchmarks/roofline.json says of the factored 3-core MPO at 30% kept and of NF4 (2 threads)."""
-    p = Path(results_dir) / "benchmarks" / "roofline.json"
-    if not p.is_file():
-        return {}
-    f = read_json(p)["formats"]
-    out = {}
-    for key, name, why in (("mpo", "mpo3-30", "factored: its FLOPs, not its bytes, bound it"),
-                           ("nf4", "nf4", "bitsandbytes' CPU path writes a dense copy of each weight per call")):
-        t = f.get(name, {}).get("by_threads", {}).get("2")
-        if t:
-            out[key] = (f"; roofline (benchmarks/roofline.json, 2 threads): {f[name]['label']} decodes at "
-                        f"{t['decode_ratio_to_fp32']:.2f}x dense fp32, {100 * t['decode_fraction_of_bound']:.0f}% of its "
-                        f"bound ({why})")
-    return out
-
-
 def claims(results_dir: Path) -> list[dict]:
     """The paper's headline claims beside our measurements, with a verdict each."""
     def get(name):
@@ -298,10 +282,10 @@ def claims(results_dir: Path) -> list[dict]:
                      "not reproduced (the tied embedding, 21% of SmolLM2, stays 16-bit)"})
         rows += accuracy_claims(ev)
         sp = ev["speed"]
-        roof = _roofline_note(results_dir)
+        roof = roofline_note(results_dir)
         rows.append({"claim": "inference >25% faster (tensorized)", "paper": f"time <= {P.inference_time('88%')} of original",
                      "ours": f"decode {_ratio_iqr(sp['88%'])}, prefill {sp['88%']['prefill_ratio']:.2f}x the original's "
-                             f"tokens/s (CPU, MPO layers in auto mode){roof.get('mpo', '')}",
+                             f"tokens/s (CPU, MPO layers in auto mode){roof.get('mpo', '')}{compiled_note(results_dir)}",
                      "at_scale": f"MPO decode {sc['ratios']['decode']:.2f}x dense ({where})" if sc else "",
                      "verdict": "reproduced" if sp["88%"]["decode_ratio"] >= P.speed_ratio("88%") else "not reproduced on this CPU"})
         rows.append({"claim": "4-bit 13% slower", "paper": f"time {P.inference_time('4-bit')} of original",

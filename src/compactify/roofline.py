@@ -115,9 +115,13 @@ def _materialize_flops(layer: MPOLinear) -> int:
     return flops
 
 
-def _mpo_cost(m: MPOLinear, tokens: int, act: int) -> tuple[int, int]:
+def _mpo_cost(m: MPOLinear, tokens: int, act: int, executed: bool = False) -> tuple[int, int]:
     el = m.cores[0].element_size()
     bias = m.bias.numel() * m.bias.element_size() if m.bias is not None else 0
+    if executed and (m.mode == "contracted" or (m.mode == "auto" and m.auto_decisions.get(m.bucket(tokens), {})
+                                                .get("path") == "contracted")):   # the cached W, read like a dense layer
+        dense = m.in_features * m.out_features
+        return el * dense + bias + act * tokens * (m.in_features + m.out_features), 2 * tokens * dense
     if not m.materializes(tokens):
         return m.bytes(tokens) + bias, m.flops(tokens)
     dense = m.in_features * m.out_features
@@ -125,8 +129,11 @@ def _mpo_cost(m: MPOLinear, tokens: int, act: int) -> tuple[int, int]:
             _materialize_flops(m) + 2 * tokens * dense)
 
 
-def cost(model: nn.Module, tokens: int = 1, context_tokens: int | None = None, dequantized: bool = False) -> Cost:
+def cost(model: nn.Module, tokens: int = 1, context_tokens: int | None = None, dequantized: bool = False,
+         executed: bool = False) -> Cost:
     """Bytes and FLOPs of a forward pass over ``tokens`` new tokens (see the module docstring).
+    ``executed``: MPO layers as their inference mode runs them (``contracted``, or ``auto``'s
+    recorded decision for this many tokens: the cached dense ``W``), not as stored (factored).
 
     ``tokens=1`` with ``context_tokens`` positions in the KV cache (the new one included) is one
     decode step; ``tokens=n`` with ``context_tokens=None`` is a causal prefill of ``n`` tokens.
@@ -147,7 +154,7 @@ def cost(model: nn.Module, tokens: int = 1, context_tokens: int | None = None, d
     for name, m in model.named_modules():
         part = "lm_head" if m is head else "blocks" if re.search(r"(^|\.)layers\.\d+\.", name) else "other"
         if isinstance(m, MPOLinear):
-            out.add(part, *_mpo_cost(m, tokens, act))
+            out.add(part, *_mpo_cost(m, tokens, act, executed))
         elif _is_bnb(m) and isinstance(m, nn.Linear):
             extra = 2 * m.in_features * m.out_features * act if dequantized else 0
             out.add(part, model_size(m)["bytes"] + extra + act * tokens * (m.in_features + m.out_features),
@@ -176,9 +183,9 @@ def cost(model: nn.Module, tokens: int = 1, context_tokens: int | None = None, d
     return out
 
 
-def decode_cost(model: nn.Module, context_tokens: int = 128, dequantized: bool = False) -> Cost:
+def decode_cost(model: nn.Module, context_tokens: int = 128, dequantized: bool = False, executed: bool = False) -> Cost:
     """Bytes and FLOPs of one decoded token attending to ``context_tokens`` cached positions."""
-    return cost(model, 1, context_tokens, dequantized)
+    return cost(model, 1, context_tokens, dequantized, executed)
 
 
 def prefill_cost(model: nn.Module, tokens: int, dequantized: bool = False) -> Cost:

@@ -92,7 +92,7 @@ def _decompose_gemv(largest: int) -> None:
     into a fused multiply-and-sum (its ``decompose_mm_pass``). Why: at batch 1 each weight matrix
     is used in a matrix-vector product, and the BLAS that torch's CPU wheels call (MKL, here on an
     AMD CPU) streams a matrix at less than half the rate a plain read reaches
-    (``benchmarks/roofline.py``'s ``gemv`` probe); inductor's generated reduction reads at nearly
+    (:func:`gemv_probe`, ``benchmarks/decode_compiled.py``); inductor's generated reduction reads at nearly
     the full rate. The pass reads its CPU size limit from module globals set when it is imported,
     so the limit is raised there; a torch without them is refused with a clear error."""
     from torch._inductor.fx_passes import decompose_mem_bound_mm as pass_

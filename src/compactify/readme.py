@@ -172,7 +172,8 @@ def decode_compiled(r: Path) -> str:
         return "(benchmarks/decode_compiled.py has not been published: make benchmarks)"
     st, f = d["settings"], d["formats"]
     rows = [f"Measured on {footer(d['meta'])}; {st['repeats']} round-robin rounds (rotated), {st['new_tokens']} new "
-            f"tokens after a {st['decode_prompt_tokens']}-token prompt, MPO layers in {st['mpo_mode']} mode.", ""]
+            f"tokens after a {st['decode_prompt_tokens']}-token prompt, MPO layers in {st['mpo_mode']} mode, "
+            f"OMP_WAIT_POLICY={st.get('omp_wait_policy')}.", ""]
     for t in (str(x) for x in st["threads"]):
         p, c = d["gemv_probe"][t], d["ceilings"][t]["bandwidth_roof"]["bytes_per_s"]
         rows.append(f"**{t} thread{'s' * (t != '1')}.** Streaming the dense model's {p['matrices']} matrices once "

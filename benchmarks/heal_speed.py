@@ -131,6 +131,9 @@ def main(argv=None) -> None:
     ap.add_argument("--activation-checkpointing", type=int, default=None, choices=(0, 1),
                     help="1: every model recomputes activations (default: the config's heal.activation_checkpointing)")
     ap.add_argument("--skip-quantized", action="store_true")
+    ap.add_argument("--compile-loss", choices=("0", "1", "both"), default="0",
+                    help="heal.compile_loss for every run (0/1), or both: each model also healed with the loss "
+                         "compiled ('<name>+compiled_loss'), alternating, and the speed-up recorded")
     args = ap.parse_args(argv)
 
     given = {"heal.nproc": args.nproc, "heal.activation_checkpointing": None if args.activation_checkpointing is None
@@ -150,6 +153,9 @@ def main(argv=None) -> None:
     models = {"original": original, "tensorized": str(tensorized), **({"lowrank": args.lowrank} if args.lowrank else {})}
     if args.lowrank:
         compression["lowrank"] = described(Path(args.lowrank))["plan"]
+    plain = list(models)
+    if args.compile_loss == "both":
+        models.update({f"{n}+compiled_loss": models[n] for n in plain})
     load = {"before": os.getloadavg()}
     runs: dict[str, dict] = {loss: {name: [] for name in models} for loss in args.losses}
     for rnd in range(args.rounds):
@@ -158,7 +164,9 @@ def main(argv=None) -> None:
                 out = work / f"{name}_{loss}_r{rnd}"
                 shutil.rmtree(out, ignore_errors=True)
                 print(f"== {name}, loss {loss} (round {rnd + 1}/{args.rounds}): {ref}", flush=True)
-                runs[loss][name].append(summarize(launch(ref, out, heal_overrides(cfg, {"heal.loss": loss}), nproc=args.nproc)))
+                fused = args.compile_loss == "1" or name.endswith("+compiled_loss")
+                over = heal_overrides(cfg, {"heal.loss": loss, "heal.compile_loss": fused})
+                runs[loss][name].append(summarize(launch(ref, out, over, nproc=args.nproc)))
                 shutil.rmtree(out, ignore_errors=True)  # checkpoints (~3x the model) and the healed model: not needed
     load["after"] = os.getloadavg()
 
@@ -180,6 +188,9 @@ def main(argv=None) -> None:
                 med(loss, "lowrank", "tokens_per_s_steady") / med(loss, "original", "tokens_per_s_steady"))
             ratios[loss]["lowrank_over_tensorized_tokens_per_s_steady"] = (
                 med(loss, "lowrank", "tokens_per_s_steady") / med(loss, "tensorized", "tokens_per_s_steady"))
+        if args.compile_loss == "both":
+            ratios[loss]["compiled_loss_speedup_tokens_per_s_steady"] = {
+                n: med(loss, f"{n}+compiled_loss", "tokens_per_s_steady") / med(loss, n, "tokens_per_s_steady") for n in plain}
     tokens_per_s = {loss: {name: med(loss, name, "tokens_per_s_steady") for name in models} for loss in args.losses}
     quantized = [] if args.skip_quantized else [quantized_trainability(models["original"], b, hc.trainable)
                                                 for b in (8, 4)]
@@ -187,7 +198,7 @@ def main(argv=None) -> None:
             "paper_claim": "tensorized models heal ~2x faster (Fig. 3, 8x A10G)",
             "models": models, "compression": compression, "steps": args.steps, "rounds": args.rounds, "nproc": args.nproc,
             "tokens_per_step": hc.seq_len * hc.batch_per_rank * args.nproc, "trainable": hc.trainable,
-            "activation_checkpointing": hc.activation_checkpointing,
+            "activation_checkpointing": hc.activation_checkpointing, "compile_loss": args.compile_loss,
             "losses": args.losses, "load_average": load, "tokens_per_s_steady": tokens_per_s, "runs": runs,
             "ratios": ratios, "quantized": quantized}
     save_results(args.out, data, cfg, device="cpu")

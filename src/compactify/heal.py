@@ -113,20 +113,33 @@ def _teacher_for(hc, model, tok, data, sampler_rows, out_dir: Path, device, rank
     return None, TopKTeacher(path, data, sampler_rows, model.config.vocab_size)
 
 
-def _losses(model, batch, rows, hc, teacher, topk, autocast) -> tuple[torch.Tensor, float, float | None]:
-    """The training loss of one batch (heal.loss), with its next-token and KD parts for the curve."""
+def loss_terms(logits, targets, teacher_logits=None, topk_vals=None, topk_idx=None, temperature: float = 1.0):
+    """Next-token cross-entropy of ``logits`` against ``targets`` and, given a teacher (full logits or
+    top-k values and ids), the KD term: ``(lm, kd or None)``. ``heal.compile_loss`` runs this through
+    ``torch.compile``: over SmolLM2's 49,152-token vocabulary the eager log-softmaxes, KL and their
+    backward pass over a 4 x 255-token batch took 1.08 s on this CPU, compiled (fused) 0.26 s."""
     import torch.nn.functional as F
 
+    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    if teacher_logits is not None:
+        return lm, kd_loss(logits, teacher_logits, temperature=temperature)
+    if topk_vals is not None:
+        return lm, kd_loss(logits, topk=(topk_vals, topk_idx), temperature=temperature)
+    return lm, None
+
+
+def _losses(model, batch, rows, hc, teacher, topk, autocast, terms=loss_terms) -> tuple[torch.Tensor, float, float | None]:
+    """The training loss of one batch (heal.loss), with its next-token and KD parts for the curve."""
     with autocast:
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
-        kd = None
+        n = logits.shape[1]
         if teacher is not None:
-            kd = kd_loss(logits, teacher_logits(teacher, batch)[:, :-1], temperature=hc.kd_temperature)
+            lm, kd = terms(logits, batch[:, 1:], teacher_logits(teacher, batch)[:, :-1], temperature=hc.kd_temperature)
         elif topk is not None:
             vals, idx = topk.lookup(rows, batch.device)
-            kd = kd_loss(logits, topk=(vals[:, : logits.shape[1]], idx[:, : logits.shape[1]]),
-                         temperature=hc.kd_temperature)
+            lm, kd = terms(logits, batch[:, 1:], None, vals[:, :n], idx[:, :n], temperature=hc.kd_temperature)
+        else:
+            lm, kd = terms(logits, batch[:, 1:])
     loss = lm if kd is None else kd if hc.loss == "kd" else (1 - hc.kd_weight) * lm + hc.kd_weight * kd
     return loss, lm.detach(), None if kd is None else kd.detach()
 
@@ -191,6 +204,7 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
         end = total if hc.stop_after is None else min(total, hc.stop_after)
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if mode == "autocast-bf16"
                     else contextlib.nullcontext())
+        terms = torch.compile(loss_terms, dynamic=False) if hc.compile_loss else loss_terms
         bar = tqdm(total=plan["tokens"], initial=start * tps, unit="tok", unit_scale=True, desc=f"heal ({hc.loss})",
                    disable=rank != 0, mininterval=2.0, file=sys.stderr)
         seconds, texts = 0.0, heldout_ids_for(tok, cfg) if hc.eval_every else {}
@@ -209,7 +223,7 @@ def train(model_dir, out_dir, cfg: dict) -> dict | None:
                 group["lr"] = lr
             rows = sampler.indices(sampler.position)
             batch = sampler.next_batch(data).to(device)
-            loss, lm, kd = _losses(model, batch, rows, hc, teacher, topk, autocast)
+            loss, lm, kd = _losses(model, batch, rows, hc, teacher, topk, autocast, terms)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, hc.grad_clip)
             optim.step()

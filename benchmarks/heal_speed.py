@@ -203,7 +203,8 @@ def main(argv=None) -> None:
             "ratios": ratios, "quantized": quantized}
     save_results(args.out, data, cfg, device="cpu")
     for loss in args.losses:
-        print(loss, {k: round(v, 1) for k, v in tokens_per_s[loss].items()}, {k: round(v, 3) for k, v in ratios[loss].items()})
+        print(loss, {k: round(v, 1) for k, v in tokens_per_s[loss].items()},
+              {k: round(v, 3) if isinstance(v, float) else {n: round(x, 3) for n, x in v.items()} for k, v in ratios[loss].items()})
     print(f"wrote {args.out}")
 
 

@@ -61,6 +61,7 @@ benchmarks: data
 	$(PY) benchmarks/materialize.py
 	$(PY) benchmarks/mpo_modes.py --repeats 5
 	$(PY) benchmarks/heal_speed.py --steps 3
+	$(PY) benchmarks/loss_speed.py
 	$(PY) benchmarks/roofline.py
 	$(PY) benchmarks/decode_compiled.py
 	$(PY) benchmarks/scale.py --device cpu --dtype bfloat16 --scale 0.25 --blocks 4 --repeats 5 --heal-steps 3 --out data/results/scale/cpu_scaled.json

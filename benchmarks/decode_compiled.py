@@ -101,7 +101,10 @@ def measure(args) -> dict:
     ctx = dec_ids.shape[1] + args.new_tokens // 2 + 1   # average position of the timed decode steps
     formats = {n: {"label": label(n), "spec": R.parse_format(n), **records[n],
                    "compute_dtype": "bfloat16" if n == "bf16" else "float32",
-                   "decode_cost": R.decode_cost(models[n], ctx).to_dict(), "by_threads": {}} for n in models}
+                   "by_threads": {}} for n in models}
+    costs = {n: R.decode_cost(m, ctx) for n, m in models.items()}   # as stored; MPO again per pass, as executed
+    for n, c in costs.items():
+        formats[n]["decode_cost"] = c.to_dict()
     dense_mats = [m.weight for m in base.modules() if isinstance(m, torch.nn.Linear)]
     probes, setups, fits = {}, {}, {}
     for t in args.threads:
@@ -121,7 +124,7 @@ def measure(args) -> dict:
         setups[str(t)] = s.pop("_setup")
         c = ceil[str(t)]
         for n, f in formats.items():
-            cost = _cost(f["decode_cost"])
+            cost = costs[n]
             if R.parse_format(n)["kind"] == "mpo":   # auto's layers that chose the cached W read dense bytes
                 cost = R.decode_cost(models[n], ctx, executed=True)
                 f.setdefault("decode_cost_as_executed", {})[str(t)] = cost.to_dict()
@@ -154,13 +157,6 @@ def measure(args) -> dict:
                 "compiled": "transformers generate(cache_implementation='static', compile_config=CompileConfig(dynamic="
                             "False, options={'post_grad_fusion_options': {'decompose_mm_pass': {}}})); first call compiles"}
     return {"settings": settings, "ceilings": ceil, "gemv_probe": probes, "bytes_fit": fits, "formats": formats}
-
-
-def _cost(d: dict) -> R.Cost:
-    c = R.Cost(1, d["context_tokens"])
-    for k, v in d["parts_per_token"].items():
-        c.add(k, v["bytes"], v["flops"])
-    return c
 
 
 def figure(data: dict, path: Path) -> Path:

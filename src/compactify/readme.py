@@ -198,8 +198,9 @@ def decode_compiled(r: Path) -> str:
     return "\n".join(rows).rstrip()
 
 
-BLOCKS: dict[str, Callable[[Path], str]] = {"decode_compiled": decode_compiled, "headline": headline, "baseline": baseline, "claims": claims,
-                                            "frontier": frontier, "speed": speed, "recovery": recovery,
+BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline, "baseline": baseline, "claims": claims,
+                                            "frontier": frontier, "speed": speed, "decode_compiled": decode_compiled,
+                                            "recovery": recovery,
                                             "healed_frontier": healed_frontier, "loss_study": loss_study,
                                             **{n: partial(long_run_block, n) for n in LONG_RUNS},
                                             "long_run_tasks": partial(tasks_block, "long_run_tasks.json"),

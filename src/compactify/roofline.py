@@ -118,13 +118,12 @@ def _materialize_flops(layer: MPOLinear) -> int:
 def _mpo_cost(m: MPOLinear, tokens: int, act: int, executed: bool = False) -> tuple[int, int]:
     el = m.cores[0].element_size()
     bias = m.bias.numel() * m.bias.element_size() if m.bias is not None else 0
+    dense = m.in_features * m.out_features
     if executed and (m.mode == "contracted" or (m.mode == "auto" and m.auto_decisions.get(m.bucket(tokens), {})
                                                 .get("path") == "contracted")):   # the cached W, read like a dense layer
-        dense = m.in_features * m.out_features
         return el * dense + bias + act * tokens * (m.in_features + m.out_features), 2 * tokens * dense
     if not m.materializes(tokens):
         return m.bytes(tokens) + bias, m.flops(tokens)
-    dense = m.in_features * m.out_features
     return (el * (m.num_cores_params + 2 * dense) + bias + act * tokens * (m.in_features + m.out_features),
             _materialize_flops(m) + 2 * tokens * dense)
 

@@ -46,7 +46,7 @@ def _linear(layer, matrix: str):
 
 
 @torch.no_grad()
-def _block0_inputs(model, batches):
+def block0_inputs(model, batches):
     """Per batch: (hidden states, keyword arguments) that block 0 receives (the rest is not run)."""
     layer0, got = blocks(model)[0], []
 
@@ -67,7 +67,7 @@ def _block0_inputs(model, batches):
     return got
 
 
-def _run(layer, hidden, kw):
+def run_block(layer, hidden, kw):
     out = layer(hidden, **kw)
     return out[0] if isinstance(out, tuple) else out
 
@@ -92,7 +92,7 @@ def _moments(dense_layer, comp_layer, dense_in, comp_in, matrices, ridge: float 
         for (xd, kwd), (xc, kwc) in zip(dense_in, comp_in):
             for layer, x, kw in ((dense_layer, xd, kwd), (comp_layer, xc, kwc)):
                 try:
-                    _run(layer, x, kw)
+                    run_block(layer, x, kw)
                 except _Stop:
                     pass
             d, c = cap["d"], cap["c"]
@@ -133,7 +133,7 @@ def sequential_asvd(dense, plan: Plan, ids: torch.Tensor, seq_len: int = 256, ba
     for b, m, _ in plan.items():
         by_block.setdefault(b, []).append(m)
     try:
-        dense_in = _block0_inputs(dense, batches)
+        dense_in = block0_inputs(dense, batches)
         comp_in = [(h.clone(), kw) for h, kw in dense_in]
         layers_d, layers_c = blocks(dense), blocks(model)
         for b in tqdm(range(len(layers_d)), desc="sequential asvd", disable=not progress):
@@ -146,8 +146,8 @@ def sequential_asvd(dense, plan: Plan, ids: torch.Tensor, seq_len: int = 256, ba
                 tensorize(model, sub, init="asvd", stats=stats, calibration=calibration)
                 layers_c = blocks(model)
             with torch.no_grad():
-                dense_in = [(_run(layers_d[b], h, kw), kw) for h, kw in dense_in]
-                comp_in = [(_run(layers_c[b], h, kw), kw) for h, kw in comp_in]
+                dense_in = [(run_block(layers_d[b], h, kw), kw) for h, kw in dense_in]
+                comp_in = [(run_block(layers_c[b], h, kw), kw) for h, kw in comp_in]
     finally:
         dense.train(was_training)
     return model.train(was_training)

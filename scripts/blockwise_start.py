@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Block-wise distillation before healing (:mod:`compactify.blockwise`): does it heal better, per
+token and per second?
+
+For each of notebook 03's two starts (the paper's TT-SVD MPO, ``models/tensorized``, and the
+activation-aware SVD, ``models/tensorized_aa``) of the run in ``run_dir``, this script
+
+1. trains every compressed block alone towards the dense block's outputs on the first
+   ``--tokens`` of the healing data (``--epochs`` passes, peak ``--lr``), and scores the result on
+   the held-out texts, paired with the untrained start (notebook 03's scores, same windows);
+2. heals it with notebook 05's recipe and tokens at that start's notebook 05 rate, paired with
+   notebook 05's healed model (equal healing tokens);
+3. unless ``--no-control``: heals the *untrained* start for the same tokens plus what the
+   block-wise step's seconds would have bought at this healing's measured rate (equal time), and
+   pairs the two.
+
+Writes ``data/results/heal/blockwise_start.json`` (atomic, with the usual meta block).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTS = {"tt_svd": "tensorized", "asvd": "tensorized_aa"}
+
+
+def main(argv=None) -> int:
+    from compactify.blockwise import BlockwiseConfig
+
+    d = BlockwiseConfig()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    ap.add_argument("--starts", nargs="+", choices=list(STARTS), default=["asvd", "tt_svd"])
+    ap.add_argument("--tokens", type=int, default=d.tokens, help="block-wise calibration tokens (healing data)")
+    ap.add_argument("--epochs", type=int, default=d.epochs)
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--no-control", action="store_true", help="skip the equal-time healing of the untrained start")
+    ap.add_argument("--out", default=str(ROOT / "data" / "results" / "heal" / "blockwise_start.json"))
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
+    args = ap.parse_args(argv)
+
+    from compactify import compare as C
+    from compactify import run
+    from compactify.blockwise import distill_blocks
+    from compactify.config import load_config, parse_overrides, run_dir
+    from compactify.heal_data import packed_data
+    from compactify.heal_study import lr_sweep
+    from compactify.models import load_model, save_model_dir
+    from compactify.perplexity import autocast_dtype, heldout_ids_for, heldout_perplexities
+    from compactify.results import read_json, save_results
+    from compactify.tensorize import load_compressed
+
+    cfg = load_config(args.config, parse_overrides(args.set))
+    paths = [run.path(cfg, "tensorize"), run.path(cfg, "heal")]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        sys.exit(f"{', '.join(missing)} missing: run notebooks 03 and 05 with this config first (make reproduce).")
+    t03, t05 = (read_json(p) for p in paths)
+    if "asvd" in args.starts and (t05.get("improved") or {}).get("init") != "asvd":
+        sys.exit(f"The run in {run_dir(cfg)} has no activation-aware SVD start (tensorize.compare_init: asvd): "
+                 "rerun notebooks 03 and 05 with it, or pass --starts tt_svd.")
+    hc, root = cfg["heal"], run_dir(cfg)
+    bw = BlockwiseConfig(tokens=args.tokens, epochs=args.epochs, lr=args.lr, batch_size=int(hc["batch_per_rank"]),
+                         seq_len=int(hc["seq_len"])).check()
+    dense, tok = load_model(cfg["model"], dtype=cfg["dtype"])
+    heldout = heldout_ids_for(tok, cfg)
+    ids = packed_data(tok, hc["data"], bw.seq_len, int(cfg["seed"]))  # the healing text, never held-out
+    amp = autocast_dtype("auto" if hc["mixed_precision"] == "bf16" else None)
+    tokens = int(hc["tokens"])
+    per_step = int(hc["batch_per_rank"]) * bw.seq_len * int(hc["nproc"])
+    out = {"notebook_05_tokens": tokens, "blockwise": vars(bw) | {"autocast": str(amp)}, "starts": {}}
+    for name in args.starts:
+        sect = "main" if name == "tt_svd" else "improved"
+        before = t03[sect]["evaluation"]["perplexity_texts"]
+        healed_05 = (t05["after"] if name == "tt_svd" else t05["improved"]["after"])["perplexity_texts"]
+        lr = float(hc["lr"]) if name == "tt_svd" else float(t05["improved"]["lr"])
+        start_dir = root / "models" / STARTS[name]
+        model = load_compressed(start_dir)
+        print(f"{name}: block-wise distillation on {bw.tokens:,} tokens x {bw.epochs} epochs, lr {bw.lr:g}", flush=True)
+        rec = distill_blocks(dense, model, ids, bw, autocast=amp, seed=int(cfg["seed"]), progress=True)
+        ppl = heldout_perplexities(model, tok, heldout, cfg)
+        bw_dir = root / "models" / f"{STARTS[name]}_bw"
+        save_model_dir(model, tok, bw_dir)
+        del model
+        r = {"start": str(start_dir), "lr": lr, "distill": rec, "perplexity": ppl,
+             "vs_start": {t: C.compare_nll(before[t], ppl[t], name, f"{name}+blockwise") for t in ppl}}
+        print(f"  {rec['seconds']:.0f} s: " + ", ".join(f"{t} {before[t]['ppl']:,.1f} -> {p['ppl']:,.1f}"
+                                                      for t, p in ppl.items()), flush=True)
+        work = root / "blockwise" / name
+        healed = lr_sweep(bw_dir, work, cfg, [lr], tokens, heldout)
+        run_bw = healed["lrs"][f"{lr:g}"]
+        r["healed"] = run_bw
+        r["vs_notebook_05"] = {t: C.compare_nll(healed_05[t], run_bw["perplexity"][t], f"{name} healed (notebook 05)",
+                                                f"{name}+blockwise healed") for t in run_bw["perplexity"]}
+        if not args.no_control:
+            extra = round(rec["seconds"] * run_bw["tokens_per_s"] / per_step) * per_step
+            ctrl = lr_sweep(start_dir, work / "control", cfg, [lr], tokens + extra, heldout)["lrs"][f"{lr:g}"]
+            r["equal_time_control"] = {"tokens": tokens + extra, "extra_tokens": extra, **ctrl}
+            r["vs_equal_time"] = {t: C.compare_nll(ctrl["perplexity"][t], run_bw["perplexity"][t],
+                                                   f"{name} healed {tokens + extra:,} tokens", f"{name}+blockwise healed")
+                                  for t in run_bw["perplexity"]}
+        out["starts"][name] = r
+        save_results(args.out, out, cfg, device=cfg["device"])  # after each start: a later failure keeps it
+        for label, key in (("notebook 05's healed", "vs_notebook_05"), ("equal time", "vs_equal_time")):
+            for t, p in (r.get(key) or {}).items():
+                print(f"  healed vs {label}: {t} {p['ppl_b']:.1f} = x{p['ppl_ratio']:.3f} "
+                      f"[{p['ppl_ratio_lo']:.3f}, {p['ppl_ratio_hi']:.3f}]", flush=True)
+    print(f"block-wise start: wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

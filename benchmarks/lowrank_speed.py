@@ -84,6 +84,8 @@ def parse(argv):
     ap.add_argument("--new-tokens", type=int, default=None, help="default 32 on cuda, 4 on cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--decode", default="eager", choices=["eager", "compiled", "both"],
+                    help="decode runtime (compactify.speed.generate_kwargs); both: each model in each, side by side")
     ap.add_argument("--out", required=True, help="result JSON path")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -139,24 +141,37 @@ def main(argv=None) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     pre = torch.randint(3, shape["vocab"], (1, args.prefill_tokens), generator=g).to(device)
     dec = torch.randint(3, shape["vocab"], (1, args.prompt_tokens), generator=g).to(device)
-    res = compare(models, None, pre, dec, new_tokens=args.new_tokens, repeats=args.repeats, reference="dense")
-    out = {n: {"prefill_tokens_per_s": res[n]["prefill"], "decode_tokens_per_s": res[n]["decode"],
-               "prefill_ratio_to_dense": res[n]["prefill_ratio"], "decode_ratio_to_dense": res[n]["decode_ratio"],
-               "block_params": params[n], "block_params_ratio": params[n] / params["dense"]} for n in models}
-    fastest = max(("mpo", "lowrank"), key=lambda n: out[n]["decode_ratio_to_dense"])
+    runtimes = ["eager", "compiled"] if args.decode == "both" else [args.decode]
+    timed = {f"{n}@{r}": m for r in runtimes for n, m in models.items()}   # one model object under each runtime
+    res = compare(timed, None, pre, dec, new_tokens=args.new_tokens, repeats=args.repeats, reference="dense@" + runtimes[0],
+                  decode={k: k.split("@")[1] for k in timed}, rotate=True)
+    by_runtime = {}
+    for r in runtimes:
+        ref = res[f"dense@{r}"]
+        by_runtime[r] = {n: {"prefill_tokens_per_s": res[f"{n}@{r}"]["prefill"], "decode_tokens_per_s": res[f"{n}@{r}"]["decode"],
+                             "prefill_ratio_to_dense": res[f"{n}@{r}"]["prefill"]["median"] / ref["prefill"]["median"],
+                             "decode_ratio_to_dense": res[f"{n}@{r}"]["decode"]["median"] / ref["decode"]["median"],
+                             "block_params": params[n], "block_params_ratio": params[n] / params["dense"]} for n in models}
+    out = by_runtime[runtimes[0]]
+    # the target compares formats within one runtime (compressed vs dense, both eager or both compiled)
+    fastest = max(((r, n) for r in runtimes for n in ("mpo", "lowrank")),
+                  key=lambda rn: by_runtime[rn[0]][rn[1]]["decode_ratio_to_dense"])
     result = {"meta": metadata(None, device, seed=args.seed, command=shlex.join(["python", "benchmarks/lowrank_speed.py", *argv]),
                                model=f"LLaMA-2-7B-shaped, random weights {shape}"),
               "what": "prefill/decode tokens/s of dense vs MPO vs low-rank at the same block-parameter budget",
               "config": {"shape": shape, "at_7b_shape": shape == LLAMA2_7B, "dtype": args.dtype, "keep": args.keep,
                          "cores": args.cores, "prefill_tokens": args.prefill_tokens, "prompt_tokens": args.prompt_tokens,
-                         "new_tokens": args.new_tokens, "repeats": args.repeats},
-              "models": out, "fastest_compressed_decode": {"model": fastest,
-                                                           "decode_ratio_to_dense": out[fastest]["decode_ratio_to_dense"]},
-              "how": "compactify.speed.compare, round-robin in one process; random weights (speed does not depend "
-                     "on the values); MPO bonds from chi_for_ratio, low-rank rank from lowrank_rank"}
+                         "new_tokens": args.new_tokens, "repeats": args.repeats, "decode": runtimes},
+              "models": out, "decode_runtimes": by_runtime,
+              "fastest_compressed_decode": {"model": fastest[1], "runtime": fastest[0], "decode_ratio_to_dense":
+                                            by_runtime[fastest[0]][fastest[1]]["decode_ratio_to_dense"]},
+              "how": "compactify.speed.compare, round-robin in one process (rotated order); random weights (speed does "
+                     "not depend on the values); MPO bonds from chi_for_ratio, low-rank rank from lowrank_rank; "
+                     "ratios against dense in the same decode runtime"}
     result["meta"]["device"] = device_info(device)
     write_json(args.out, result)
-    print({n: round(v["decode_ratio_to_dense"], 3) for n, v in out.items()}, f"wrote {args.out}")
+    print({r: {n: round(v["decode_ratio_to_dense"], 3) for n, v in by.items()} for r, by in by_runtime.items()},
+          f"wrote {args.out}")
     return result
 
 

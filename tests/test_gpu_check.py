@@ -3,6 +3,7 @@ records every stage at tiny CPU shapes (the notebook stage skipped: minutes on 2
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,12 +54,12 @@ def test_bad_arguments_are_named(args, problem, capsys):
 
 
 def test_dry_run_records_every_stage(tmp_path):
-    p = _run("--dry-run", "--stages", "scale,lowrank", "--out", str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    p = _run("--dry-run", "--stages", "scale,lowrank,compiled", "--out", str(tmp_path), CUDA_VISIBLE_DEVICES="")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     r = json.loads((tmp_path / "gpu_check.json").read_text())
     assert r["complete"] is True and r["dry_run"] is True and r["device"]["name"] == "cpu (dry run)"
-    assert set(r["stages"]) == {"scale", "lowrank", "roofline", "notebooks"}
-    for name in ("scale", "lowrank"):
+    assert set(r["stages"]) == {"scale", "lowrank", "compiled", "roofline", "notebooks"}
+    for name in ("scale", "lowrank", "compiled"):
         st = r["stages"][name]
         assert st["status"] == "ok", st
         assert Path(st["output"]).is_file() and Path(st["log"]).is_file()
@@ -73,7 +74,12 @@ def test_dry_run_records_every_stage(tmp_path):
     for k, v in t.items():
         assert v["applies"] is False and isinstance(v["met"], bool) and v["measured"] is not None, (k, v)
     assert t["decomposition_s"]["matrices"] == 7  # one block of seven matrices at the tiny shape
-    assert t["decode_ratio"]["format"] in ("mpo", "lowrank")
+    assert re.fullmatch(r"(mpo|lowrank) \((eager|compiled), 1 blocks\)", t["decode_ratio"]["format"]), t["decode_ratio"]
+    # the compiled stage: every model in both decode runtimes, each ratio against dense in its own runtime
+    c = json.loads(Path(r["stages"]["compiled"]["output"]).read_text())
+    assert c["config"]["decode"] == ["eager", "compiled"] and set(c["decode_runtimes"]) == {"eager", "compiled"}
+    for by in c["decode_runtimes"].values():
+        assert set(by) == {"dense", "mpo", "lowrank"} and by["dense"]["decode_ratio_to_dense"] == 1.0
 
 
 def test_roofline_only_if_present(tmp_path, monkeypatch):

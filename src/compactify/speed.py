@@ -111,7 +111,8 @@ def generate_kwargs(model, runtime: str = "eager", max_cache_len: int = 256) -> 
     decoding, a static KV cache of ``max_cache_len`` positions and each decode step's forward
     compiled by ``torch.compile`` (inductor, static shapes; prefill stays eager), which fuses the
     step's ~1,700 small ops and, on a CPU, turns each one-row matmul into a fused multiply-and-sum
-    (:func:`_decompose_gemv`). The first call compiles (about a minute for SmolLM2 on 2 cores);
+    (:func:`_decompose_gemv`); on CUDA it replays the step as CUDA graphs ("reduce-overhead").
+    The first call compiles (about a minute for SmolLM2 on 2 cores);
     later calls of the same shapes reuse it. Greedy tokens are the same as eager's up to float
     rounding (a test checks a tiny model)."""
     if runtime not in DECODE_RUNTIMES:
@@ -125,8 +126,11 @@ def generate_kwargs(model, runtime: str = "eager", max_cache_len: int = 256) -> 
     prepare_compiled(model, tokens=1)   # MPO layers: plan, W or auto's decision made eagerly (batch-1 decoding)
     if next(model.parameters()).device.type == "cpu":
         _decompose_gemv(max(max(p.shape) for p in model.parameters() if p.dim() == 2))
-    config = CompileConfig(mode=None, dynamic=False, fullgraph=False,
-                           options={"post_grad_fusion_options": {"decompose_mm_pass": {}}})
+        config = CompileConfig(mode=None, dynamic=False, fullgraph=False,
+                               options={"post_grad_fusion_options": {"decompose_mm_pass": {}}})
+    else:  # CUDA: cuBLAS's GEMV is fine; what batch-1 decoding loses there is kernel launches, which
+        # "reduce-overhead" (CUDA graphs: the step's kernels replayed as one) removes; transformers' default mode
+        config = CompileConfig(mode="reduce-overhead", dynamic=False, fullgraph=False)
     config._compile_all_devices = True  # transformers compiles decoding on accelerators only unless asked
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # one entry per model
     return {"cache_implementation": "static", "compile_config": config, "max_cache_len": max_cache_len}

@@ -8,11 +8,14 @@ activation-aware SVD, ``models/tensorized_aa``) of the run in ``run_dir``, this 
 1. trains every compressed block alone towards the dense block's outputs on the first
    ``--tokens`` of the healing data (``--epochs`` passes, peak ``--lr``), and scores the result on
    the held-out texts, paired with the untrained start (notebook 03's scores, same windows);
-2. heals it with notebook 05's recipe and tokens at that start's notebook 05 rate, paired with
-   notebook 05's healed model (equal healing tokens);
-3. unless ``--no-control``: heals the *untrained* start for the same tokens plus what the
-   block-wise step's seconds would have bought at this healing's measured rate (equal time), and
-   pairs the two.
+2. heals it with notebook 05's recipe and tokens at each of ``--lrs`` (default: that start's
+   notebook 05 rate), each paired with notebook 05's healed model (equal healing tokens);
+3. unless ``--no-control``: heals the *untrained* start at its notebook 05 rate for the same
+   tokens plus what the block-wise step's seconds would have bought at the best rate's measured
+   speed (equal time), and pairs each healing of the block-wise start with it.
+
+``--reuse`` takes the block-wise start saved by an earlier run (``models/<start>_bw`` with its
+``blockwise.json``) instead of making it again.
 
 Writes ``data/results/heal/blockwise_start.json`` (atomic, with the usual meta block).
 """
@@ -36,6 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=d.tokens, help="block-wise calibration tokens (healing data)")
     ap.add_argument("--epochs", type=int, default=d.epochs)
     ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--lrs", type=float, nargs="+", default=None,
+                    help="peak rates the block-wise start is healed at (default: notebook 05's rate for that start)")
+    ap.add_argument("--reuse", action="store_true", help="reuse models/<start>_bw and its blockwise.json if present")
     ap.add_argument("--no-control", action="store_true", help="skip the equal-time healing of the untrained start")
     ap.add_argument("--out", default=str(ROOT / "data" / "results" / "heal" / "blockwise_start.json"))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
@@ -49,7 +55,7 @@ def main(argv=None) -> int:
     from compactify.heal_study import lr_sweep
     from compactify.models import load_model, save_model_dir
     from compactify.perplexity import autocast_dtype, heldout_ids_for, heldout_perplexities
-    from compactify.results import read_json, save_results
+    from compactify.results import read_json, save_results, write_json
     from compactify.tensorize import load_compressed
 
     cfg = load_config(args.config, parse_overrides(args.set))
@@ -69,6 +75,7 @@ def main(argv=None) -> int:
     ids = packed_data(tok, hc["data"], bw.seq_len, int(cfg["seed"]))  # the healing text, never held-out
     amp = autocast_dtype("auto" if hc["mixed_precision"] == "bf16" else None)
     tokens = int(hc["tokens"])
+    first = next(iter(heldout))   # the primary held-out text: the best rate is judged on it
     per_step = int(hc["batch_per_rank"]) * bw.seq_len * int(hc["nproc"])
     out = {"notebook_05_tokens": tokens, "blockwise": vars(bw) | {"autocast": str(amp)}, "starts": {}}
     for name in args.starts:
@@ -76,37 +83,46 @@ def main(argv=None) -> int:
         before = t03[sect]["evaluation"]["perplexity_texts"]
         healed_05 = (t05["after"] if name == "tt_svd" else t05["improved"]["after"])["perplexity_texts"]
         lr = float(hc["lr"]) if name == "tt_svd" else float(t05["improved"]["lr"])
-        start_dir = root / "models" / STARTS[name]
-        model = load_compressed(start_dir)
-        print(f"{name}: block-wise distillation on {bw.tokens:,} tokens x {bw.epochs} epochs, lr {bw.lr:g}", flush=True)
-        rec = distill_blocks(dense, model, ids, bw, autocast=amp, seed=int(cfg["seed"]), progress=True)
-        ppl = heldout_perplexities(model, tok, heldout, cfg)
-        bw_dir = root / "models" / f"{STARTS[name]}_bw"
-        save_model_dir(model, tok, bw_dir)
-        del model
-        r = {"start": str(start_dir), "lr": lr, "distill": rec, "perplexity": ppl,
+        start_dir, bw_dir = root / "models" / STARTS[name], root / "models" / f"{STARTS[name]}_bw"
+        sidecar = bw_dir / "blockwise.json"   # the distillation's record beside the model it made
+        if args.reuse and sidecar.is_file():
+            saved = read_json(sidecar)
+            rec, ppl = saved["distill"], saved["perplexity"]
+            print(f"{name}: reusing the block-wise start in {bw_dir} ({rec['seconds']:.0f} s when made)", flush=True)
+        else:
+            model = load_compressed(start_dir)
+            print(f"{name}: block-wise distillation on {bw.tokens:,} tokens x {bw.epochs} epochs, lr {bw.lr:g}", flush=True)
+            rec = distill_blocks(dense, model, ids, bw, autocast=amp, seed=int(cfg["seed"]), progress=True)
+            ppl = heldout_perplexities(model, tok, heldout, cfg)
+            save_model_dir(model, tok, bw_dir)
+            write_json(sidecar, {"distill": rec, "perplexity": ppl})
+            del model
+        r = {"start": str(start_dir), "notebook_05_lr": lr, "distill": rec, "perplexity": ppl,
              "vs_start": {t: C.compare_nll(before[t], ppl[t], name, f"{name}+blockwise") for t in ppl}}
         print(f"  {rec['seconds']:.0f} s: " + ", ".join(f"{t} {before[t]['ppl']:,.1f} -> {p['ppl']:,.1f}"
                                                       for t, p in ppl.items()), flush=True)
         work = root / "blockwise" / name
-        healed = lr_sweep(bw_dir, work, cfg, [lr], tokens, heldout)
-        run_bw = healed["lrs"][f"{lr:g}"]
-        r["healed"] = run_bw
-        r["vs_notebook_05"] = {t: C.compare_nll(healed_05[t], run_bw["perplexity"][t], f"{name} healed (notebook 05)",
-                                                f"{name}+blockwise healed") for t in run_bw["perplexity"]}
-        if not args.no_control:
-            extra = round(rec["seconds"] * run_bw["tokens_per_s"] / per_step) * per_step
+        runs = lr_sweep(bw_dir, work, cfg, args.lrs or [lr], tokens, heldout)["lrs"]
+        best = min(runs, key=lambda k: runs[k]["perplexity"][first]["ppl"])
+        r.update(healed=runs, best_lr=float(best))
+        r["vs_notebook_05"] = {k: {t: C.compare_nll(healed_05[t], v["perplexity"][t], f"{name} healed (notebook 05)",
+                                                    f"{name}+blockwise healed at lr {k}") for t in v["perplexity"]}
+                               for k, v in runs.items()}
+        if not args.no_control:  # the plain start at notebook 05's (measured) rate for the same seconds
+            extra = round(rec["seconds"] * runs[best]["tokens_per_s"] / per_step) * per_step
             ctrl = lr_sweep(start_dir, work / "control", cfg, [lr], tokens + extra, heldout)["lrs"][f"{lr:g}"]
-            r["equal_time_control"] = {"tokens": tokens + extra, "extra_tokens": extra, **ctrl}
-            r["vs_equal_time"] = {t: C.compare_nll(ctrl["perplexity"][t], run_bw["perplexity"][t],
-                                                   f"{name} healed {tokens + extra:,} tokens", f"{name}+blockwise healed")
-                                  for t in run_bw["perplexity"]}
+            r["equal_time_control"] = {"tokens": tokens + extra, "extra_tokens": extra, "lr": lr, **ctrl}
+            r["vs_equal_time"] = {k: {t: C.compare_nll(ctrl["perplexity"][t], v["perplexity"][t],
+                                                       f"{name} healed {tokens + extra:,} tokens",
+                                                       f"{name}+blockwise healed at lr {k}") for t in v["perplexity"]}
+                                  for k, v in runs.items()}
         out["starts"][name] = r
         save_results(args.out, out, cfg, device=cfg["device"])  # after each start: a later failure keeps it
         for label, key in (("notebook 05's healed", "vs_notebook_05"), ("equal time", "vs_equal_time")):
-            for t, p in (r.get(key) or {}).items():
-                print(f"  healed vs {label}: {t} {p['ppl_b']:.1f} = x{p['ppl_ratio']:.3f} "
-                      f"[{p['ppl_ratio_lo']:.3f}, {p['ppl_ratio_hi']:.3f}]", flush=True)
+            for k, by_text in (r.get(key) or {}).items():
+                for t, p in by_text.items():
+                    print(f"  lr {k}, healed vs {label}: {t} {p['ppl_b']:.1f} = x{p['ppl_ratio']:.3f} "
+                          f"[{p['ppl_ratio_lo']:.3f}, {p['ppl_ratio_hi']:.3f}]", flush=True)
     print(f"block-wise start: wrote {args.out}")
     return 0
 

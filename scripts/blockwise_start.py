@@ -48,22 +48,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from compactify import compare as C
-    from compactify import run
     from compactify.blockwise import distill_blocks
     from compactify.config import load_config, parse_overrides, run_dir
     from compactify.heal_data import packed_data
-    from compactify.heal_study import lr_sweep
+    from compactify.heal_study import lr_sweep, notebook_03_05
     from compactify.models import load_model, save_model_dir
     from compactify.perplexity import autocast_dtype, heldout_ids_for, heldout_perplexities
     from compactify.results import read_json, save_results, write_json
     from compactify.tensorize import load_compressed
 
     cfg = load_config(args.config, parse_overrides(args.set))
-    paths = [run.path(cfg, "tensorize"), run.path(cfg, "heal")]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        sys.exit(f"{', '.join(missing)} missing: run notebooks 03 and 05 with this config first (make reproduce).")
-    t03, t05 = (read_json(p) for p in paths)
+    t03, t05 = notebook_03_05(cfg)
     if "asvd" in args.starts and (t05.get("improved") or {}).get("init") != "asvd":
         sys.exit(f"The run in {run_dir(cfg)} has no activation-aware SVD start (tensorize.compare_init: asvd): "
                  "rerun notebooks 03 and 05 with it, or pass --starts tt_svd.")

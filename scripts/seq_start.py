@@ -44,22 +44,17 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
     args = ap.parse_args(argv)
 
-    from compactify import aa_init, run
+    from compactify import aa_init
     from compactify import compare as C
     from compactify.config import load_config, parse_overrides, run_dir
-    from compactify.heal_study import lr_sweep, paired_with_refs, print_paired
+    from compactify.heal_study import lr_sweep, notebook_03_05, paired_with_refs, print_paired
     from compactify.models import load_model, save_model_dir
     from compactify.perplexity import heldout_ids_for, heldout_perplexities
-    from compactify.results import read_json, save_results
+    from compactify.results import save_results
     from compactify.tensorize import Plan
 
     cfg = load_config(args.config, parse_overrides(args.set))
-    # run.path, not run.require: a run made before tensorize.seq_* existed is still the reference here
-    paths = [run.path(cfg, "tensorize"), run.path(cfg, "heal")]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        sys.exit(f"{', '.join(missing)} missing: run notebooks 03 and 05 with this config first (make reproduce).")
-    t03, t05 = (read_json(p) for p in paths)
+    t03, t05 = notebook_03_05(cfg)
     if (t03.get("improved") or {}).get("init") != "asvd" or (t05.get("improved") or {}).get("init") != "asvd":
         sys.exit("This compares with notebook 03/05's activation-aware SVD start (tensorize.compare_init: asvd); "
                  f"the run in {run_dir(cfg)} has another. Rerun notebooks 03 and 05 with compare_init: asvd.")

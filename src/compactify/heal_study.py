@@ -88,6 +88,22 @@ def paired_with_run(heal_json: Path, variants: Mapping[str, Mapping]) -> dict:
                for t in v["perplexity"]} for name, v in variants.items()}}
 
 
+def notebook_03_05(cfg: Mapping) -> tuple[dict, dict]:
+    """The run's ``03_tensorize.json`` and ``05_heal.json`` (run.path, not run.require: a run made
+    before a newer setting existed is still the reference for the scripts that build on it); a clear
+    exit when either is missing."""
+    import sys
+
+    from . import run
+    from .results import read_json
+
+    paths = [run.path(cfg, "tensorize"), run.path(cfg, "heal")]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        sys.exit(f"{', '.join(missing)} missing: run notebooks 03 and 05 with this config first (make reproduce).")
+    return read_json(paths[0]), read_json(paths[1])
+
+
 def paired_with_refs(runs: Mapping[str, Mapping], refs: Mapping[str, Mapping], name: str) -> dict:
     """Each healed run (``{key: run}`` with ``perplexity``, e.g. :func:`lr_sweep`'s ``lrs``) paired on
     the same held-out windows with each reference (``{ref name: perplexity_texts}``, e.g. notebook

@@ -68,3 +68,26 @@ def test_distill_blocks_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="compressed one 3"):
         blockwise.distill_blocks(dense, tiny_llama(num_hidden_layers=3), torch.arange(512),
                                  blockwise.BlockwiseConfig(tokens=256, seq_len=64))
+
+
+def test_heal_blockwise_setting_and_notebook_step(tmp_path, tiny_llama_dir):
+    """heal.blockwise: null is off, a mapping is checked; notebook 05's step saves the distilled
+    start with its record and reuses it when nothing changed, and makes it again when the start did."""
+    from compactify.config import load_config
+
+    assert blockwise.settings_from(load_config(None, {})) is None
+    with pytest.raises(ValueError, match="tokens, epochs, lr"):
+        blockwise.settings_from(load_config(None, {"heal.blockwise": {"tokens": 256, "batch": 2}}))
+    cfg = load_config(None, {"model": str(tiny_llama_dir), "heal.seq_len": 64, "heal.batch_per_rank": 2,
+                             "heal.blockwise": {"tokens": 256, "epochs": 1, "lr": 1e-3}})
+    assert blockwise.settings_from(cfg) == blockwise.BlockwiseConfig(256, 1, 1e-3, 2, 64)
+    from transformers import AutoModelForCausalLM
+
+    start = T.tensorize(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), T.Plan.uniform(2, target_ratio=0.3))
+    start.save_pretrained(tmp_path / "start")
+    rec = blockwise.start_from_config(tmp_path / "start", tmp_path / "bw", cfg, progress=False)
+    assert not rec["reused"] and rec["tokens"] == 256 and (tmp_path / "bw" / "blockwise.json").is_file()
+    assert T.load_compressed(tmp_path / "bw").config.compactify["plan"] == start.config.compactify["plan"]
+    assert blockwise.start_from_config(tmp_path / "start", tmp_path / "bw", cfg, progress=False)["reused"]
+    start.save_pretrained(tmp_path / "start")   # notebook 03 made the start again: the step runs again
+    assert not blockwise.start_from_config(tmp_path / "start", tmp_path / "bw", cfg, progress=False)["reused"]

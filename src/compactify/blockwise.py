@@ -138,3 +138,54 @@ def distill_blocks(dense, model, ids: torch.Tensor, cfg: BlockwiseConfig | None 
     return {"settings": asdict(cfg), "windows": n, "tokens": n * cfg.seq_len,
             "autocast": None if autocast is None else str(autocast).replace("torch.", ""),
             "seconds": time.perf_counter() - t0, "blocks": record}
+
+
+def settings_from(cfg) -> BlockwiseConfig | None:
+    """``heal.blockwise`` of a run config as a :class:`BlockwiseConfig` (None when off); the batch
+    and window size are healing's (``heal.batch_per_rank``, ``heal.seq_len``)."""
+    hc = cfg["heal"]
+    bw = hc.get("blockwise")
+    if not bw:
+        return None
+    allowed = ("tokens", "epochs", "lr")
+    if not isinstance(bw, dict) or set(bw) - set(allowed):
+        raise ValueError(f"heal.blockwise is {bw!r}: give null (off) or a mapping of {', '.join(allowed)}, "
+                         "e.g. {tokens: 32768, epochs: 4, lr: 5.0e-3}.")
+    return BlockwiseConfig(**{k: type(getattr(BlockwiseConfig, k))(v) for k, v in bw.items()},
+                           batch_size=int(hc["batch_per_rank"]), seq_len=int(hc["seq_len"])).check()
+
+
+def start_from_config(start_dir, dest, cfg, device="cpu", progress: bool = True) -> dict:
+    """Notebook 05's block-wise step: the compressed model in ``start_dir`` distilled block by block
+    from the config's original model on the first ``heal.blockwise.tokens`` of the healing data,
+    saved to ``dest`` (atomically) with its record in ``dest/blockwise.json``. A ``dest`` made from
+    the same start file with the same settings is reused, not made again."""
+    from pathlib import Path
+
+    from .heal_data import packed_data
+    from .models import load_model, save_model_dir
+    from .perplexity import autocast_dtype
+    from .results import read_json, write_json
+    from .tensorize import load_compressed
+
+    bw = settings_from(cfg)
+    if bw is None:
+        raise ValueError("heal.blockwise is off (null): set it, e.g. {tokens: 32768, epochs: 4, lr: 5.0e-3}.")
+    hc, start_dir, dest = cfg["heal"], Path(start_dir), Path(dest)
+    weights = start_dir / "model.safetensors"
+    stamp = [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else None
+    key = {"start": str(start_dir), "start_file": stamp, "settings": asdict(bw), "data": hc["data"],
+           "model": str(cfg["model"]), "seed": int(cfg["seed"])}
+    sidecar = dest / "blockwise.json"
+    if sidecar.is_file() and (dest / "config.json").is_file():
+        rec = read_json(sidecar)
+        if rec.get("key") == key:
+            return {**rec, "model_dir": str(dest), "reused": True}
+    dense, tok = load_model(cfg["model"], dtype=cfg["dtype"], device=device)
+    model = load_compressed(start_dir, device=device)
+    ids = packed_data(tok, hc["data"], bw.seq_len, int(cfg["seed"]))   # the healing text, never held-out
+    amp = autocast_dtype("auto" if hc["mixed_precision"] == "bf16" else None, device)
+    rec = {"key": key, **distill_blocks(dense, model, ids, bw, autocast=amp, seed=int(cfg["seed"]), progress=progress)}
+    save_model_dir(model, tok, dest)
+    write_json(sidecar, rec)
+    return {**rec, "model_dir": str(dest), "reused": False}

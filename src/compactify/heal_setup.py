@@ -25,7 +25,7 @@ TRAINABLE_GROUPS = ("mpo", "dense", "norms", "embeddings", "all")
 
 # Keys of the heal section that notebook 05 reads around a healing run, not the run itself.
 NOTEBOOK_KEYS = ("compare_steps", "dense_control", "compare_losses", "compare_loss_tokens", "lr_sweep",
-                 "lr_sweep_tokens", "improved_lr")
+                 "lr_sweep_tokens", "improved_lr", "blockwise")
 
 
 class _HealSettings:

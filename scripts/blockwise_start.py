@@ -14,8 +14,8 @@ activation-aware SVD, ``models/tensorized_aa``) of the run in ``run_dir``, this 
    tokens plus what the block-wise step's seconds would have bought at the best rate's measured
    speed (equal time), and pairs each healing of the block-wise start with it.
 
-``--reuse`` takes the block-wise start saved by an earlier run (``models/<start>_bw`` with its
-``blockwise.json``) instead of making it again.
+The block-wise start is made by notebook 05's step (``blockwise.start_from_config``), saved as
+``models/<start>_bw`` and reused by a later run with the same start and settings.
 
 Writes ``data/results/heal/blockwise_start.json`` (atomic, with the usual meta block).
 """
@@ -41,20 +41,18 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--lrs", type=float, nargs="+", default=None,
                     help="peak rates the block-wise start is healed at (default: notebook 05's rate for that start)")
-    ap.add_argument("--reuse", action="store_true", help="reuse models/<start>_bw and its blockwise.json if present")
     ap.add_argument("--no-control", action="store_true", help="skip the equal-time healing of the untrained start")
     ap.add_argument("--out", default=str(ROOT / "data" / "results" / "heal" / "blockwise_start.json"))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
     args = ap.parse_args(argv)
 
     from compactify import compare as C
-    from compactify.blockwise import distill_blocks
+    from compactify.blockwise import settings_from, start_from_config
     from compactify.config import load_config, parse_overrides, run_dir
-    from compactify.heal_data import packed_data
     from compactify.heal_study import lr_sweep, notebook_03_05
-    from compactify.models import load_model, save_model_dir
+    from compactify.models import load_model
     from compactify.perplexity import autocast_dtype, heldout_ids_for, heldout_perplexities
-    from compactify.results import read_json, save_results, write_json
+    from compactify.results import save_results
     from compactify.tensorize import load_compressed
 
     cfg = load_config(args.config, parse_overrides(args.set))
@@ -63,11 +61,10 @@ def main(argv=None) -> int:
         sys.exit(f"The run in {run_dir(cfg)} has no activation-aware SVD start (tensorize.compare_init: asvd): "
                  "rerun notebooks 03 and 05 with it, or pass --starts tt_svd.")
     hc, root = cfg["heal"], run_dir(cfg)
-    bw = BlockwiseConfig(tokens=args.tokens, epochs=args.epochs, lr=args.lr, batch_size=int(hc["batch_per_rank"]),
-                         seq_len=int(hc["seq_len"])).check()
-    dense, tok = load_model(cfg["model"], dtype=cfg["dtype"])
+    hc["blockwise"] = {"tokens": args.tokens, "epochs": args.epochs, "lr": args.lr}   # notebook 05's step, these settings
+    bw = settings_from(cfg)
+    tok = load_model(cfg["model"], dtype=cfg["dtype"])[1]
     heldout = heldout_ids_for(tok, cfg)
-    ids = packed_data(tok, hc["data"], bw.seq_len, int(cfg["seed"]))  # the healing text, never held-out
     amp = autocast_dtype("auto" if hc["mixed_precision"] == "bf16" else None)
     tokens = int(hc["tokens"])
     first = next(iter(heldout))   # the primary held-out text: the best rate is judged on it
@@ -79,19 +76,11 @@ def main(argv=None) -> int:
         healed_05 = (t05["after"] if name == "tt_svd" else t05["improved"]["after"])["perplexity_texts"]
         lr = float(hc["lr"]) if name == "tt_svd" else float(t05["improved"]["lr"])
         start_dir, bw_dir = root / "models" / STARTS[name], root / "models" / f"{STARTS[name]}_bw"
-        sidecar = bw_dir / "blockwise.json"   # the distillation's record beside the model it made
-        if args.reuse and sidecar.is_file():
-            saved = read_json(sidecar)
-            rec, ppl = saved["distill"], saved["perplexity"]
-            print(f"{name}: reusing the block-wise start in {bw_dir} ({rec['seconds']:.0f} s when made)", flush=True)
-        else:
-            model = load_compressed(start_dir)
-            print(f"{name}: block-wise distillation on {bw.tokens:,} tokens x {bw.epochs} epochs, lr {bw.lr:g}", flush=True)
-            rec = distill_blocks(dense, model, ids, bw, autocast=amp, seed=int(cfg["seed"]), progress=True)
-            ppl = heldout_perplexities(model, tok, heldout, cfg)
-            save_model_dir(model, tok, bw_dir)
-            write_json(sidecar, {"distill": rec, "perplexity": ppl})
-            del model
+        print(f"{name}: block-wise distillation on {bw.tokens:,} tokens x {bw.epochs} epochs, lr {bw.lr:g}", flush=True)
+        rec = start_from_config(start_dir, bw_dir, cfg)   # reused when made before from the same start and settings
+        if rec["reused"]:
+            print(f"  reusing the block-wise start in {bw_dir} ({rec['seconds']:.0f} s when made)", flush=True)
+        ppl = heldout_perplexities(load_compressed(bw_dir), tok, heldout, cfg)
         r = {"start": str(start_dir), "notebook_05_lr": lr, "distill": rec, "perplexity": ppl,
              "vs_start": {t: C.compare_nll(before[t], ppl[t], name, f"{name}+blockwise") for t in ppl}}
         print(f"  {rec['seconds']:.0f} s: " + ", ".join(f"{t} {before[t]['ppl']:,.1f} -> {p['ppl']:,.1f}"

@@ -93,6 +93,17 @@ def test_05_healing_ratio_interval_and_speed(tmp_path):
     assert "No activation-aware start healed in this run" in T.takeaway("05", write(tmp_path, "05_heal.json", d))
 
 
+def test_05_names_the_blockwise_step_when_it_ran(tmp_path):
+    d = load("05_heal.json")
+    d["blockwise"] = {"tokens": 32768, "seconds": 456.0, "settings": {"tokens": 32768, "epochs": 4, "lr": 5e-3},
+                      "perplexity": {"brown-heldout": {"ppl": 468.2, "tokens": 4095, "seq_len": 256}}}
+    text = T.takeaway("05", write(tmp_path, "05_heal.json", d))
+    assert "Block-wise distillation (32,768 healing tokens x 4 passes per block, 7.6 min) took the TT-SVD start to 468" in text
+    assert "went on from there" in text and "Healing (" not in text
+    d["blockwise"] = None
+    assert "**Takeaway.** Healing (" in T.takeaway("05", write(tmp_path, "05_heal.json", d))
+
+
 def test_05_names_a_null_improved_start(tmp_path):
     d = load("05_heal.json")
     d["improved"] = None

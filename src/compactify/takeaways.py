@@ -215,10 +215,18 @@ def _t05(d, rdir):
                    f"{fmt_ppl(r0['ppl_b'])} on {x}; against it, the healed TT-SVD start's perplexity is {_ratio_text(r1)}.")
     else:
         control = ""
+    bw = d.get("blockwise")
     row = _claim_rows(rdir, FILES["05"][0])["healing ~2x faster"]
     lr = (d.get("settings") or {}).get("lr")
-    return (f"Healing ({h['tokens_this_run']:,} tokens, {h['loss']} loss{f', lr {lr:g}' if lr else ''}) took "
-            f"the held-out perplexity from {per}.{control} {improved} The tensorized model healed at {d['speed_ratio_tensorized_vs_dense']:.2f}x the dense model's "
+    heal = f"({h['tokens_this_run']:,} tokens, {h['loss']} loss{f', lr {lr:g}' if lr else ''})"
+    if bw and bw.get("perplexity"):
+        x = next(iter(bw["perplexity"]))
+        steps = (f"Block-wise distillation ({bw['tokens']:,} healing tokens x {bw['settings']['epochs']} passes per block, "
+                 f"{bw['seconds'] / 60:.1f} min) took the TT-SVD start to {fmt_ppl(bw['perplexity'][x]['ppl'])} on {x}, and "
+                 f"healing {heal} went on from there; from the start to the healed model, the held-out perplexity went from ")
+    else:
+        steps = f"Healing {heal} took the held-out perplexity from "
+    return (f"{steps}{per}.{control} {improved} The tensorized model healed at {d['speed_ratio_tensorized_vs_dense']:.2f}x the dense model's "
             f"tokens/s ({h['world_size']} {h['device'].split(':')[0].upper()} process(es)); the paper: about "
             f"{float(paper_claims()['healing_speedup_tensorized']):.1f}x (claims.csv, 8 A10G). Verdict: healing speed "
             f"{row['verdict']}; whether healing wins back the paper's 2-3 points is chapter 06's test.")

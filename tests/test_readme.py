@@ -48,3 +48,22 @@ def test_a_section_is_read_from_the_readme_and_a_missing_one_is_named():
     assert text.startswith("| difference | ours | the paper |") and "\n#" not in text
     with pytest.raises(KeyError, match="no section"):
         readme.section(REPO_ROOT / "README.md", "No such heading")
+
+
+def test_the_headline_names_the_blockwise_step_only_when_notebook_05_ran_it(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    for name in ("00_baseline.json", "03_tensorize.json", "05_heal.json", "06_evaluate.json", "claims.csv"):
+        if (RESULTS / name).exists():
+            shutil.copy(RESULTS / name, res / name)
+    h = json.loads((res / "05_heal.json").read_text())
+    h["blockwise"] = None
+    (res / "05_heal.json").write_text(json.dumps(h))
+    plain = readme.headline(res)
+    assert "Block-wise distillation" not in plain and " Healing (" in plain
+    h["blockwise"] = {"tokens": 32768, "seconds": 456.0, "settings": {"tokens": 32768, "epochs": 4, "lr": 5e-3},
+                      "perplexity": {"brown-heldout": {"ppl": 468.2, "tokens": 8160, "seq_len": 256}}}
+    (res / "05_heal.json").write_text(json.dumps(h))
+    text = readme.headline(res)
+    assert "x 4 passes, 7.6 min) takes the TT-SVD start to 468.2 on `brown-heldout`. Then healing (" in text
+    assert "without the block-wise step" in text or not h.get("improved")

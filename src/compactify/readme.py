@@ -65,7 +65,13 @@ def headline(r: Path) -> str:
            + (f" (a uniform plan at the same budget: {uniform[0]:.2g})" if uniform else "")
            + (f"; the same plan's {label(t['improved']['init'])} start is at {_ppl(aa)}"
               if aa else "") + "."]
-    out.append(f"Healing ({hh['plan']['tokens']:,} tokens of Brown, {hh['loss']} loss, lr {hs['lr']:.0e}, {hh['compute']}, "
+    bw = h.get("blockwise")
+    bw = bw if bw and text in (bw.get("perplexity") or {}) else None
+    if bw:
+        out.append(f"Block-wise distillation (each compressed block trained towards the dense block's outputs, "
+                   f"{bw['tokens']:,} tokens of Brown x {bw['settings']['epochs']} passes, {bw['seconds'] / 60:.1f} min) takes "
+                   f"the TT-SVD start to {_ppl(bw['perplexity'][text])} on `{text}`.")
+    out.append(f"{'Then h' if bw else 'H'}ealing ({hh['plan']['tokens']:,} tokens of Brown, {hh['loss']} loss, lr {hs['lr']:.0e}, {hh['compute']}, "
                f"{hh['world_size']} process{'es' if hh['world_size'] > 1 else ''}, {hh['tokens_per_s_steady']:.0f} tok/s) brings the paper's TT-SVD start to "
                f"{_ppl(h['after']['perplexity'])}"
                + (": " + ", ".join(f"{_ratio(p)} the dense perplexity on {x}" for x, p in healed.items()) if healed else "")
@@ -80,7 +86,8 @@ def headline(r: Path) -> str:
     if imp.get("after"):
         pn = imp["paired_nll_vs_tt_svd"]
         own = f" at its own peak rate {imp['lr']:.0e}" if imp.get("lr") and imp["lr"] != hs["lr"] else ""
-        out.append(f"The {label(imp['init'])} start heals to {_ppl(imp['after']['perplexity'])} with the same recipe{own}: "
+        same = "the same healing without the block-wise step" if bw else "the same recipe"
+        out.append(f"The {label(imp['init'])} start heals to {_ppl(imp['after']['perplexity'])} with {same}{own}: "
                    + ", ".join(f"x{math.exp(p['diff']):.2f} [{math.exp(p['lo']):.2f}, {math.exp(p['hi']):.2f}] "
                                f"the TT-SVD start's perplexity on {x}" for x, p in pn.items())
                    + " (paired over the same windows).")

@@ -60,6 +60,10 @@ def main(argv=None) -> int:
     if "asvd" in args.starts and (t05.get("improved") or {}).get("init") != "asvd":
         sys.exit(f"The run in {run_dir(cfg)} has no activation-aware SVD start (tensorize.compare_init: asvd): "
                  "rerun notebooks 03 and 05 with it, or pass --starts tt_svd.")
+    if "tt_svd" in args.starts and t05.get("blockwise"):
+        sys.exit(f"Notebook 05 of the run in {run_dir(cfg)} already healed a block-wise start (heal.blockwise was on): "
+                 "this script pairs the block-wise start with notebook 05's *plain* healing. Use a run made with "
+                 "--set heal.blockwise=null, or pass --starts asvd.")
     hc, root = cfg["heal"], run_dir(cfg)
     hc["blockwise"] = {"tokens": args.tokens, "epochs": args.epochs, "lr": args.lr}   # notebook 05's step, these settings
     bw = settings_from(cfg)

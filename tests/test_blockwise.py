@@ -91,3 +91,21 @@ def test_heal_blockwise_setting_and_notebook_step(tmp_path, tiny_llama_dir):
     assert blockwise.start_from_config(tmp_path / "start", tmp_path / "bw", cfg, progress=False)["reused"]
     start.save_pretrained(tmp_path / "start")   # notebook 03 made the start again: the step runs again
     assert not blockwise.start_from_config(tmp_path / "start", tmp_path / "bw", cfg, progress=False)["reused"]
+
+
+def test_blockwise_start_script_refuses_a_run_whose_notebook_05_already_healed_a_blockwise_start(tmp_path):
+    """scripts/blockwise_start.py pairs the block-wise start with notebook 05's plain healing: a run
+    made with heal.blockwise on has none, and the script says so instead of pairing like with like."""
+    import importlib.util
+    import json
+
+    from compactify.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("blockwise_start", REPO_ROOT / "scripts" / "blockwise_start.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "03_tensorize.json").write_text(json.dumps({"main": {}}))
+    (tmp_path / "results" / "05_heal.json").write_text(json.dumps({"blockwise": {"tokens": 128}, "improved": None}))
+    with pytest.raises(SystemExit, match="already healed a block-wise start"):
+        mod.main(["--starts", "tt_svd", "--set", f"run_dir={tmp_path}"])

@@ -75,9 +75,14 @@ def test_heal_blockwise_setting_and_notebook_step(tmp_path, tiny_llama_dir):
     start with its record and reuses it when nothing changed, and makes it again when the start did."""
     from compactify.config import load_config
 
-    assert blockwise.settings_from(load_config(None, {})) is None
-    with pytest.raises(ValueError, match="tokens, epochs, lr"):
+    assert blockwise.settings_from(load_config(None, {})) == blockwise.BlockwiseConfig(32768, 4, 5e-3, 4, 256)  # default: on
+    assert blockwise.settings_from(load_config(None, {"heal.blockwise": None})) is None
+    with pytest.raises(ValueError, match="heal.blockwise.batch"):   # the config loader names the unknown key
         blockwise.settings_from(load_config(None, {"heal.blockwise": {"tokens": 256, "batch": 2}}))
+    made = load_config(None, {})
+    made["heal"]["blockwise"] = 5    # a config built in code, not loaded: settings_from checks it too
+    with pytest.raises(ValueError, match="tokens, epochs, lr"):
+        blockwise.settings_from(made)
     cfg = load_config(None, {"model": str(tiny_llama_dir), "heal.seq_len": 64, "heal.batch_per_rank": 2,
                              "heal.blockwise": {"tokens": 256, "epochs": 1, "lr": 1e-3}})
     assert blockwise.settings_from(cfg) == blockwise.BlockwiseConfig(256, 1, 1e-3, 2, 64)

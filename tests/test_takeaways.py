@@ -88,7 +88,8 @@ def test_05_healing_ratio_interval_and_speed(tmp_path):
     if d.get("improved"):
         own = d["improved"].get("lr") not in (None, d["settings"]["lr"])
         lr = f" (at its own peak rate, {d['improved']['lr']:.0e})" if own else ""
-        assert f"Healed alike{lr}, the {LABELS[d['improved']['init']]} start reaches" in text
+        alike = "Healed the same way but without the block-wise step" if d.get("blockwise") else "Healed alike"
+        assert f"{alike}{lr}, the {LABELS[d['improved']['init']]} start reaches" in text
     d.pop("improved", None)
     assert "No activation-aware start healed in this run" in T.takeaway("05", write(tmp_path, "05_heal.json", d))
 

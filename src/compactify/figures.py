@@ -243,11 +243,17 @@ def block_diagram(block: Mapping[str, Mapping], block_index: int, title: str = "
     return fig
 
 
+def heal_start_label(heal_result: Mapping) -> str:
+    """The legend name of notebook 05's main healing: the paper's start, and whether the block-wise
+    step (``05_heal.json``'s ``blockwise`` record) trained it first."""
+    return "paper's start (TT-SVD), block-wise first" if heal_result.get("blockwise") else "paper's start (TT-SVD)"
+
+
 def heal_figure(loss_curve: Sequence[Mapping], speed: Mapping[str, Mapping],
                 losses: Mapping[str, Mapping] | None = None, paper_ratio: float = 2.0,
                 starts: Mapping[str, Sequence[Mapping]] | None = None,
-                control: Sequence[Mapping] | None = None) -> plt.Figure:
-    """Left: the healing run's next-token loss over training tokens (log axis), with the loss
+                control: Sequence[Mapping] | None = None, main: str = "paper's start (TT-SVD)") -> plt.Figure:
+    """Left: the healing run's next-token loss (``main`` names its start) over training tokens (log axis), with the loss
     comparison's runs (``losses[loss]["curve"]``, notebook 05), the healings of other starting
     points (``starts[label]``: their loss curves, same recipe) and the dense model healed the same
     way (``control``: the floor a compressed model heals towards) beside it. Right (Fig. 3
@@ -256,7 +262,7 @@ def heal_figure(loss_curve: Sequence[Mapping], speed: Mapping[str, Mapping],
     apply_style()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.3), gridspec_kw={"width_ratios": [1.5, 1]})
     a.plot([p["tokens"] for p in loss_curve], [p.get("lm_loss", p["loss"]) for p in loss_curve], marker="o", ms=2.5,
-           color="#d94701", label="paper's start (TT-SVD): next-token loss")
+           color="#d94701", label=f"{main}: next-token loss")
     for (label, curve), c in zip((starts or {}).items(), ("#2171b5", "#6a51a3")):
         a.plot([p["tokens"] for p in curve], [p.get("lm_loss", p["loss"]) for p in curve], marker="s", ms=2.5,
                color=c, label=f"{label}: next-token loss")

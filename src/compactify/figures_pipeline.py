@@ -18,7 +18,7 @@ STEPS = (  # (step, notebook, what it does, artefact written under runs/<config>
     ("profile", "02", "compress one matrix at a time,\nmeasure the damage", "results/02_layer_sensitivity.json"),
     ("plan + tensorize", "03", "per-matrix budget from the\nprofile; TT-SVD into MPOs", "models/tensorized/"),
     ("quantize", "04", "int8 / NF4 (bitsandbytes)\nof dense and MPO models", "models/int8/, nf4/, mixed/"),
-    ("heal", "05", "short retraining (torchrun,\nFSDP2/DDP; gloo or NCCL)", "heal/tensorized/model/"),
+    ("heal", "05", "block-wise distillation, then a\nshort retraining (torchrun, FSDP2)", "heal/tensorized/model/"),
     ("evaluate", "06", "lm-eval tasks, perplexity,\nspeed; paired differences", "results/06_evaluate.json"),
 )
 
@@ -48,8 +48,10 @@ def measured(results_dir: Path) -> dict[str, str]:
                                                          for k in ("8-bit", "4-bit", "88%") if k in m)
     if h := _get(results_dir, "05_heal.json"):
         hh = h["heal"]
-        out["heal"] = (f"{hh['plan']['tokens']:,} tokens, {hh['loss']} loss;\nppl "
-                       f"{short_number(h['before']['perplexity']['ppl'])} -> {short_number(h['after']['perplexity']['ppl'])}")
+        bw = (h.get("blockwise") or {}).get("perplexity")
+        mid = f" -> {short_number(next(iter(bw.values()))['ppl'])}" if bw else ""
+        out["heal"] = (f"{'block-wise + ' if bw else ''}{hh['plan']['tokens']:,} tokens, {hh['loss']} loss;\nppl "
+                       f"{short_number(h['before']['perplexity']['ppl'])}{mid} -> {short_number(h['after']['perplexity']['ppl'])}")
     if e := _get(results_dir, "06_evaluate.json"):
         tasks = list(e["evaluations"]["original"]["tasks"])
         out["evaluate"] = f"{len(e['models'])} models x {len(tasks)} tasks\n+ 2 held-out texts"

@@ -102,9 +102,11 @@ def loss_study(r: Path) -> str:
     nb05 = _j(r, "05_heal.json")
     ref = next(iter(runs[0]["vs_notebook_05"]["by_variant"].values()))  # its ppl_a: notebook 05's perplexity
     # 05_heal.json's own rate only while it is still the plain healing the study was paired with
-    same = nb05 and not nb05.get("blockwise")
-    rows.append(f"| lm@heal (notebook 05, the reference) | {nb05['heal']['tokens_per_s_steady']:.0f} | " if same else
-                "| lm@heal (notebook 05, the reference) | – | ")
+    if nb05 and nb05.get("blockwise"):
+        rows.append("| lm@heal (notebook 05 before its block-wise step, the reference) | – | ")
+    else:
+        rows.append(f"| lm@heal (notebook 05, the reference) | {nb05['heal']['tokens_per_s_steady']:.0f} | " if nb05 else
+                    "| lm@heal (notebook 05, the reference) | | ")
     rows[-1] += " | ".join(f"{_ppl(ref[t]['ppl_a'])} (1)" for t in texts) + " |"
     for h in runs:
         for name, v in h["variants"].items():

@@ -202,7 +202,8 @@ def _t05(d, rdir):
         r = (imp.get("paired_nll_vs_tt_svd") or {}).get(x)
         own = imp.get("lr") and imp["lr"] != (d.get("settings") or {}).get("lr")
         lr = f" (at its own peak rate, {imp['lr']:.0e})" if own else ""
-        improved = (f"Healed alike{lr}, the {label(imp['init'])} start reaches "
+        alike = "Healed the same way but without the block-wise step" if d.get("blockwise") else "Healed alike"
+        improved = (f"{alike}{lr}, the {label(imp['init'])} start reaches "
                     f"{fmt_ppl(imp['after']['perplexity_texts'][x]['ppl'])} on {x}"
                     + (f", its perplexity {_ratio_text(r)} relative to the healed TT-SVD start." if r else "."))
     else:

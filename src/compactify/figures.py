@@ -243,10 +243,10 @@ def block_diagram(block: Mapping[str, Mapping], block_index: int, title: str = "
     return fig
 
 
-def heal_start_label(heal_result: Mapping) -> str:
+def heal_start_label(blockwise: Mapping | None) -> str:
     """The legend name of notebook 05's main healing: the paper's start, and whether the block-wise
-    step (``05_heal.json``'s ``blockwise`` record) trained it first."""
-    return "paper's start (TT-SVD), block-wise first" if heal_result.get("blockwise") else "paper's start (TT-SVD)"
+    step (its record, ``05_heal.json``'s ``blockwise``; None when off) trained it first."""
+    return "paper's start (TT-SVD), block-wise first" if blockwise else "paper's start (TT-SVD)"
 
 
 def heal_figure(loss_curve: Sequence[Mapping], speed: Mapping[str, Mapping],

@@ -63,7 +63,7 @@ def _fig3(r: Path, out: Path) -> None:
     starts = {f"{label(imp['init'])} start": imp["heal"]["loss_curve"]} if imp.get("heal") else None
     control = (d.get("dense_control") or {}).get("heal") or {}
     F.save(F.heal_figure(d["heal"]["loss_curve"], d["speed"], (d.get("loss_comparison") or {}).get("losses"),
-                         starts=starts, control=control.get("loss_curve"), main=F.heal_start_label(d)),
+                         starts=starts, control=control.get("loss_curve"), main=F.heal_start_label(d.get("blockwise"))),
            out, "fig3_healing", d["meta"])
 
 

@@ -236,6 +236,32 @@ def test_speed_quality_points_take_each_methods_speed_from_its_formats_roofline_
     assert len(fig.axes) == 2
 
 
+def test_point_labels_of_two_nearby_markers_do_not_cover_each_other_or_the_markers():
+    """Two budgets of one format a few pixels apart (the speed-quality figure's activation-aware MPO
+    at 50% and 30% kept): each label lands beside its own marker, not over the other's marker or label."""
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import Bbox
+
+    from compactify import figures_frontier as FP
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.set_yscale("log")
+    xy = [(0.25, 8e3), (0.30, 1.5e4), (1.2, 1e3)]
+    ax.plot(*zip(*xy), marker="D", ms=5)
+    ax.set_xlim(0.2, 1.6)
+    ax.set_ylim(10, 1e10)
+    FP._label_points(ax, [(x, y, t, "k") for (x, y), t in zip(xy, ("50%", "30%", "70%"))], xy)
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    boxes = [a.get_window_extent(r) for a in ax.texts]
+    assert [a.get_text() for a in ax.texts] == ["50%", "30%", "70%"]
+    assert not any(Bbox.intersection(p, q) for i, p in enumerate(boxes) for q in boxes[i + 1:])
+    pix = [ax.transData.transform(p) for p in xy]
+    for i, box in enumerate(boxes):  # no label covers another point's marker
+        assert not any(box.contains(*pix[j]) for j in range(len(xy)) if j != i)
+    plt.close(fig)
+
+
 def test_asvd_raises_its_damping_only_when_the_cholesky_fails():
     """A second moment with fewer calibration tokens than inputs is singular; fp32 sums can push an
     eigenvalue below zero. The activation-aware SVD then raises its damping (recorded) instead of

@@ -147,6 +147,35 @@ def speed_quality_points(points: Sequence[Mapping], roofline: Mapping, threads: 
     return out
 
 
+def _label_points(ax, labels: Sequence[tuple], markers: Sequence[tuple], fontsize: float = 6.5) -> None:
+    """Annotate points ``(x, y, text, color)`` of ``ax`` beside their marker, at the first of four
+    corners (upper right, upper left, lower right, lower left) where the label's box covers no
+    other marker in ``markers`` ((x, y) pairs) and no label placed before: two budgets of one
+    format a few pixels apart no longer print over each other."""
+    import numpy as np
+
+    ax.autoscale_view()
+    to_pt = 72.0 / ax.figure.dpi  # display pixels -> points, the unit of the offsets
+    pos = lambda x, y: np.asarray(ax.transData.transform((x, y))) * to_pt  # noqa: E731
+    others = [pos(x, y) for x, y in markers]
+    placed: list[tuple] = []
+    for x, y, text, color in labels:
+        at = pos(x, y)
+        w, h = 0.62 * fontsize * len(text), fontsize  # the label's box, roughly, in points
+        for dx, dy, ha, va in ((4, 3, "left", "bottom"), (-4, 3, "right", "bottom"), (4, -3, "left", "top"),
+                               (-4, -3, "right", "top")):
+            x0 = at[0] + dx - (w if ha == "right" else 0)
+            y0 = at[1] + dy - (h if va == "top" else 0)
+            box = (x0 - 3, y0 - 3, x0 + w + 3, y0 + h + 3)  # 3 points: about a marker's radius
+            hits = [o for o in others if box[0] < o[0] < box[2] and box[1] < o[1] < box[3] and not np.allclose(o, at)]
+            clash = [q for q in placed if box[0] < q[2] and q[0] < box[2] and box[1] < q[3] and q[1] < box[3]]
+            if not hits and not clash:
+                break
+        placed.append(box)
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize, color=color,
+                    ha=ha, va=va)
+
+
 def speed_quality(points: Sequence[Mapping], dense: Mapping, roofline: Mapping, threads: str = "2") -> plt.Figure:
     """Which format to deploy: held-out perplexity (log) against batch-1 decode speed relative to
     dense fp32 (left) and against bytes relative to fp32 (right), one marker per method and budget,
@@ -165,15 +194,12 @@ def speed_quality(points: Sequence[Mapping], dense: Mapping, roofline: Mapping, 
                             label=f"dense {p['precision'].upper() if p['precision'] == 'nf4' else 'fp32'}")
                 continue
             ax.plot([p[x] for p in mine], [p["ppl"] for p in mine], marker=marker, ms=5, lw=1.2, color=color, label=label)
-            for p in mine:
-                ax.annotate(f"{round(100 * p['keep'])}%", (p[x], p["ppl"]), xytext=(4, 3), textcoords="offset points",
-                            fontsize=6.5, color=color)
         ax.axhline(dense["ppl"], color="k", ls="--", lw=0.8)
         ax.set_yscale("log")
+    b.set_xscale("log")
     a.axvline(1.0, color="0.5", ls=":", lw=0.8)
     a.set_xlabel(f"batch-1 decode tokens/s / dense fp32 ({threads} threads, same run)", fontsize=9)
     a.set_ylabel(f"held-out perplexity ({dense['tokens']:,} tokens, before healing; log)", fontsize=9)
-    b.set_xscale("log")
     b.set_xlabel("bytes of the block matrices / fp32 dense (log)", fontsize=9)
     a.set_title("quality against speed", fontsize=9)
     b.set_title("quality against size", fontsize=9)
@@ -192,4 +218,7 @@ def speed_quality(points: Sequence[Mapping], dense: Mapping, roofline: Mapping, 
     fig.subplots_adjust(right=0.76)  # after caption's tight_layout: room for the legend
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.77, 0.55), fontsize=7, title="format",
                title_fontsize=7.5, alignment="left")
+    for ax, x in ((a, "decode_ratio"), (b, "bytes_ratio")):  # last, at the axes' final size: labels placed clear
+        _label_points(ax, [(p[x], p["ppl"], f"{round(100 * p['keep'])}%", _style(p["method"])[0])
+                           for p in pts if p["method"] != "dense"], [(p[x], p["ppl"]) for p in pts])
     return fig

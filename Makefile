@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # MPO forward 28x slower (benchmarks/mpo_linear.py).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: env data reproduce test figures benchmarks heal-long gpu-check clean-runs help
+.PHONY: env data reproduce test figures benchmarks heal-long heal-long-bw gpu-check clean-runs help
 
 help:
 	@echo "make reproduce  - set up, fetch model+data, run every notebook with $(CONFIG), rebuild figures/"
@@ -22,6 +22,7 @@ help:
 	@echo "make figures    - rebuild figures/ from data/results/ (seconds, no model)"
 	@echo "make benchmarks - run benchmarks/*.py, results to data/results/benchmarks/"
 	@echo "make heal-long  - after make reproduce: heal its main model for 1M tokens (~80 min on 2 CPU cores), held-out perplexity every 49k"
+	@echo "make heal-long-bw - the same from notebook 05's block-wise start (heal.blockwise), heal_long_bw.json"
 	@echo "make gpu-check  - one CUDA GPU, ~8 min: 7B-shape scale, dense/MPO/low-rank speed, roofline, notebooks; data/results/gpu/"
 
 env: $(VENV)/.installed
@@ -70,6 +71,9 @@ benchmarks: data
 # The long reference healing run (resumable: rerun after a stop); data/results/heal/heal_long.json, figures/heal_long.png.
 heal-long: data
 	$(PY) scripts/heal_long.py --config $(CONFIG)
+
+heal-long-bw: data
+	$(PY) scripts/heal_long.py --config $(CONFIG) --blockwise
 
 # Refuses (exit 2, nothing written) without a CUDA device; scripts/gpu_check.py --dry-run for a CPU.
 gpu-check: env

@@ -22,15 +22,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def earlier_runs(results: Path) -> list[dict]:
+def earlier_runs(results: Path, blockwise: bool = False) -> list[dict]:
     """Full-cosine healing runs of the same start at the same peak lr: notebook 05's main run
-    ({tokens, ppl} on the primary held-out text)."""
+    ({tokens, ppl} on the primary held-out text), only where it healed the same start: the
+    block-wise one (``blockwise``) or notebook 03's model."""
     from compactify.results import read_json
 
     out = []
     heal = results / "05_heal.json"
-    if heal.is_file():
-        h = read_json(heal)
+    if heal.is_file() and bool((h := read_json(heal)).get("blockwise")) == blockwise:
         out.append({"tokens": h["heal"]["plan"]["tokens"], "ppl": h["after"]["perplexity_texts"]["brown-heldout"]["ppl"],
                     "source": heal.name})
     return sorted(out, key=lambda r: r["tokens"])
@@ -41,13 +41,18 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
     ap.add_argument("--tokens", type=int, default=1_048_576)
     ap.add_argument("--eval-every", type=int, default=49_152, help="tokens between held-out measurements")
-    ap.add_argument("--out", default=str(ROOT / "data" / "results" / "heal" / "heal_long.json"))
-    ap.add_argument("--figure", default=str(ROOT / "figures" / "heal_long.png"))
+    ap.add_argument("--out", default=None, help="default data/results/heal/heal_long.json (--blockwise: heal_long_bw.json)")
+    ap.add_argument("--figure", default=None, help="default figures/heal_long.png (--blockwise: heal_long_bw.png)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     ap.add_argument("--figure-only", action="store_true", help="redraw the figure from --out")
     ap.add_argument("--start", default=None,
                     help="heal this saved model instead of notebook 03's (e.g. a start of scripts/recovery_curve.py); "
                          "its checkpoints go to runs/<config>/heal_long_<folder name of --start's parent>")
+    ap.add_argument("--blockwise", action="store_true",
+                    help="heal notebook 05's block-wise start (models/tensorized_bw, heal.blockwise) instead of notebook "
+                         "03's TT-SVD model: the default study's healing, for longer; its checkpoints go to "
+                         "runs/<config>/heal_long_bw, its results to heal_long_bw.json / heal_long_bw.png unless "
+                         "--out / --figure say otherwise")
     ap.add_argument("--subdir", default=None,
                     help="the run's folder under runs/<config> instead (a second run of the same start, e.g. on "
                          "another heal.data, needs its own: a run resumes only its own checkpoints)")
@@ -59,6 +64,11 @@ def main(argv=None) -> int:
                     help="end at the last checkpoint at or before this many tokens, on the schedule of --tokens (the "
                          "first part of the same run: a recipe check); the JSON says completed: false; no figure")
     args = ap.parse_args(argv)
+    if args.blockwise and args.start:
+        ap.error("--blockwise and --start name two starts: give one")
+    name = "heal_long_bw" if args.blockwise else "heal_long"
+    args.out = args.out or str(ROOT / "data" / "results" / "heal" / f"{name}.json")
+    args.figure = args.figure or str(ROOT / "figures" / f"{name}.png")
 
     from compactify import figures, run
 
@@ -71,11 +81,15 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, parse_overrides(args.set))
         if args.keep_checkpoints:
             cfg["heal"]["keep_checkpoints"] = 1_000_000
-        model_dir = Path(args.start) if args.start else run.require(cfg, "tensorized")
+        if args.blockwise and not cfg["heal"].get("blockwise"):
+            sys.exit("--blockwise: this config has heal.blockwise: null, so notebook 05 made no block-wise start; "
+                     "set heal.blockwise (configs/default.yaml has it) or drop --blockwise.")
+        model_dir = (Path(args.start) if args.start else
+                     run.require(cfg, "tensorized_bw" if args.blockwise else "tensorized"))
         if args.start and not (model_dir / "config.json").is_file():
             sys.exit(f"--start {model_dir}: no saved model there (config.json missing).")
         work = run_dir(cfg) / (args.subdir or (f"heal_long_{model_dir.resolve().parent.name}" if args.start
-                                               else "heal_long"))
+                                               else name))
         baseline = read_json(run.require(cfg, "baseline"))["baseline"]["perplexity_texts"]
         result = long_run(model_dir, work, cfg, args.tokens, args.eval_every, baseline, stream=sys.stdout,
                           stop_after_tokens=args.stop_after_tokens)
@@ -83,7 +97,7 @@ def main(argv=None) -> int:
             save_results(out, {**result, "schedule_tokens": args.tokens}, cfg, device=cfg["device"], start=str(model_dir))
             print(f"heal-long: stopped at {result['stopped_at_tokens']:,} of {args.tokens:,} tokens; wrote {out}")
             return 0
-        result["earlier_full_runs"] = [] if args.start else earlier_runs(ROOT / "data" / "results")
+        result["earlier_full_runs"] = [] if args.start else earlier_runs(ROOT / "data" / "results", args.blockwise)
         if args.keep_checkpoints:
             result["exports"] = export_checkpoints(model_dir, work, result["heal"]["plan"]["tokens_per_step"])
         save_results(out, result, cfg, device=cfg["device"], start=str(model_dir))
@@ -94,7 +108,9 @@ def main(argv=None) -> int:
         from compactify.results import write_json
 
         result = read_json(out)
-        result["earlier_full_runs"] = earlier_runs(ROOT / "data" / "results")
+        # (kept as stored where today's notebook 05 healed another start than the run's)
+        result["earlier_full_runs"] = earlier_runs(ROOT / "data" / "results", args.blockwise) or \
+            result.get("earlier_full_runs", [])
         write_json(out, result)
     result = read_json(out)
     path = figures.save(figures.heal_long_figure(result), Path(args.figure).parent, Path(args.figure).stem,

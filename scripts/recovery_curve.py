@@ -15,6 +15,13 @@ another (the activation-aware MPO's is 3e-4, ``data/results/heal/start_lr_sweep.
 budget and keeps the best (recorded under ``lr_sweeps``). ``--starts asvd`` is the low-rank peer (the
 activation-aware SVD within each MPO's budget, ``tensorize.init: asvd``). Results go to ``data/results/heal/recovery_curve.json``
 after every healing (atomic), so an interrupted run keeps what it measured; a rerun resumes.
+
+``--blockwise`` runs notebook 05's block-wise step (``heal.blockwise``) on each start before its
+healing (points ``<start>_bw``, the step's seconds and perplexity recorded), writes
+``recovery_curve_bw.json`` and pairs each healed point with the same start's plain healing in
+``recovery_curve.json`` (same windows); its 30% TT-SVD point is notebook 05's when notebook 05 ran
+the step. Without it, notebook 05's points are taken only from a notebook 05 that healed the plain
+starts.
 """
 from __future__ import annotations
 
@@ -41,19 +48,28 @@ def main(argv=None) -> int:
     ap.add_argument("--check-starts", nargs="*", default=[], help="starts for --check-rates")
     ap.add_argument("--rate", nargs="*", default=[], metavar="START=LR",
                     help="a start's peak rate where the config has none for it, e.g. activation_aware=3e-4")
-    ap.add_argument("--out", default=str(ROOT / "data" / "results" / "heal" / "recovery_curve.json"))
-    ap.add_argument("--figure", default=str(ROOT / "figures" / "recovery_curve.png"))
+    ap.add_argument("--blockwise", action="store_true",
+                    help="distil each start block by block (heal.blockwise) before healing it; results to "
+                         "recovery_curve_bw.json, paired with recovery_curve.json's plain healings")
+    ap.add_argument("--out", default=None, help="default data/results/heal/recovery_curve.json "
+                                                "(--blockwise: recovery_curve_bw.json)")
+    ap.add_argument("--figure", default=str(ROOT / "figures" / "recovery_curve.png"),
+                    help="redrawn with the block-wise points beside the plain ones where both files exist")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
     args = ap.parse_args(argv)
 
     from compactify import compare as C, heal_study, run, sensitivity as S, tensorize_study as T
-    from compactify import aa_init
+    from compactify import aa_init, blockwise, recovery
     from compactify.config import load_config, parse_overrides, run_dir
     from compactify.models import load_model, save_model_dir
     from compactify.perplexity import heldout_ids_for, heldout_perplexities
     from compactify.results import git_commit, read_json, save_results
 
+    results = ROOT / "data" / "results" / "heal"
+    args.out = args.out or str(results / ("recovery_curve_bw.json" if args.blockwise else "recovery_curve.json"))
     cfg = load_config(args.config, parse_overrides(args.set))
+    if args.blockwise and not blockwise.settings_from(cfg):
+        ap.error("--blockwise: this config has heal.blockwise: null; set it (configs/default.yaml has it)")
     tc, hc, cores = cfg["tensorize"], cfg["heal"], cfg["mpo"]["cores"]
     dense_ppl = read_json(run.require(cfg, "baseline"))["baseline"]["perplexity_texts"]
     heal05 = read_json(run.require(cfg, "heal"))
@@ -90,15 +106,22 @@ def main(argv=None) -> int:
         p.setdefault("commit", done["meta"]["git_commit"])
     t03 = read_json(run.require(cfg, "tensorize"))
     befores = {"tt_svd": heal05["before"], improved: (t03.get("improved") or {}).get("evaluation")}
-    for start, after in (("tt_svd", heal05["after"]), (improved, (heal05.get("improved") or {}).get("after"))):
-        if start and after and not any(p["keep"] == tc["main_keep_ratio"] and p["start"] == start for p in points):
+    bw05 = heal05.get("blockwise")  # notebook 05 distilled its TT-SVD start block by block (not its second start)
+    ref05 = [("tt_svd", heal05["after"])] if bool(bw05) == args.blockwise else []
+    if not args.blockwise:
+        ref05.append((improved, (heal05.get("improved") or {}).get("after")))
+    suffix = "_bw" if args.blockwise else ""
+    for start, after in ref05:
+        if start and after and not any(p["keep"] == tc["main_keep_ratio"] and p["start"] == start + suffix
+                                       for p in points):
             # (the reference run's own budget; a point the script measured itself there is kept)
             before = befores[start]["perplexity_texts"] if befores[start] else None
-            points.append({"keep": tc["main_keep_ratio"], "start": start, "lr": lrs[start], "source": "05_heal.json",
-                           "run_commit": (heal05["meta"].get("git_commit") or "")[:7] or None,
+            points.append({"keep": tc["main_keep_ratio"], "start": start + suffix, "lr": lrs[start],
+                           "source": "05_heal.json", "run_commit": (heal05["meta"].get("git_commit") or "")[:7] or None,
                            "tokens": heal05["heal"]["plan"]["tokens"], "after": after["perplexity_texts"],
                            "after_vs_dense": versus_dense(after["perplexity_texts"]),
-                           **({"before": before, "before_vs_dense": versus_dense(before)} if before else {})})
+                           **({"before": before, "before_vs_dense": versus_dense(before)} if before else {}),
+                           **({"blockwise": _bw_record(bw05, versus_dense)} if args.blockwise else {})})
     work = run_dir(cfg) / "recovery"
 
     def build(start: str, keep: float):
@@ -138,31 +161,55 @@ def main(argv=None) -> int:
                   f"{r['brown-heldout']['ppl_ratio_hi']:.2f}]", flush=True)
     for keep in args.keeps:
         for start in args.starts:
-            if any(p["keep"] == keep and p["start"] == start for p in points):
+            if any(p["keep"] == keep and p["start"] == start + suffix for p in points):
                 continue  # measured by an earlier invocation
             model = build(start, keep)
             before = heldout_perplexities(model, tok, heldout, cfg)
             start_dir = save_model_dir(model, tok, work / f"keep{keep:g}_{start}" / "start")
             del model
-            healed = heal_study.heal_start(start_dir, work / f"keep{keep:g}_{start}" / "heal", heal_cfg,
+            extra = {}
+            if args.blockwise:  # notebook 05's step on this start; healing starts from its result
+                rec = blockwise.start_from_config(start_dir, work / f"keep{keep:g}_{start}" / "start_bw", cfg)
+                start_dir = Path(rec["model_dir"])
+                rec["perplexity"] = heldout_perplexities(load_model(start_dir)[0], tok, heldout, cfg)
+                extra["blockwise"] = _bw_record(rec, versus_dense)
+                print(f"keep {keep:g}, {start}: block-wise step {rec['seconds']:.0f} s, brown-heldout "
+                      f"{before['brown-heldout']['ppl']:,.1f} -> {rec['perplexity']['brown-heldout']['ppl']:,.1f}",
+                      flush=True)
+            healed = heal_study.heal_start(start_dir, work / f"keep{keep:g}_{start}" / ("heal" + suffix), heal_cfg,
                                            lr=lrs[start])
             after = heldout_perplexities(load_model(Path(healed["healed_model"]))[0], tok, heldout, cfg)
-            points.append({"keep": keep, "start": start, "lr": lrs[start], "source": "scripts/recovery_curve.py",
+            points.append({"keep": keep, "start": start + suffix, "lr": lrs[start], "source": "scripts/recovery_curve.py",
                            "commit": git_commit(),
                            "tokens": healed["plan"]["tokens"], "before": before, "after": after,
                            "before_vs_dense": versus_dense(before), "after_vs_dense": versus_dense(after),
-                           "heal": heal_study.speed_record(healed)})
+                           "heal": heal_study.speed_record(healed), **extra})
             r = points[-1]["after_vs_dense"]["brown-heldout"]
             print(f"keep {keep:g}, {start}: brown-heldout {before['brown-heldout']['ppl']:,.1f} -> "
                   f"{after['brown-heldout']['ppl']:,.1f} = x{r['ppl_ratio']:.2f} [{r['ppl_ratio_lo']:.2f}, "
                   f"{r['ppl_ratio_hi']:.2f}] dense", flush=True)
             write()
+    if args.blockwise:  # each block-wise healing against the same start's plain healing, same windows
+        write()
+        plain = results / "recovery_curve.json"
+        if plain.is_file():
+            d = read_json(out)
+            d["vs_plain"] = recovery.paired_points(read_json(plain)["points"], d["points"])
+            save_results(out, {k: v for k, v in d.items() if k != "meta"}, cfg, device="cpu")
     from compactify import figures
 
-    fig = figures.save(figures.recovery_figure(read_json(out)), Path(args.figure).parent, Path(args.figure).stem,
-                       read_json(out)["meta"])
+    main_file = results / "recovery_curve.json" if args.blockwise else out
+    fig = figures.save(figures.recovery_figure(recovery.with_blockwise(main_file, results)),
+                       Path(args.figure).parent, Path(args.figure).stem, read_json(main_file)["meta"])
     print(f"recovery curve: wrote {out} and {fig}")
     return 0
+
+
+def _bw_record(rec: dict, versus_dense) -> dict:
+    """The block-wise step of one start as a recovery point keeps it: settings, seconds, and the
+    held-out perplexity it reached (against dense)."""
+    return {"settings": rec["settings"], "tokens": rec["tokens"], "seconds": rec["seconds"],
+            "perplexity": rec["perplexity"], "vs_dense": versus_dense(rec["perplexity"])}
 
 
 def _init(cfg, init: str, compare: bool = False) -> dict:

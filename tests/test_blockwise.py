@@ -114,3 +114,60 @@ def test_blockwise_start_script_refuses_a_run_whose_notebook_05_already_healed_a
     (tmp_path / "results" / "05_heal.json").write_text(json.dumps({"blockwise": {"tokens": 128}, "improved": None}))
     with pytest.raises(SystemExit, match="already healed a block-wise start"):
         mod.main(["--starts", "tt_svd", "--set", f"run_dir={tmp_path}"])
+
+
+def _heal_long_script():
+    import importlib.util
+
+    from compactify.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("heal_long", REPO_ROOT / "scripts" / "heal_long.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_heal_long_blockwise_needs_the_step_and_notebook_05s_start(tmp_path):
+    """``scripts/heal_long.py --blockwise`` heals notebook 05's block-wise start for longer: a config
+    without the step, a run without that start, or a second start named beside it are refused
+    with what to do, before any healing."""
+    from compactify import run
+    from compactify.config import load_config
+    from compactify.results import save_results
+
+    mod = _heal_long_script()
+    out = tmp_path / "long.json"
+    with pytest.raises(SystemExit, match="heal.blockwise: null"):
+        mod.main(["--config", "configs/smoke.yaml", "--blockwise", "--out", str(out), "--set", f"run_dir={tmp_path}",
+                  "heal.blockwise=null"])
+    with pytest.raises(run.RunInputError, match="tensorized_bw is missing: run notebook 05_heal"):
+        mod.main(["--config", "configs/smoke.yaml", "--blockwise", "--out", str(out), "--set", f"run_dir={tmp_path}",
+                  "heal.blockwise.tokens=128"])
+    cfg = load_config("configs/smoke.yaml", {"run_dir": str(tmp_path), "heal.blockwise.tokens": 128})
+    run.path(cfg, "tensorized_bw").mkdir(parents=True)
+    (run.path(cfg, "tensorized_bw") / "config.json").write_text("{}")
+    save_results(run.path(cfg, "heal"), {"blockwise": {"tokens": 128}}, cfg)
+    assert run.require(cfg, "tensorized_bw") == tmp_path / "models" / "tensorized_bw"
+    other = load_config("configs/smoke.yaml", {"run_dir": str(tmp_path), "heal.blockwise.tokens": 256})
+    with pytest.raises(run.RunInputError, match="heal.blockwise.tokens: 128 -> 256"):
+        run.require(other, "tensorized_bw")
+    assert run.require(load_config("configs/smoke.yaml", {"run_dir": str(tmp_path), "heal.blockwise.tokens": 128,
+                                                          "heal.lr": 3e-4}), "tensorized_bw")  # healing's own rate
+    with pytest.raises(SystemExit):
+        mod.main(["--blockwise", "--start", str(tmp_path), "--out", str(out)])
+    assert not out.exists()
+
+
+def test_heal_long_draws_notebook_05s_run_only_beside_a_long_run_of_the_same_start(tmp_path):
+    """The open circle of the long-run figure is notebook 05's full run of the same start: a block-wise
+    notebook 05 beside the long run of notebook 03's model (or the reverse) is left out."""
+    import json
+
+    mod = _heal_long_script()
+    heal = {"heal": {"plan": {"tokens": 1000}}, "after": {"perplexity_texts": {"brown-heldout": {"ppl": 200.0}}}}
+    (tmp_path / "05_heal.json").write_text(json.dumps(heal))
+    assert mod.earlier_runs(tmp_path) == [{"tokens": 1000, "ppl": 200.0, "source": "05_heal.json"}]
+    assert mod.earlier_runs(tmp_path, blockwise=True) == []
+    (tmp_path / "05_heal.json").write_text(json.dumps({**heal, "blockwise": {"tokens": 128}}))
+    assert mod.earlier_runs(tmp_path) == []
+    assert mod.earlier_runs(tmp_path, blockwise=True)[0]["ppl"] == 200.0

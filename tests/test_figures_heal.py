@@ -13,6 +13,7 @@ from compactify.compare import compare_nll
 from compactify.figures_heal import STARTS, healed_frontier, recovery_figure
 
 TEXTS = ("brown-heldout", "boolq-wiki")
+BASE = ("tt_svd", "activation_aware", "asvd")  # the plain starts; STARTS also names their block-wise twins
 
 
 def _ppl(text: str, shift: float) -> dict:
@@ -25,7 +26,7 @@ def _recovery() -> dict:
     dense = {t: _ppl(t, 0.0) for t in TEXTS}
     points = []
     for keep in (0.3, 0.5, 0.7):
-        for k, start in enumerate(STARTS):
+        for k, start in enumerate(BASE):
             after = {t: _ppl(t, 2.0 * (1 - keep) + 0.1 * k) for t in TEXTS}
             before = {t: _ppl(t, 8.0 - k) for t in TEXTS}
             src = "05_heal.json" if keep == 0.3 and start != "asvd" else "scripts/recovery_curve.py"
@@ -55,15 +56,15 @@ def test_recovery_and_healed_frontier_figures_draw_every_start():
     rec = _recovery()
     fig = recovery_figure(rec)
     lines = [len(ax.lines) for ax in fig.axes]
-    assert all(n >= len(STARTS) for n in lines)
-    assert {t.get_text() for t in fig.legends[0].get_texts()} >= {v[0] + " (lr 3e-04)" for v in STARTS.values()}
+    assert all(n >= len(BASE) for n in lines)
+    assert {t.get_text() for t in fig.legends[0].get_texts()} >= {STARTS[s][0] + " (lr 3e-04)" for s in BASE}
     rounds = {"median": 1.0, "q1": 0.95, "q3": 1.05, "iqr": 0.1}
     pts = [{**p, "bytes_ratio": p["keep"], "decode_ratio": 1.0 + p["keep"], "decode_ratio_rounds": rounds} for p in rec["points"]]
     data = {"settings": {"threads": 2, "mode": "auto"}, "points": pts,
             "dense": {"perplexity": {t: {"ppl": rec["dense"][t]["ppl"]} for t in TEXTS}}}
     fig = healed_frontier(data)
     labels = {t.get_text() for t in fig.legends[0].get_texts()}
-    assert labels == {v[0] for v in STARTS.values()} | {"dense fp32"}
+    assert labels == {STARTS[s][0] for s in BASE} | {"dense fp32"}
     xs = sorted(x for line in fig.axes[0].lines for x in line.get_xdata() if line.get_marker() == "o")
     assert xs == sorted(1.0 + p["keep"] for p in pts)  # each point at its measured decode ratio
 
@@ -214,3 +215,47 @@ def test_loss_study_block_and_figure_label_each_variant_and_pair_it_with_noteboo
     ticks = sorted(zip(fig.axes[0].get_yticks(), (t.get_text() for t in fig.axes[0].get_yticklabels())))
     assert ticks[-1][1] == "kd@heal (200 tok/s)" and ticks[0][1] == "lm@heal, 2,048 tokens (200 tok/s)"  # first variant on top
     assert not readme.loss_study(tmp_path / "nothing").startswith("|")
+
+
+def test_blockwise_recovery_points_pair_with_the_plain_healing_of_the_same_start_and_draw_beside_it(tmp_path):
+    """scripts/recovery_curve.py --blockwise: each ``<start>_bw`` point is paired with the plain
+    healing of the same start and budget (same windows), a point without a twin is left out, the
+    README table shows the step's perplexity, seconds and the pairing, and the figure draws the
+    block-wise points beside the plain ones."""
+    from compactify import recovery
+
+    rec = _recovery()
+    dense = rec["dense"]
+    bw_points = []
+    for keep, shift in ((0.7, -0.3), (0.5, -0.2), (0.9, -0.1)):   # 0.9: no plain twin
+        plain = next((p for p in rec["points"] if p["keep"] == keep and p["start"] == "tt_svd"), None)
+        base = plain["after"] if plain else {t: _ppl(t, 1.0) for t in TEXTS}
+        after = {t: {**v, "window_nll": [x + shift for x in v["window_nll"]]} for t, v in base.items()}
+        for t, v in after.items():
+            v["nll"] = sum(v["window_nll"]) / len(v["window_nll"])
+            v["ppl"] = math.exp(v["nll"])
+        mid = {t: _ppl(t, 4.0) for t in TEXTS}
+        bw_points.append({"keep": keep, "start": "tt_svd_bw", "lr": 1e-3, "source": "scripts/recovery_curve.py",
+                          "commit": "bw12345", "tokens": 4096, "before": {t: _ppl(t, 8.0) for t in TEXTS}, "after": after,
+                          "after_vs_dense": {t: compare_nll(dense[t], after[t]) for t in TEXTS},
+                          "before_vs_dense": {t: compare_nll(dense[t], _ppl(t, 8.0)) for t in TEXTS},
+                          "blockwise": {"settings": {"tokens": 512, "epochs": 4, "lr": 5e-3}, "tokens": 512,
+                                        "seconds": 12.0, "perplexity": mid}})
+    pairs = recovery.paired_points(rec["points"], bw_points)
+    assert [(p["keep"], p["start"]) for p in pairs] == [(0.7, "tt_svd"), (0.5, "tt_svd")]
+    assert pairs[0]["after"]["brown-heldout"]["ppl_ratio"] == pytest.approx(math.exp(-0.3))
+    heal = tmp_path / "heal"
+    heal.mkdir()
+    (heal / "recovery_curve.json").write_text(json.dumps(rec))
+    assert "has not been published" in readme.recovery_blockwise(tmp_path)
+    (heal / "recovery_curve_bw.json").write_text(json.dumps({"meta": rec["meta"], "dense": dense, "points": bw_points,
+                                                             "vs_plain": pairs}))
+    text = readme.recovery_blockwise(tmp_path)
+    rows = [r for r in text.splitlines() if r.startswith("| ") and "%" in r.split("|")[1]]
+    assert [r.split("|")[1].strip() for r in rows] == ["90%", "70%", "50%"]
+    assert f"x{math.exp(-0.3):.2f}" in rows[1] and rows[0].rstrip(" |").endswith("– | –")  # no twin: no pairing
+    assert "(12)" in rows[1] and "512 tokens of the healing text, 4 passes" in text and "commit bw12345" in text
+    merged = recovery.with_blockwise(heal / "recovery_curve.json", heal)
+    assert len(merged["points"]) == len(rec["points"]) + 3
+    fig = recovery_figure(merged)
+    assert any(t.get_text().startswith(STARTS["tt_svd_bw"][0]) for t in fig.legends[0].get_texts())

@@ -10,7 +10,10 @@ from .figures import apply_style, short_number
 
 # The three starts of the recovery curve, in the order a reader meets them, one colour each.
 STARTS = {"tt_svd": ("paper's MPO (TT-SVD)", "#d94701"), "activation_aware": ("activation-aware MPO", "#2171b5"),
-          "asvd": ("activation-aware SVD (low rank)", "#31a354")}
+          "asvd": ("activation-aware SVD (low rank)", "#31a354"),
+          # the same starts distilled block by block before healing (scripts/recovery_curve.py --blockwise)
+          "tt_svd_bw": ("paper's MPO, block-wise first", "#7f2704"),
+          "asvd_bw": ("activation-aware SVD, block-wise first", "#00441b")}
 # Long healing runs (scripts/heal_long.py): the starts above on Brown, and one start on another heal.data
 LONG_RUNS = {**STARTS, "asvd_brownwiki": ("activation-aware SVD, healed on Brown + Wikipedia", "#756bb1"),
              "asvd_brownwiki_lr5e-4": ("the same, at half the peak rate", "#e7298a")}

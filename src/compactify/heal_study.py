@@ -130,7 +130,7 @@ LOSS_STUDY_FILES = ("loss_study.json", "loss_study_topk.json", "loss_study_data.
 # The long healing runs of scripts/heal_long.py under data/results/heal/ ({figure key: file}), and the
 # benchmark scoring of models saved along them (scripts/eval_models.py, the dense model first): which of
 # its models is which run after how many healing tokens ({run key: {tokens: model name}})
-LONG_RUN_FILES = {"tt_svd": "heal_long.json", "asvd": "heal_long_asvd.json",
+LONG_RUN_FILES = {"tt_svd": "heal_long.json", "tt_svd_bw": "heal_long_bw.json", "asvd": "heal_long_asvd.json",
                   "asvd_brownwiki": "heal_long_asvd_brownwiki.json",
                   "asvd_brownwiki_lr5e-4": "heal_long_asvd_brownwiki_lr5e-4.json"}
 LONG_RUN_TASKS = ("heal_long_tasks.json", {

@@ -31,6 +31,8 @@ def _ratio(r: dict) -> str:
 # The long healing runs' blocks (scripts/heal_long.py): {block: (run key of heal_study.LONG_RUN_FILES, whose
 # run, how to make it)}
 LONG_RUNS = {"heal_long": ("tt_svd", "The paper's TT-SVD start", "make heal-long"),
+             "heal_long_bw": ("tt_svd_bw", "The same TT-SVD start after notebook 05's block-wise step",
+                              "scripts/heal_long.py --blockwise"),
              "heal_long_asvd": ("asvd", "The activation-aware SVD start (the recovery curve's, 30% kept)",
                                 "scripts/heal_long.py --start"),
              "heal_long_asvd_brownwiki": ("asvd_brownwiki", "The same activation-aware SVD start",
@@ -182,6 +184,37 @@ def recovery(r: Path) -> str:
     return ("\n".join(rows) + f"\n\nPerplexities on `{texts[0]}` ({h['dense'][texts[0]]['tokens']:,} tokens, windows of "
             f"{h['dense'][texts[0]]['seq_len']}; dense {h['dense'][texts[0]]['ppl']:.1f}); every model healed for "
             f"{' / '.join(f'{t:,}' for t in tokens)} tokens of Brown; measured by: {', '.join(made)}; {footer(h['meta'])}.")
+
+
+def recovery_blockwise(r: Path) -> str:
+    """``scripts/recovery_curve.py --blockwise``: each start distilled block by block before the same
+    healing, its perplexity after the step and after healing, paired with dense and with the same
+    start's plain healing (``recovery_curve.json``)."""
+    from .figures_heal import STARTS
+
+    h = _j(Path(r) / "heal", "recovery_curve_bw.json")
+    if h is None:
+        return "(the block-wise recovery curve has not been published: scripts/recovery_curve.py --blockwise)"
+    texts = list(h["dense"])
+    vs = {(v["keep"], v["start"] + "_bw"): v["after"] for v in h.get("vs_plain", [])}
+    rows = ["| block params kept | start (peak lr) | before | after the block-wise step (s) | healed | "
+            f"healed / dense, {texts[0]} | " + " | ".join(f"healed / plain healing's, {t}" for t in texts) + " |",
+            "|---" * (6 + len(texts)) + "|"]
+    for p in sorted(h["points"], key=lambda p: (-p["keep"], list(STARTS).index(p["start"]))):
+        bw, twin = p["blockwise"], vs.get((p["keep"], p["start"]), {})
+        rows.append(f"| {100 * p['keep']:.0f}% | {STARTS[p['start']][0]} ({p['lr']:.0e}) | "
+                    f"{_ppl(p['before'][texts[0]]) if 'before' in p else '–'} | "
+                    f"{_ppl(bw['perplexity'][texts[0]])} ({bw['seconds']:.0f}) | {_ppl(p['after'][texts[0]])} | "
+                    f"{_ratio(p['after_vs_dense'][texts[0]])} | "
+                    + " | ".join(_ratio(twin[t]) if t in twin else "–" for t in texts) + " |")
+    made = sorted({f"the reference run of {p['run_commit']} (its 05_heal.json)" if p["source"] == "05_heal.json"
+                   else f"commit {p.get('commit', h['meta']['git_commit'])}" for p in h["points"]})
+    st = h["points"][0]["blockwise"]["settings"]
+    return ("\n".join(rows) + f"\n\nThe block-wise step: {st['tokens']:,} tokens of the healing text, {st['epochs']} "
+            f"passes, peak lr {st['lr']:g} per block; then {' / '.join(f'{t:,}' for t in sorted({p['tokens'] for p in h['points']}))} "
+            f"tokens of healing, as the plain points of the table above. Perplexities on `{texts[0]}` "
+            f"({h['dense'][texts[0]]['tokens']:,} tokens, windows of {h['dense'][texts[0]]['seq_len']}); paired over the "
+            f"same windows; measured by: {', '.join(made)}; {footer(h['meta'])}.")
 
 
 def slower_than_dense_below(h: Mapping) -> float:

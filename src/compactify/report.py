@@ -148,8 +148,12 @@ def _healed_frontier(r: Path, out: Path) -> None:
 
 
 def _recovery(r: Path, out: Path) -> None:
+    from .recovery import with_blockwise
+
     d = _required(r, "heal/recovery_curve.json", "scripts/recovery_curve.py (after make reproduce)")
-    F.save(F.recovery_figure(d), out, "recovery_curve", d["meta"])
+    # the same starts distilled block by block first (scripts/recovery_curve.py --blockwise), where run
+    F.save(F.recovery_figure(with_blockwise(Path(r) / "heal" / "recovery_curve.json", Path(r) / "heal")), out,
+           "recovery_curve", d["meta"])
 
 
 def _loss_study(r: Path, out: Path) -> None:

@@ -259,3 +259,26 @@ def test_blockwise_recovery_points_pair_with_the_plain_healing_of_the_same_start
     assert len(merged["points"]) == len(rec["points"]) + 3
     fig = recovery_figure(merged)
     assert any(t.get_text().startswith(STARTS["tt_svd_bw"][0]) for t in fig.legends[0].get_texts())
+
+
+def test_a_long_run_is_read_against_the_same_starts_other_run_paired_where_both_kept_their_windows():
+    """heal_long_bw.json against heal_long.json: perplexity over the other run's at the token counts
+    both measured; paired (with an interval) where both kept per-window losses, a plain ratio said
+    to be one where the other run did not."""
+    from compactify.readme_heal import _versus
+
+    def run(shift: float, windows: bool = True) -> dict:
+        pts = []
+        for k, tokens in enumerate((0, 49_152, 98_304, 245_760, 491_520, 1_048_576)):
+            v = _ppl("brown-heldout", 6.0 - 0.5 * k + shift)
+            if not windows:
+                v.pop("window_nll")
+            pts.append({"tokens": tokens, "perplexity": {"brown-heldout": v}})
+        return {"dense": {"brown-heldout": _ppl("brown-heldout", 0.0)}, "points": pts}
+
+    text = _versus(run(-0.2), run(0.0), "the plain start's run")
+    assert "paired over the same windows" in text and text.count(f"x{math.exp(-0.2):.2f} [") == 5
+    assert "at 1,049k" in text and "at 0k" not in text
+    text = _versus(run(-0.2), run(0.0, windows=False), "the plain start's run")
+    assert "without an interval" in text and f"x{math.exp(-0.2):.2f} at 49k" in text and "[" not in text
+    assert _versus(run(0.0), {"points": [{"tokens": 7, "perplexity": {}}]}, "x") == ""

@@ -43,13 +43,48 @@ HEAL_DATA = {"heal": "Brown", "wiki-vital": "Wikipedia vital-article leads",
              "brown-wiki": "Brown + Wikipedia vital-article leads (`brown-wiki`)"}
 
 
+# A long run read against another of the same start before one step ({run key: (other run key, what it lacks)})
+LONG_RUN_VERSUS = {"tt_svd_bw": ("tt_svd", "the plain start's run")}
+
+
 def long_run_block(name: str, r: Path) -> str:
-    """One long healing run (:data:`LONG_RUNS`): held-out perplexity along one long schedule."""
+    """One long healing run (:data:`LONG_RUNS`): held-out perplexity along one long schedule, and
+    where :data:`LONG_RUN_VERSUS` names another run, its perplexity over that run's at the token
+    counts both measured."""
     from .heal_study import LONG_RUN_FILES
 
     key, who, how = LONG_RUNS[name]
     h = _j(Path(r) / "heal", LONG_RUN_FILES[key])
-    return f"(this long healing run has not been published: {how})" if h is None else _long_run(h, who)
+    if h is None:
+        return f"(this long healing run has not been published: {how})"
+    other = LONG_RUN_VERSUS.get(key)
+    o = _j(Path(r) / "heal", LONG_RUN_FILES[other[0]]) if other else None
+    return _long_run(h, who) + ("" if o is None else " " + _versus(h, o, other[1]))
+
+
+def _versus(h: dict, o: dict, who: str) -> str:
+    """``h``'s perplexity over ``o``'s at the token counts both runs measured (first held-out text),
+    paired over the same windows where both kept them, else as a plain ratio (said so)."""
+    first = next(iter(h["dense"]))
+    at = {p["tokens"]: p for p in o["points"] if p["tokens"] > 0}
+    both = [(p, at[p["tokens"]]) for p in h["points"] if p["tokens"] in at]
+    if not both:
+        return ""
+    shown = {min(both, key=lambda b: abs(math.log(b[0]["tokens"] / t)))[0]["tokens"]
+             for t in (5e4, 1e5, 2.5e5, 5e5, both[-1][0]["tokens"])}
+    cells, paired = [], True
+    for p, q in both:
+        if p["tokens"] not in shown:
+            continue
+        a, b = q["perplexity"][first], p["perplexity"][first]
+        if "window_nll" in a and "window_nll" in b:
+            cells.append(f"{_ratio(C.compare_nll(a, b))} at {p['tokens'] / 1e3:,.0f}k")
+        else:
+            paired = False
+            cells.append(f"x{b['ppl'] / a['ppl']:.2f} at {p['tokens'] / 1e3:,.0f}k")
+    how = "paired over the same windows" if paired else (
+        "ratios of perplexities without an interval: the other run kept no per-window losses")
+    return f"Against {who} at the same token counts (`{first}`, {how}): " + ", ".join(cells) + "."
 
 
 def _tasks_table(h: dict) -> str:

@@ -61,6 +61,8 @@ def heal_long_figure(r: Mapping, target: float = 3.0) -> plt.Figure:
     a.set_ylabel("held-out perplexity")
     before = f"; before healing {short_number(start['perplexity'][first]['ppl'])}" if start else ""
     a.set_title(f"held-out perplexity while healing{before}", fontsize=9)
+    top = max(p["perplexity"][t]["ppl"] for p in points for t in texts)
+    a.set_ylim(top=top * 2.6)  # headroom: the legend above every curve, not over one
     a.legend(fontsize=7, loc="upper right")
     curve = r["heal"]["curve"]
     x = np.array([p["tokens"] for p in curve], dtype=float)
@@ -234,7 +236,7 @@ def heal_long_comparison(runs: Mapping[str, Mapping], targets: tuple[float, ...]
         ax.set_title(f"held-out perplexity: {t} ({first_run['dense'][t]['tokens']:,} tokens)", fontsize=9)
         # end labels (x dense), pushed apart where the runs end close together
         lo, hi = np.log10(ax.get_ylim())
-        gap, last = 0.05 * (hi - lo), -np.inf
+        gap, last = 0.065 * (hi - lo), -np.inf
         for y, x, color in sorted(ends):
             at = max(np.log10(y), last + gap)
             ax.annotate(f"x{y / dense:.3g}", (x, y), xytext=(x * 1.12, 10 ** at), textcoords="data", fontsize=7,

@@ -240,7 +240,8 @@ def test_blockwise_recovery_points_pair_with_the_plain_healing_of_the_same_start
                           "after_vs_dense": {t: compare_nll(dense[t], after[t]) for t in TEXTS},
                           "before_vs_dense": {t: compare_nll(dense[t], _ppl(t, 8.0)) for t in TEXTS},
                           "blockwise": {"settings": {"tokens": 512, "epochs": 4, "lr": 5e-3}, "tokens": 512,
-                                        "seconds": 12.0, "perplexity": mid}})
+                                        "seconds": 12.0, "perplexity": mid,
+                                        "vs_dense": {t: compare_nll(dense[t], mid[t]) for t in TEXTS}}})
     pairs = recovery.paired_points(rec["points"], bw_points)
     assert [(p["keep"], p["start"]) for p in pairs] == [(0.7, "tt_svd"), (0.5, "tt_svd")]
     assert pairs[0]["after"]["brown-heldout"]["ppl_ratio"] == pytest.approx(math.exp(-0.3))
@@ -253,12 +254,19 @@ def test_blockwise_recovery_points_pair_with_the_plain_healing_of_the_same_start
     text = readme.recovery_blockwise(tmp_path)
     rows = [r for r in text.splitlines() if r.startswith("| ") and "%" in r.split("|")[1]]
     assert [r.split("|")[1].strip() for r in rows] == ["90%", "70%", "50%"]
-    assert f"x{math.exp(-0.3):.2f}" in rows[1] and rows[0].rstrip(" |").endswith("– | –")  # no twin: no pairing
+    assert f"x{math.exp(-0.3):.2f}" in rows[1] and rows[0].rstrip(" |").endswith("– | – | –")  # no twin: no pairing
+    # the last column: against the activation-aware SVD healed plainly at the same budget (0.7: 2*0.3 + 0.2 nats - 0.3)
+    low = math.exp(2.0 * 0.3 - 0.3 - (2.0 * 0.3 + 0.2))
+    assert rows[1].rstrip(" |").endswith(f"x{low:.2f} [{low:.2f}, {low:.2f}]")
     assert "(12)" in rows[1] and "512 tokens of the healing text, 4 passes" in text and "commit bw12345" in text
     merged = recovery.with_blockwise(heal / "recovery_curve.json", heal)
     assert len(merged["points"]) == len(rec["points"]) + 3
     fig = recovery_figure(merged)
     assert any(t.get_text().startswith(STARTS["tt_svd_bw"][0]) for t in fig.legends[0].get_texts())
+    # before healing, a block-wise point sits where its step ended (x e^4 dense here), not at its TT-SVD start (x e^8)
+    ys = {round(float(y), 6) for line in fig.axes[0].lines if line.get_color() == STARTS["tt_svd_bw"][1]
+          for y in line.get_ydata()}
+    assert ys == {round(math.exp(4.0), 6)}
 
 
 def test_a_long_run_is_read_against_the_same_starts_other_run_paired_where_both_kept_their_windows():

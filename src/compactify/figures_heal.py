@@ -84,8 +84,9 @@ def heal_long_figure(r: Mapping, target: float = 3.0) -> plt.Figure:
 def recovery_figure(r: Mapping, targets: Mapping[float, float] | None = None) -> plt.Figure:
     """The recovery curve across compression (``recovery_curve.json``): held-out perplexity over
     the dense model's (paired over the same windows, 95% interval) against the fraction of block
-    parameters kept, one line per start; before healing (left), after equal healing on the
-    primary held-out text (middle) and on the other one (right). ``targets`` ({kept: ratio},
+    parameters kept, one line per start; before healing (left; for a start distilled block by
+    block first, after that step), after equal healing on the primary held-out text (middle) and
+    on the other one (right). ``targets`` ({kept: ratio},
     default the healing issue's 1.1x at 70%, 1.3x at 50%) are marked on the middle panel."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -93,7 +94,8 @@ def recovery_figure(r: Mapping, targets: Mapping[float, float] | None = None) ->
     apply_style()
     texts = list(r["dense"])
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.7))
-    panels = [(axes[0], "before_vs_dense", texts[0], "before healing"),
+    bw = any("blockwise" in p for p in r["points"])
+    panels = [(axes[0], "before_vs_dense", texts[0], "before healing" + (" (block-wise: after its step)" if bw else "")),
               (axes[1], "after_vs_dense", texts[0], "after equal healing"),
               (axes[2], "after_vs_dense", texts[-1], "after equal healing")]
     starts = [s for s in STARTS if any(p["start"] == s for p in r["points"])]
@@ -102,7 +104,9 @@ def recovery_figure(r: Mapping, targets: Mapping[float, float] | None = None) ->
         for k, s in enumerate(starts):
             pts = sorted((p for p in r["points"] if p["start"] == s and key in p), key=lambda p: p["keep"])
             x = [100 * p["keep"] + 1.6 * (k - (len(starts) - 1) / 2) for p in pts]  # side by side, not on top
-            v = [p[key][text] for p in pts]
+            # a block-wise point's healing starts where its block-wise step ended: that is its "before"
+            v = [p["blockwise"]["vs_dense"][text] if key == "before_vs_dense" and "blockwise" in p else p[key][text]
+                 for p in pts]
             y = [c["ppl_ratio"] for c in v]
             err = [[c["ppl_ratio"] - c["ppl_ratio_lo"] for c in v], [c["ppl_ratio_hi"] - c["ppl_ratio"] for c in v]]
             label, color = STARTS[s]
@@ -127,9 +131,11 @@ def recovery_figure(r: Mapping, targets: Mapping[float, float] | None = None) ->
     axes[2].set_ylim(bottom=0.9)
     fig.suptitle(f"The recovery curve: {', '.join(f'{t:,}' for t in tokens)} healing tokens per model, same recipe",
                  fontsize=10, y=0.99)
-    handles, labels = axes[1].get_legend_handles_labels()  # one row under the title, clear of every curve
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.945), ncol=len(labels), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.895))
+    handles, labels = axes[1].get_legend_handles_labels()  # under the title, clear of every curve: one row,
+    rows = 1 if len(labels) <= 4 else 2                       # two where five entries would not fit the width
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.945), ncol=-(-len(labels) // rows),
+               fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.895 - 0.06 * (rows - 1)))
     return fig
 
 

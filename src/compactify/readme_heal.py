@@ -232,16 +232,19 @@ def recovery_blockwise(r: Path) -> str:
         return "(the block-wise recovery curve has not been published: scripts/recovery_curve.py --blockwise)"
     texts = list(h["dense"])
     vs = {(v["keep"], v["start"] + "_bw"): v["after"] for v in h.get("vs_plain", [])}
+    plain = _j(Path(r) / "heal", "recovery_curve.json")  # the low-rank peer healed plainly at the same budget
+    peer = {p["keep"]: p["after"][texts[0]] for p in (plain or {}).get("points", []) if p["start"] == "asvd"}
     rows = ["| block params kept | start (peak lr) | before | after the block-wise step (s) | healed | "
-            f"healed / dense, {texts[0]} | " + " | ".join(f"healed / plain healing's, {t}" for t in texts) + " |",
-            "|---" * (6 + len(texts)) + "|"]
+            f"healed / dense, {texts[0]} | " + " | ".join(f"healed / plain healing's, {t}" for t in texts)
+            + f" | healed / activation-aware SVD's (plain), {texts[0]} |", "|---" * (7 + len(texts)) + "|"]
     for p in sorted(h["points"], key=lambda p: (-p["keep"], list(STARTS).index(p["start"]))):
         bw, twin = p["blockwise"], vs.get((p["keep"], p["start"]), {})
+        low = _ratio(C.compare_nll(peer[p["keep"]], p["after"][texts[0]])) if p["keep"] in peer else "–"
         rows.append(f"| {100 * p['keep']:.0f}% | {STARTS[p['start']][0]} ({p['lr']:.0e}) | "
                     f"{_ppl(p['before'][texts[0]]) if 'before' in p else '–'} | "
                     f"{_ppl(bw['perplexity'][texts[0]])} ({bw['seconds']:.0f}) | {_ppl(p['after'][texts[0]])} | "
                     f"{_ratio(p['after_vs_dense'][texts[0]])} | "
-                    + " | ".join(_ratio(twin[t]) if t in twin else "–" for t in texts) + " |")
+                    + " | ".join(_ratio(twin[t]) if t in twin else "–" for t in texts) + f" | {low} |")
     made = sorted({f"the reference run of {p['run_commit']} (its 05_heal.json)" if p["source"] == "05_heal.json"
                    else f"commit {p.get('commit', h['meta']['git_commit'])}" for p in h["points"]})
     st = h["points"][0]["blockwise"]["settings"]

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     ref05 = [("tt_svd", heal05["after"])] if bool(bw05) == args.blockwise else []
     if not args.blockwise:
         ref05.append((improved, (heal05.get("improved") or {}).get("after")))
-    suffix = "_bw" if args.blockwise else ""
+    suffix = recovery.SUFFIX if args.blockwise else ""
     for start, after in ref05:
         if start and after and not any(p["keep"] == tc["main_keep_ratio"] and p["start"] == start + suffix
                                        for p in points):
@@ -132,9 +132,14 @@ def main(argv=None) -> int:
 
     sweeps, checks = done.get("lr_sweeps", {}), done.get("rate_checks", {})
 
+    plain_file = results / "recovery_curve.json"  # --blockwise: the plain healings each point is paired with
+    plain = read_json(plain_file)["points"] if args.blockwise and plain_file.is_file() else None
+
     def write() -> None:  # atomic, after every measurement: an interrupted run keeps what it measured
         save_results(out, {"plan": tc["main_plan"], "dense": dense_ppl, "points": points, "lr_sweeps": sweeps,
-                           "rate_checks": checks}, cfg, device="cpu")
+                           "rate_checks": checks,
+                           **({"vs_plain": recovery.paired_points(plain, points)} if plain is not None else {})},
+                     cfg, device="cpu")
 
     for start in [s for s in args.starts if s not in lrs]:
         if start not in sweeps:
@@ -189,18 +194,16 @@ def main(argv=None) -> int:
                   f"{after['brown-heldout']['ppl']:,.1f} = x{r['ppl_ratio']:.2f} [{r['ppl_ratio_lo']:.2f}, "
                   f"{r['ppl_ratio_hi']:.2f}] dense", flush=True)
             write()
-    if args.blockwise:  # each block-wise healing against the same start's plain healing, same windows
-        write()
-        plain = results / "recovery_curve.json"
-        if plain.is_file():
-            d = read_json(out)
-            d["vs_plain"] = recovery.paired_points(read_json(plain)["points"], d["points"])
-            save_results(out, {k: v for k, v in d.items() if k != "meta"}, cfg, device="cpu")
+    write()  # (also when every point was measured before: the pairing with the plain healings is refreshed)
     from compactify import figures
 
-    main_file = results / "recovery_curve.json" if args.blockwise else out
-    fig = figures.save(figures.recovery_figure(recovery.with_blockwise(main_file, results)),
-                       Path(args.figure).parent, Path(args.figure).stem, read_json(main_file)["meta"])
+    main_file = plain_file if args.blockwise else out
+    if not main_file.is_file():
+        print(f"recovery curve: wrote {out}; no figure without the plain curve ({main_file})")
+        return 0
+    d = read_json(main_file)
+    fig = figures.save(figures.recovery_figure(recovery.with_blockwise(d, results)), Path(args.figure).parent,
+                       Path(args.figure).stem, d["meta"])
     print(f"recovery curve: wrote {out} and {fig}")
     return 0
 

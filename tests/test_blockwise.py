@@ -153,6 +153,10 @@ def test_heal_long_blockwise_needs_the_step_and_notebook_05s_start(tmp_path):
         run.require(other, "tensorized_bw")
     assert run.require(load_config("configs/smoke.yaml", {"run_dir": str(tmp_path), "heal.blockwise.tokens": 128,
                                                           "heal.lr": 3e-4}), "tensorized_bw")  # healing's own rate
+    batches = load_config("configs/smoke.yaml", {"run_dir": str(tmp_path), "heal.blockwise.tokens": 128,
+                                                 "heal.batch_per_rank": 2})  # the step's batches are healing's
+    with pytest.raises(run.RunInputError, match="heal.batch_per_rank"):
+        run.require(batches, "tensorized_bw")
     with pytest.raises(SystemExit):
         mod.main(["--blockwise", "--start", str(tmp_path), "--out", str(out)])
     assert not out.exists()

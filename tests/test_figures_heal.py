@@ -259,7 +259,8 @@ def test_blockwise_recovery_points_pair_with_the_plain_healing_of_the_same_start
     low = math.exp(2.0 * 0.3 - 0.3 - (2.0 * 0.3 + 0.2))
     assert rows[1].rstrip(" |").endswith(f"x{low:.2f} [{low:.2f}, {low:.2f}]")
     assert "(12)" in rows[1] and "512 tokens of the healing text, 4 passes" in text and "commit bw12345" in text
-    merged = recovery.with_blockwise(heal / "recovery_curve.json", heal)
+    assert recovery.with_blockwise(rec, tmp_path / "nothing")["points"] == rec["points"]
+    merged = recovery.with_blockwise(rec, heal)
     assert len(merged["points"]) == len(rec["points"]) + 3
     fig = recovery_figure(merged)
     assert any(t.get_text().startswith(STARTS["tt_svd_bw"][0]) for t in fig.legends[0].get_texts())

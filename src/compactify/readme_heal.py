@@ -226,12 +226,13 @@ def recovery_blockwise(r: Path) -> str:
     healing, its perplexity after the step and after healing, paired with dense and with the same
     start's plain healing (``recovery_curve.json``)."""
     from .figures_heal import STARTS
+    from .recovery import SUFFIX
 
     h = _j(Path(r) / "heal", "recovery_curve_bw.json")
     if h is None:
         return "(the block-wise recovery curve has not been published: scripts/recovery_curve.py --blockwise)"
     texts = list(h["dense"])
-    vs = {(v["keep"], v["start"] + "_bw"): v["after"] for v in h.get("vs_plain", [])}
+    vs = {(v["keep"], v["start"] + SUFFIX): v["after"] for v in h.get("vs_plain", [])}
     plain = _j(Path(r) / "heal", "recovery_curve.json")  # the low-rank peer healed plainly at the same budget
     peer = {p["keep"]: p["after"][texts[0]] for p in (plain or {}).get("points", []) if p["start"] == "asvd"}
     rows = ["| block params kept | start (peak lr) | before | after the block-wise step (s) | healed | "

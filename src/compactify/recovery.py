@@ -32,13 +32,13 @@ def paired_points(plain: Sequence[Mapping], blockwise: Sequence[Mapping], suffix
     return sorted(out, key=lambda r: (-r["keep"], r["start"]))
 
 
-def with_blockwise(main_file: Path, results: Path) -> dict:
-    """``recovery_curve.json`` with the points of ``recovery_curve_bw.json`` beside it where that
-    file exists (the figure draws both; each point keeps its own commit)."""
-    d = read_json(main_file)
+def with_blockwise(plain: Mapping, results: Path) -> dict:
+    """The plain curve (``recovery_curve.json``, loaded) with the points of ``recovery_curve_bw.json``
+    beside it where that file exists (the figure draws both; each point keeps its own commit)."""
     bw = Path(results) / "recovery_curve_bw.json"
-    if bw.is_file() and Path(main_file).resolve() != bw.resolve():
-        extra = read_json(bw)
-        commit = extra["meta"].get("git_commit")
-        d["points"] = d["points"] + [{**p, "commit": p.get("commit") or commit} for p in extra["points"]]
-    return d
+    if not bw.is_file():
+        return dict(plain)
+    extra = read_json(bw)
+    commit = extra["meta"].get("git_commit")
+    return {**plain, "points": list(plain["points"]) + [{**p, "commit": p.get("commit") or commit}
+                                                        for p in extra["points"]]}

@@ -152,8 +152,7 @@ def _recovery(r: Path, out: Path) -> None:
 
     d = _required(r, "heal/recovery_curve.json", "scripts/recovery_curve.py (after make reproduce)")
     # the same starts distilled block by block first (scripts/recovery_curve.py --blockwise), where run
-    F.save(F.recovery_figure(with_blockwise(Path(r) / "heal" / "recovery_curve.json", Path(r) / "heal")), out,
-           "recovery_curve", d["meta"])
+    F.save(F.recovery_figure(with_blockwise(d, Path(r) / "heal")), out, "recovery_curve", d["meta"])
 
 
 def _loss_study(r: Path, out: Path) -> None:

@@ -41,9 +41,11 @@ ARTEFACTS: dict[str, Artefact] = {
     "tensorized_aa": Artefact("models/tensorized_aa", "03_tensorize", _TENSORIZE, "results/03_tensorize.json"),
     "quantize": Artefact("results/04_quantize.json", "04_quantize", (*_TENSORIZE, "quantize"), "results/04_quantize.json"),
     "heal": Artefact("results/05_heal.json", "05_heal", (*_TENSORIZE, "heal"), "results/05_heal.json"),
-    # notebook 05's block-wise start (heal.blockwise): shaped by the step's settings and the text it distils on
+    # notebook 05's block-wise start (heal.blockwise): shaped by the step's settings, the text it distils on and
+    # its windows and batches (healing's: blockwise.settings_from)
     "tensorized_bw": Artefact("models/tensorized_bw", "05_heal", (*_TENSORIZE, "heal.blockwise", "heal.data",
-                                                                  "heal.seq_len"), "results/05_heal.json"),
+                                                                  "heal.seq_len", "heal.batch_per_rank"),
+                              "results/05_heal.json"),
     "healed": Artefact("heal/tensorized/model", "05_heal", (*_TENSORIZE, "heal"), "results/05_heal.json"),
     "healed_aa": Artefact("heal/tensorized_aa/model", "05_heal", (*_TENSORIZE, "heal"), "results/05_heal.json"),
     "evaluate": Artefact("results/06_evaluate.json", "06_evaluate", (*_TENSORIZE, "heal", "eval", "quantize"),

@@ -194,7 +194,8 @@ def main(argv=None) -> int:
                   f"{after['brown-heldout']['ppl']:,.1f} = x{r['ppl_ratio']:.2f} [{r['ppl_ratio_lo']:.2f}, "
                   f"{r['ppl_ratio_hi']:.2f}] dense", flush=True)
             write()
-    write()  # (also when every point was measured before: the pairing with the plain healings is refreshed)
+    if args.blockwise:  # also when every point was measured before: the pairing with the plain healings refreshed
+        write()
     from compactify import figures
 
     main_file = plain_file if args.blockwise else out

@@ -36,6 +36,15 @@ def earlier_runs(results: Path, blockwise: bool = False) -> list[dict]:
     return sorted(out, key=lambda r: r["tokens"])
 
 
+def start_runs(start: Path) -> list[dict]:
+    """For ``--start`` a start of ``scripts/recovery_curve.py``: its healing on the recovery curve (same
+    recipe, its own complete schedule), the separate full run drawn beside the long one."""
+    from compactify.recovery import full_run_of
+
+    run = full_run_of(start, ROOT / "data" / "results")
+    return [run] if run else []
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
@@ -60,6 +69,9 @@ def main(argv=None) -> int:
                     help="keep every checkpoint (one per two measurements, ~3x the trained weights each) and export "
                          "each as a model directory <run folder>/at_<tokens>, to score the benchmarks along the run "
                          "with scripts/eval_models.py")
+    ap.add_argument("--target", type=float, default=3.0,
+                    help="the target drawn on the figure and judged in the README, x dense on the primary held-out "
+                         "text (default 3: the main model's; the recovery curve's are 1.1 at 70%% kept, 1.3 at 50%%)")
     ap.add_argument("--stop-after-tokens", type=int, default=None,
                     help="end at the last checkpoint at or before this many tokens, on the schedule of --tokens (the "
                          "first part of the same run: a recipe check); the JSON says completed: false; no figure")
@@ -97,7 +109,9 @@ def main(argv=None) -> int:
             save_results(out, {**result, "schedule_tokens": args.tokens}, cfg, device=cfg["device"], start=str(model_dir))
             print(f"heal-long: stopped at {result['stopped_at_tokens']:,} of {args.tokens:,} tokens; wrote {out}")
             return 0
-        result["earlier_full_runs"] = [] if args.start else earlier_runs(ROOT / "data" / "results", args.blockwise)
+        result["earlier_full_runs"] = (start_runs(model_dir) if args.start else
+                                       earlier_runs(ROOT / "data" / "results", args.blockwise))
+        result["target"] = args.target
         if args.keep_checkpoints:
             result["exports"] = export_checkpoints(model_dir, work, result["heal"]["plan"]["tokens_per_step"])
         save_results(out, result, cfg, device=cfg["device"], start=str(model_dir))
@@ -108,13 +122,17 @@ def main(argv=None) -> int:
         from compactify.results import write_json
 
         result = read_json(out)
-        # (kept as stored where today's notebook 05 healed another start than the run's)
-        result["earlier_full_runs"] = earlier_runs(ROOT / "data" / "results", args.blockwise) or \
+        # (kept as stored where today's notebook 05 healed another start than the run's; a run of --start is
+        # drawn beside the recovery curve's healing of it: only a start under <run>/models is notebook 03's or 05's)
+        start = Path(result["meta"].get("start", "models/x"))
+        result["earlier_full_runs"] = (earlier_runs(ROOT / "data" / "results", args.blockwise)
+                                       if start.parent.name == "models" else start_runs(start)) or \
             result.get("earlier_full_runs", [])
+        result.setdefault("target", args.target)
         write_json(out, result)
     result = read_json(out)
-    path = figures.save(figures.heal_long_figure(result), Path(args.figure).parent, Path(args.figure).stem,
-                        result["meta"])  # (make figures redraws it too: compactify.report)
+    path = figures.save(figures.heal_long_figure(result, target=result.get("target", 3.0)),
+                        Path(args.figure).parent, Path(args.figure).stem, result["meta"])  # (make figures redraws it too: compactify.report)
     print(f"heal-long: figure {path}")
     return 0
 

@@ -175,3 +175,31 @@ def test_heal_long_draws_notebook_05s_run_only_beside_a_long_run_of_the_same_sta
     (tmp_path / "05_heal.json").write_text(json.dumps({**heal, "blockwise": {"tokens": 128}}))
     assert mod.earlier_runs(tmp_path) == []
     assert mod.earlier_runs(tmp_path, blockwise=True)[0]["ppl"] == 200.0
+
+
+def test_a_long_run_of_a_recovery_start_is_drawn_beside_that_starts_healing_on_the_recovery_curve(tmp_path):
+    """``heal_long.py --start <run>/recovery/keep0.7_asvd/start_bw``: the open circle is the recovery
+    curve's healing of that start (recovery_curve_bw.json, keep 0.7, asvd_bw), not notebook 05's run; a
+    folder the recovery curve did not write, or a point it did not publish, gives none."""
+    import json
+
+    from compactify.recovery import full_run_of
+
+    mod = _heal_long_script()
+    mod.ROOT = tmp_path / "root"  # start_runs reads ROOT/data/results
+    assert mod.start_runs(tmp_path / "run" / "recovery" / "keep0.7_asvd" / "start_bw") == []
+    results = tmp_path / "root" / "data" / "results"
+    (results / "heal").mkdir(parents=True)
+    point = {"keep": 0.7, "start": "asvd_bw", "tokens": 4096, "after": {"brown-heldout": {"ppl": 83.9},
+                                                                        "boolq-wiki": {"ppl": 70.0}}}
+    other = {**point, "keep": 0.5, "after": {"brown-heldout": {"ppl": 135.9}}}
+    (results / "heal" / "recovery_curve_bw.json").write_text(json.dumps({"points": [other, point]}))
+    run = tmp_path / "run" / "recovery"
+    got = full_run_of(run / "keep0.7_asvd" / "start_bw", results)
+    assert got["tokens"] == 4096 and got["ppl"] == 83.9 and "0.7 kept, asvd_bw" in got["source"]
+    assert full_run_of(run / "keep0.5_asvd" / "start_bw", results)["ppl"] == 135.9
+    assert full_run_of(run / "keep0.7_asvd" / "start", results) is None  # plain start: recovery_curve.json absent
+    assert full_run_of(run / "keep0.3_asvd" / "start_bw", results) is None  # not on the curve
+    assert full_run_of(tmp_path / "run" / "models" / "tensorized_bw", results) is None
+    assert full_run_of(run / "keepX_asvd" / "start_bw", results) is None
+    assert mod.start_runs(run / "keep0.7_asvd" / "start_bw")[0]["ppl"] == 83.9

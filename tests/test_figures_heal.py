@@ -291,3 +291,34 @@ def test_a_long_run_is_read_against_the_same_starts_other_run_paired_where_both_
     text = _versus(run(-0.2), run(0.0, windows=False), "the plain start's run")
     assert "without an interval" in text and f"x{math.exp(-0.2):.2f} at 49k" in text and "[" not in text
     assert _versus(run(0.0), {"points": [{"tokens": 7, "perplexity": {}}]}, "x") == ""
+
+
+def test_a_long_run_at_another_budget_is_judged_against_its_own_target_and_kept_out_of_the_comparison(tmp_path):
+    """A long run of the recovery curve's 70% start (``--target 1.1``) is judged in the README against
+    1.1x dense only, not the main model's 3x / 1.5x; the comparison figure of starts (one budget) leaves it out."""
+    from compactify import report
+    from compactify.heal_study import LONG_RUN_FILES, LONG_RUN_KEEP
+    from compactify.readme_heal import _long_run
+
+    dense = {t: _ppl(t, 0.0) for t in TEXTS}
+    pts = [{"step": k, "tokens": tok, "perplexity": {t: _ppl(t, 1.0 - 0.2 * k) for t in TEXTS}}
+           for k, tok in enumerate((0, 49_152, 98_304, 245_760, 491_520, 1_048_576))]
+    meta = {"git_commit": "abc1234", "model": "embedded", "device": {"device": "cpu"}, "config_name": "test"}
+    run = {"meta": meta, "tokens": 1_048_576, "lr": 1e-3, "dense": dense, "points": pts,
+           "final_vs_dense": {t: compare_nll(dense[t], pts[-1]["perplexity"][t]) for t in TEXTS},
+           "heal": {"tokens_per_s": 280.0, "train_seconds": 3700.0, "compute": "autocast-bf16",
+                    "curve": [{"tokens": 1024 * i, "lm_loss": 4.0 - 0.01 * i} for i in range(1, 60)]},
+           "earlier_full_runs": [], "target": 1.1}
+    text = _long_run(run, "The 70% start")  # ends at +0.0 nats: x1.00 dense
+    assert "Target on `brown-heldout`: <= 1.1x dense met." in text and "3x" not in text
+    assert "Targets on `brown-heldout`: <= 3x dense met, <= 1.5x dense met." in _long_run({**run, "target": 3.0}, "x")
+    assert "<= 1.5x dense" in _long_run({k: v for k, v in run.items() if k != "target"}, "x")
+    (tmp_path / "heal").mkdir()
+    for key in ("tt_svd", *LONG_RUN_KEEP):
+        (tmp_path / "heal" / LONG_RUN_FILES[key]).write_text(json.dumps(run))
+    report._heal_long(tmp_path, tmp_path / "figs")
+    assert (tmp_path / "figs" / "heal_long.png").is_file()
+    assert not (tmp_path / "figs" / "heal_long_comparison.png").exists()  # one start at the main budget: nothing to compare
+    (tmp_path / "heal" / LONG_RUN_FILES["asvd"]).write_text(json.dumps(run))
+    report._heal_long(tmp_path, tmp_path / "figs")
+    assert (tmp_path / "figs" / "heal_long_comparison.png").is_file()

@@ -132,7 +132,10 @@ LOSS_STUDY_FILES = ("loss_study.json", "loss_study_topk.json", "loss_study_data.
 # its models is which run after how many healing tokens ({run key: {tokens: model name}})
 LONG_RUN_FILES = {"tt_svd": "heal_long.json", "tt_svd_bw": "heal_long_bw.json", "asvd": "heal_long_asvd.json",
                   "asvd_brownwiki": "heal_long_asvd_brownwiki.json",
-                  "asvd_brownwiki_lr5e-4": "heal_long_asvd_brownwiki_lr5e-4.json"}
+                  "asvd_brownwiki_lr5e-4": "heal_long_asvd_brownwiki_lr5e-4.json",
+                  "asvd_bw_keep0.7": "heal_long_keep0.7_asvd_bw.json"}
+# Long runs at another budget than the main model's (block parameters kept): not in the comparison of starts
+LONG_RUN_KEEP = {"asvd_bw_keep0.7": 0.7}
 LONG_RUN_TASKS = ("heal_long_tasks.json", {
     "asvd": {1_048_576: "asvd@1M"},
     "asvd_brownwiki": {98_304: "asvd+wiki@98k", 196_608: "asvd+wiki@197k", 294_912: "asvd+wiki@295k",

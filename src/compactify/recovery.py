@@ -42,3 +42,29 @@ def with_blockwise(plain: Mapping, results: Path) -> dict:
     commit = extra["meta"].get("git_commit")
     return {**plain, "points": list(plain["points"]) + [{**p, "commit": p.get("commit") or commit}
                                                         for p in extra["points"]]}
+
+
+def full_run_of(start_dir: Path, results: Path) -> dict | None:
+    """The recovery curve's healing of a saved start (``<run>/recovery/keep<k>_<start>/start`` or
+    ``.../start_bw``, the folders ``scripts/recovery_curve.py`` writes) as ``{tokens, ppl, source}``
+    on the first held-out text, or None where the folder is not one of them or its point is not
+    published: the separate full run a long run of the same start is drawn beside."""
+    start_dir = Path(start_dir)
+    parent, leaf = start_dir.resolve().parent.name, start_dir.resolve().name
+    if not parent.startswith("keep") or "_" not in parent or leaf not in ("start", "start" + SUFFIX):
+        return None
+    keep, start = parent[len("keep"):].split("_", 1)
+    try:
+        keep = float(keep)
+    except ValueError:
+        return None
+    name = "recovery_curve.json" if leaf == "start" else "recovery_curve" + SUFFIX + ".json"
+    f = Path(results) / "heal" / name
+    if not f.is_file():
+        return None
+    start += "" if leaf == "start" else SUFFIX
+    for p in read_json(f)["points"]:
+        if p["keep"] == keep and p["start"] == start and "after" in p:
+            first = next(iter(p["after"]))
+            return {"tokens": p["tokens"], "ppl": p["after"][first]["ppl"], "source": f"{name} ({keep:g} kept, {start})"}
+    return None

@@ -129,12 +129,13 @@ def _scale(r: Path, out: Path) -> None:
 
 
 def _heal_long(r: Path, out: Path) -> None:
-    from .heal_study import LONG_RUN_FILES, LONG_RUN_TASKS
+    from .heal_study import LONG_RUN_FILES, LONG_RUN_KEEP, LONG_RUN_TASKS
 
     d = _required(r, f"heal/{LONG_RUN_FILES['tt_svd']}", "make heal-long (after make reproduce)")
     F.save(F.heal_long_figure(d), out, "heal_long", d["meta"])
-    # the same long healing of other starts or on other text, where run; the benchmarks along them, where scored
-    runs = {"tt_svd": d} | {k: h for k, f in LONG_RUN_FILES.items() if k != "tt_svd"
+    # the same long healing of other starts or on other text at the same budget, where run; the benchmarks
+    # along them, where scored
+    runs = {"tt_svd": d} | {k: h for k, f in LONG_RUN_FILES.items() if k != "tt_svd" and k not in LONG_RUN_KEEP
                             and (h := _optional(r, f"heal/{f}")) is not None}
     t = _optional(r, f"heal/{LONG_RUN_TASKS[0]}")
     if len(runs) > 1:

@@ -313,7 +313,20 @@ def test_a_long_run_at_another_budget_is_judged_against_its_own_target_and_kept_
     assert "Target on `brown-heldout`: <= 1.1x dense met." in text and "3x" not in text
     assert "Targets on `brown-heldout`: <= 3x dense met, <= 1.5x dense met." in _long_run({**run, "target": 3.0}, "x")
     assert "<= 1.5x dense" in _long_run({k: v for k, v in run.items() if k != "target"}, "x")
+    # its end paired with the recovery curve's healing of the same start, where that is published
+    from compactify.readme_heal import LONG_RUN_BESIDE, long_run_block
+
     (tmp_path / "heal").mkdir()
+    key = next(iter(LONG_RUN_KEEP))
+    (tmp_path / "heal" / LONG_RUN_FILES[key]).write_text(json.dumps(run))
+    name = next(n for n, v in readme.LONG_RUNS.items() if v[0] == key)
+    assert "recovery curve's healing" not in long_run_block(name, tmp_path)
+    file, keep, start = LONG_RUN_BESIDE[key]
+    curve = {"points": [{"keep": keep, "start": start, "tokens": 4096, "after": {t: _ppl(t, 0.3) for t in TEXTS}}]}
+    (tmp_path / "heal" / file).write_text(json.dumps(curve))
+    text = long_run_block(name, tmp_path)
+    assert "Target on `brown-heldout`: <= 1.1x dense met." in text
+    assert f"`boolq-wiki` x{math.exp(-0.3):.2f} [{math.exp(-0.3):.2f}, {math.exp(-0.3):.2f}]." in text  # 0.3 nats lower
     for key in ("tt_svd", *LONG_RUN_KEEP):
         (tmp_path / "heal" / LONG_RUN_FILES[key]).write_text(json.dumps(run))
     report._heal_long(tmp_path, tmp_path / "figs")

@@ -322,10 +322,11 @@ def test_a_long_run_at_another_budget_is_judged_against_its_own_target_and_kept_
     name = next(n for n, v in readme.LONG_RUNS.items() if v[0] == key)
     assert "recovery curve's healing" not in long_run_block(name, tmp_path)
     file, keep, start = LONG_RUN_BESIDE[key]
-    curve = {"points": [{"keep": keep, "start": start, "tokens": 4096, "after": {t: _ppl(t, 0.3) for t in TEXTS}}]}
+    curve = {"points": [{"keep": keep, "start": start, "tokens": 4096, "lr": 1e-3,
+                         "after": {t: _ppl(t, 0.3) for t in TEXTS}}]}
     (tmp_path / "heal" / file).write_text(json.dumps(curve))
     text = long_run_block(name, tmp_path)
-    assert "Target on `brown-heldout`: <= 1.1x dense met." in text
+    assert "Target on `brown-heldout`: <= 1.1x dense met." in text and "4,096 tokens in a schedule of their own, peak lr 0.001" in text
     assert f"`boolq-wiki` x{math.exp(-0.3):.2f} [{math.exp(-0.3):.2f}, {math.exp(-0.3):.2f}]." in text  # 0.3 nats lower
     for key in ("tt_svd", *LONG_RUN_KEEP):
         (tmp_path / "heal" / LONG_RUN_FILES[key]).write_text(json.dumps(run))

@@ -48,8 +48,8 @@ HEAL_DATA = {"heal": "Brown", "wiki-vital": "Wikipedia vital-article leads",
 
 # A long run read against another of the same start before one step ({run key: (other run key, what it lacks)})
 LONG_RUN_VERSUS = {"tt_svd_bw": ("tt_svd", "the plain start's run")}
-# A long run of a recovery-curve start read against that start's healing on the curve, which had the same
-# recipe for fewer tokens in its own complete schedule ({run key: (results file, keep, start on the curve)})
+# A long run of a recovery-curve start read against that start's healing on the curve: the same recipe for
+# fewer tokens in its own complete schedule, at its own peak rate ({run key: (results file, keep, start on the curve)})
 LONG_RUN_BESIDE = {"asvd_bw_keep0.7": ("recovery_curve_bw.json", 0.7, "asvd_bw")}
 
 
@@ -82,7 +82,8 @@ def _beside(h: dict, r: Path, file: str, keep: float, start: str) -> str:
     first = next(iter(p["after"]))
     return "" if not cells else (
         f"Against the recovery curve's healing of the same start (`{file}`: {p['tokens']:,} tokens in a schedule of "
-        f"their own, `{first}` {_ppl(p['after'][first])}), the end of this run, paired over the same windows: "
+        f"their own" + (f", peak lr {p['lr']:g}" if "lr" in p else "") + f", `{first}` {_ppl(p['after'][first])}), "
+        f"the end of this run, paired over the same windows: "
         + ", ".join(cells) + ".")
 
 

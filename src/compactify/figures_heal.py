@@ -33,12 +33,12 @@ def heal_long_figure(r: Mapping, target: float = 3.0) -> plt.Figure:
     texts = list(r["dense"])
     colors = dict(zip(texts, ("#d94701", "#2171b5", "#31a354")))
     start = next((p for p in r["points"] if p["tokens"] == 0), None)
+    ends = []
     for t in texts:
         x, y = [p["tokens"] for p in points], [p["perplexity"][t]["ppl"] for p in points]
         a.plot(x, y, marker="o", ms=3, color=colors[t], label=f"{t} ({r['dense'][t]['tokens']:,} tokens)")
         a.axhline(r["dense"][t]["ppl"], ls="--", lw=1, color=colors[t])
-        a.annotate(f"x{y[-1] / r['dense'][t]['ppl']:.3g}\ndense", (x[-1], y[-1]), xytext=(5, 0),
-                   textcoords="offset points", fontsize=7, color=colors[t], ha="left", va="center")
+        ends.append((y[-1], x[-1], colors[t], f"x{y[-1] / r['dense'][t]['ppl']:.3g}\ndense"))
         a.text(x[0], r["dense"][t]["ppl"], f" dense {r['dense'][t]['ppl']:.1f}", fontsize=7, color=colors[t],
                va="top", ha="left")
     first = texts[0]
@@ -63,6 +63,14 @@ def heal_long_figure(r: Mapping, target: float = 3.0) -> plt.Figure:
     a.set_title(f"held-out perplexity while healing{before}", fontsize=9)
     top = max(p["perplexity"][t]["ppl"] for p in points for t in texts)
     a.set_ylim(top=top * 2.6)  # headroom: the legend above every curve, not over one
+    # end labels (x dense, two lines each), pushed apart where the texts end close together
+    lo, hi = np.log10(a.get_ylim())
+    gap, last = 0.1 * (hi - lo), -np.inf
+    for y, x, color, label in sorted(ends):
+        at = max(np.log10(y), last + gap)
+        a.annotate(label, (x, y), xytext=(x * 1.12, 10 ** at), textcoords="data", fontsize=7, color=color,
+                   ha="left", va="center")
+        last = at
     a.legend(fontsize=7, loc="upper right")
     curve = r["heal"]["curve"]
     x = np.array([p["tokens"] for p in curve], dtype=float)

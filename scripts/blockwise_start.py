@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=d.tokens, help="block-wise calibration tokens (healing data)")
     ap.add_argument("--epochs", type=int, default=d.epochs)
     ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--rows", choices=("first", "last"), default=d.rows,
+                    help="rows of the healing data the step trains on (first: the ones healing starts on)")
     ap.add_argument("--lrs", type=float, nargs="+", default=None,
                     help="peak rates the block-wise start is healed at (default: notebook 05's rate for that start)")
     ap.add_argument("--no-control", action="store_true", help="skip the equal-time healing of the untrained start")
@@ -73,15 +75,16 @@ def main(argv=None) -> int:
     tokens = int(hc["tokens"])
     first = next(iter(heldout))   # the primary held-out text: the best rate is judged on it
     per_step = int(hc["batch_per_rank"]) * bw.seq_len * int(hc["nproc"])
-    out = {"notebook_05_tokens": tokens, "blockwise": vars(bw) | {"autocast": str(amp)}, "starts": {}}
+    out = {"notebook_05_tokens": tokens, "blockwise": vars(bw) | {"autocast": str(amp), "rows": args.rows}, "starts": {}}
     for name in args.starts:
         sect = "main" if name == "tt_svd" else "improved"
         before = t03[sect]["evaluation"]["perplexity_texts"]
         healed_05 = (t05["after"] if name == "tt_svd" else t05["improved"]["after"])["perplexity_texts"]
         lr = float(hc["lr"]) if name == "tt_svd" else float(t05["improved"]["lr"])
-        start_dir, bw_dir = root / "models" / STARTS[name], root / "models" / f"{STARTS[name]}_bw"
+        rows = "" if args.rows == "first" else f"_{args.rows}"   # (another start: its own folders)
+        start_dir, bw_dir = root / "models" / STARTS[name], root / "models" / f"{STARTS[name]}_bw{rows}"
         print(f"{name}: block-wise distillation on {bw.tokens:,} tokens x {bw.epochs} epochs, lr {bw.lr:g}", flush=True)
-        rec = start_from_config(start_dir, bw_dir, cfg)   # reused when made before from the same start and settings
+        rec = start_from_config(start_dir, bw_dir, cfg, rows=args.rows)   # reused when made before: same start, settings
         if rec["reused"]:
             print(f"  reusing the block-wise start in {bw_dir} ({rec['seconds']:.0f} s when made)", flush=True)
         ppl = heldout_perplexities(load_compressed(bw_dir), tok, heldout, cfg)
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
              "vs_start": {t: C.compare_nll(before[t], ppl[t], name, f"{name}+blockwise") for t in ppl}}
         print(f"  {rec['seconds']:.0f} s: " + ", ".join(f"{t} {before[t]['ppl']:,.1f} -> {p['ppl']:,.1f}"
                                                       for t, p in ppl.items()), flush=True)
-        work = root / "blockwise" / name
+        work = root / "blockwise" / f"{name}{rows}"
         runs = lr_sweep(bw_dir, work, cfg, args.lrs or [lr], tokens, heldout)["lrs"]
         best = min(runs, key=lambda k: runs[k]["perplexity"][first]["ppl"])
         r.update(healed=runs, best_lr=float(best))

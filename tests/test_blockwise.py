@@ -203,3 +203,37 @@ def test_a_long_run_of_a_recovery_start_is_drawn_beside_that_starts_healing_on_t
     assert full_run_of(tmp_path / "run" / "models" / "tensorized_bw", results) is None
     assert full_run_of(run / "keepX_asvd" / "start_bw", results) is None
     assert mod.start_runs(run / "keep0.7_asvd" / "start_bw")[0]["ppl"] == 83.9
+
+
+def test_the_step_can_train_on_rows_the_healing_does_not_start_on(tmp_path, tiny_llama_dir, monkeypatch):
+    """heal.blockwise.rows: "first" (default) gives the step the first rows of the shuffled healing data,
+    the ones healing then starts on; "last" the last rows. A wrong value is refused; the settings key of a
+    "first" step is the one written before the option existed (so its saved starts are still reused)."""
+    from compactify.config import load_config
+    from compactify.heal_data import packed_data
+    from compactify.models import load_model
+
+    with pytest.raises(ValueError, match="rows='middle'"):
+        blockwise.BlockwiseConfig(rows="middle").check()
+    seen = {}
+
+    def fake(dense, model, ids, cfg=None, **kw):
+        seen[cfg.rows] = ids.clone()
+        return {"settings": {}, "seconds": 0.0}
+
+    monkeypatch.setattr(blockwise, "distill_blocks", fake)
+    from transformers import AutoModelForCausalLM
+
+    start = T.tensorize(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), T.Plan.uniform(2, target_ratio=0.3))
+    start.save_pretrained(tmp_path / "start")
+    base = {"model": str(tiny_llama_dir), "heal.seq_len": 64, "heal.batch_per_rank": 2}
+    first = load_config(None, {**base, "heal.blockwise": {"tokens": 256, "epochs": 1, "lr": 1e-3}})
+    rec = blockwise.start_from_config(tmp_path / "start", tmp_path / "bw", first, progress=False)
+    assert "rows" not in rec["key"]["settings"]
+    assert not blockwise.start_from_config(tmp_path / "start", tmp_path / "bw", first, progress=False,
+                                           rows="last")["reused"]
+    with pytest.raises(ValueError, match="rows='middle'"):
+        blockwise.start_from_config(tmp_path / "start", tmp_path / "bw", first, progress=False, rows="middle")
+    rows = packed_data(load_model(str(tiny_llama_dir))[1], "heal", 64, int(first["seed"]))
+    assert torch.equal(seen["first"], rows) and torch.equal(seen["last"], rows[-4:])  # 256 tokens = 4 rows of 64
+    assert not torch.equal(seen["first"].reshape(-1)[:256], seen["last"].reshape(-1))

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -43,11 +43,18 @@ class BlockwiseConfig:
     lr: float = 5e-3         # AdamW peak learning rate per block (cosine to zero, no warmup)
     batch_size: int = 4      # windows per step
     seq_len: int = 256
+    # which rows of the (shuffled) healing data: "first" (the rows healing then starts on: its first
+    # tokens/(batch x seq_len) steps revisit text the blocks were fitted to) or "last" (rows a healing
+    # of under one epoch never reaches)
+    rows: str = "first"
 
     def check(self) -> "BlockwiseConfig":
-        bad = [f"{k}={v!r}" for k, v in asdict(self).items() if not (isinstance(v, (int, float)) and v > 0)]
+        bad = [f"{k}={v!r}" for k, v in asdict(self).items()
+               if k != "rows" and not (isinstance(v, (int, float)) and v > 0)]
         if bad:
             raise ValueError(f"blockwise settings must be positive numbers; got {', '.join(bad)}.")
+        if self.rows not in ("first", "last"):
+            raise ValueError(f"blockwise.rows={self.rows!r}: give 'first' or 'last' (rows of the healing data).")
         if self.tokens < self.seq_len:
             raise ValueError(f"blockwise.tokens={self.tokens} is less than one window of seq_len={self.seq_len}: "
                              "give at least seq_len tokens.")
@@ -156,11 +163,13 @@ def settings_from(cfg) -> BlockwiseConfig | None:
                            batch_size=int(hc["batch_per_rank"]), seq_len=int(hc["seq_len"])).check()
 
 
-def start_from_config(start_dir, dest, cfg, device="cpu", progress: bool = True) -> dict:
+def start_from_config(start_dir, dest, cfg, device="cpu", progress: bool = True, rows: str = "first") -> dict:
     """Notebook 05's block-wise step: the compressed model in ``start_dir`` distilled block by block
     from the config's original model on the first ``heal.blockwise.tokens`` of the healing data,
     saved to ``dest`` (atomically) with its record in ``dest/blockwise.json``. A ``dest`` made from
-    the same start file with the same settings is reused, not made again."""
+    the same start file with the same settings is reused, not made again. ``rows="last"`` distils on
+    the last rows of the healing data instead (``BlockwiseConfig.rows``; a measurement, not yet a
+    config setting)."""
     from pathlib import Path
 
     from .heal_data import packed_data
@@ -172,10 +181,12 @@ def start_from_config(start_dir, dest, cfg, device="cpu", progress: bool = True)
     bw = settings_from(cfg)
     if bw is None:
         raise ValueError("heal.blockwise is off (null): set it, e.g. {tokens: 32768, epochs: 4, lr: 5.0e-3}.")
+    bw = replace(bw, rows=rows).check()
     hc, start_dir, dest = cfg["heal"], Path(start_dir), Path(dest)
     weights = start_dir / "model.safetensors"
     stamp = [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else None
-    key = {"start": str(start_dir), "start_file": stamp, "settings": asdict(bw), "data": hc["data"],
+    settings = {k: v for k, v in asdict(bw).items() if k != "rows" or v != "first"}  # (keys made before rows existed)
+    key = {"start": str(start_dir), "start_file": stamp, "settings": settings, "data": hc["data"],
            "model": str(cfg["model"]), "seed": int(cfg["seed"])}
     sidecar = dest / "blockwise.json"
     if sidecar.is_file() and (dest / "config.json").is_file():
@@ -185,6 +196,8 @@ def start_from_config(start_dir, dest, cfg, device="cpu", progress: bool = True)
     dense, tok = load_model(cfg["model"], dtype=cfg["dtype"], device=device)
     model = load_compressed(start_dir, device=device)
     ids = packed_data(tok, hc["data"], bw.seq_len, int(cfg["seed"]))   # the healing text, never held-out
+    if bw.rows == "last":  # rows the healing meets only at the end of its first epoch
+        ids = ids[-max(1, bw.tokens // bw.seq_len):]
     amp = autocast_dtype("auto" if hc["mixed_precision"] == "bf16" else None, device)
     rec = {"key": key, **distill_blocks(dense, model, ids, bw, autocast=amp, seed=int(cfg["seed"]), progress=progress)}
     save_model_dir(model, tok, dest)

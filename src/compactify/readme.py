@@ -215,7 +215,9 @@ BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline, "baseline": ba
                                             "heal_long_lr5e4_tasks": partial(tasks_block, "heal_long_lr5e-4_tasks.json",
                                                                              against=("heal_long_tasks.json", "asvd+wiki@1M")),
                                             "recovery_tasks": partial(tasks_block, "recovery_tasks.json"),
-                                            "heal_long_keep07_tasks": partial(tasks_block, "heal_long_keep0.7_tasks.json")}
+                                            "heal_long_keep07_tasks": partial(tasks_block, "heal_long_keep0.7_tasks.json",
+                                                                              against=("heal_long_keep0.7_tasks.json",
+                                                                                       "asvd+bw 70% @115k"))}
 _BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(\n<!-- /generated:\2 -->)", re.S)
 
 

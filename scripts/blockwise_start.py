@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from compactify import compare as C
+    from dataclasses import replace
+
     from compactify.blockwise import settings_from, start_from_config
     from compactify.config import load_config, parse_overrides, run_dir
     from compactify.heal_study import lr_sweep, notebook_03_05
@@ -68,20 +70,20 @@ def main(argv=None) -> int:
                  "--set heal.blockwise=null, or pass --starts asvd.")
     hc, root = cfg["heal"], run_dir(cfg)
     hc["blockwise"] = {"tokens": args.tokens, "epochs": args.epochs, "lr": args.lr}   # notebook 05's step, these settings
-    bw = settings_from(cfg)
+    bw = replace(settings_from(cfg), rows=args.rows)
+    rows = "" if args.rows == "first" else f"_{args.rows}"   # (another start: its own folders)
     tok = load_model(cfg["model"], dtype=cfg["dtype"])[1]
     heldout = heldout_ids_for(tok, cfg)
     amp = autocast_dtype("auto" if hc["mixed_precision"] == "bf16" else None)
     tokens = int(hc["tokens"])
     first = next(iter(heldout))   # the primary held-out text: the best rate is judged on it
     per_step = int(hc["batch_per_rank"]) * bw.seq_len * int(hc["nproc"])
-    out = {"notebook_05_tokens": tokens, "blockwise": vars(bw) | {"autocast": str(amp), "rows": args.rows}, "starts": {}}
+    out = {"notebook_05_tokens": tokens, "blockwise": vars(bw) | {"autocast": str(amp)}, "starts": {}}
     for name in args.starts:
         sect = "main" if name == "tt_svd" else "improved"
         before = t03[sect]["evaluation"]["perplexity_texts"]
         healed_05 = (t05["after"] if name == "tt_svd" else t05["improved"]["after"])["perplexity_texts"]
         lr = float(hc["lr"]) if name == "tt_svd" else float(t05["improved"]["lr"])
-        rows = "" if args.rows == "first" else f"_{args.rows}"   # (another start: its own folders)
         start_dir, bw_dir = root / "models" / STARTS[name], root / "models" / f"{STARTS[name]}_bw{rows}"
         print(f"{name}: block-wise distillation on {bw.tokens:,} tokens x {bw.epochs} epochs, lr {bw.lr:g}", flush=True)
         rec = start_from_config(start_dir, bw_dir, cfg, rows=args.rows)   # reused when made before: same start, settings

@@ -36,12 +36,16 @@ def earlier_runs(results: Path, blockwise: bool = False) -> list[dict]:
     return sorted(out, key=lambda r: r["tokens"])
 
 
-def start_runs(start: Path) -> list[dict]:
-    """For ``--start`` a start of ``scripts/recovery_curve.py``: its healing on the recovery curve (same
-    recipe, its own complete schedule), the separate full run drawn beside the long one."""
+def full_runs(start: Path) -> list[dict]:
+    """The separate full healing runs of the long run's start (the open circle): notebook 05's for its
+    own starts (``models/tensorized``, ``models/tensorized_bw``), the recovery curve's for a start of
+    ``scripts/recovery_curve.py``; none for any other start."""
     from compactify.recovery import full_run_of
 
-    run = full_run_of(start, ROOT / "data" / "results")
+    start, results = Path(start), ROOT / "data" / "results"
+    if start.name in ("tensorized", "tensorized_bw"):
+        return earlier_runs(results, blockwise=start.name == "tensorized_bw")
+    run = full_run_of(start, results)
     return [run] if run else []
 
 
@@ -109,8 +113,7 @@ def main(argv=None) -> int:
             save_results(out, {**result, "schedule_tokens": args.tokens}, cfg, device=cfg["device"], start=str(model_dir))
             print(f"heal-long: stopped at {result['stopped_at_tokens']:,} of {args.tokens:,} tokens; wrote {out}")
             return 0
-        result["earlier_full_runs"] = (start_runs(model_dir) if args.start else
-                                       earlier_runs(ROOT / "data" / "results", args.blockwise))
+        result["earlier_full_runs"] = full_runs(model_dir)
         result["target"] = args.target
         if args.keep_checkpoints:
             result["exports"] = export_checkpoints(model_dir, work, result["heal"]["plan"]["tokens_per_step"])
@@ -122,12 +125,8 @@ def main(argv=None) -> int:
         from compactify.results import write_json
 
         result = read_json(out)
-        # (kept as stored where today's notebook 05 healed another start than the run's; a run of --start is
-        # drawn beside the recovery curve's healing of it: only a start under <run>/models is notebook 03's or 05's)
-        start = Path(result["meta"].get("start", "models/x"))
-        result["earlier_full_runs"] = (earlier_runs(ROOT / "data" / "results", args.blockwise)
-                                       if start.parent.name == "models" else start_runs(start)) or \
-            result.get("earlier_full_runs", [])
+        # (kept as stored where today's results hold no full run of the run's start)
+        result["earlier_full_runs"] = full_runs(result["meta"].get("start", "")) or result.get("earlier_full_runs", [])
         result.setdefault("target", args.target)
         write_json(out, result)
     result = read_json(out)

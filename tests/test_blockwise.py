@@ -186,23 +186,34 @@ def test_a_long_run_of_a_recovery_start_is_drawn_beside_that_starts_healing_on_t
     from compactify.recovery import full_run_of
 
     mod = _heal_long_script()
-    mod.ROOT = tmp_path / "root"  # start_runs reads ROOT/data/results
-    assert mod.start_runs(tmp_path / "run" / "recovery" / "keep0.7_asvd" / "start_bw") == []
+    mod.ROOT = tmp_path / "root"  # full_runs reads ROOT/data/results
+    assert mod.full_runs(tmp_path / "run" / "recovery" / "keep0.7_asvd" / "start_bw") == []
     results = tmp_path / "root" / "data" / "results"
     (results / "heal").mkdir(parents=True)
-    point = {"keep": 0.7, "start": "asvd_bw", "tokens": 4096, "after": {"brown-heldout": {"ppl": 83.9},
-                                                                        "boolq-wiki": {"ppl": 70.0}}}
+    point = {"keep": 0.7, "start": "asvd_bw", "tokens": 4096, "source": "scripts/recovery_curve.py",
+             "after": {"brown-heldout": {"ppl": 83.9}, "boolq-wiki": {"ppl": 70.0}}}
     other = {**point, "keep": 0.5, "after": {"brown-heldout": {"ppl": 135.9}}}
-    (results / "heal" / "recovery_curve_bw.json").write_text(json.dumps({"points": [other, point]}))
+    nb05 = {**point, "keep": 0.3, "source": "05_heal.json"}  # notebook 05 healed notebook 03's start, not the folder's
+    (results / "heal" / "recovery_curve_bw.json").write_text(json.dumps({"points": [other, point, nb05]}))
     run = tmp_path / "run" / "recovery"
     got = full_run_of(run / "keep0.7_asvd" / "start_bw", results)
     assert got["tokens"] == 4096 and got["ppl"] == 83.9 and "0.7 kept, asvd_bw" in got["source"]
     assert full_run_of(run / "keep0.5_asvd" / "start_bw", results)["ppl"] == 135.9
     assert full_run_of(run / "keep0.7_asvd" / "start", results) is None  # plain start: recovery_curve.json absent
-    assert full_run_of(run / "keep0.3_asvd" / "start_bw", results) is None  # not on the curve
+    assert full_run_of(run / "keep0.3_asvd" / "start_bw", results) is None  # only notebook 05's point there
+    assert full_run_of(run / "keep0.2_asvd" / "start_bw", results) is None  # not on the curve
     assert full_run_of(tmp_path / "run" / "models" / "tensorized_bw", results) is None
     assert full_run_of(run / "keepX_asvd" / "start_bw", results) is None
-    assert mod.start_runs(run / "keep0.7_asvd" / "start_bw")[0]["ppl"] == 83.9
+    assert mod.full_runs(run / "keep0.7_asvd" / "start_bw")[0]["ppl"] == 83.9
+    # notebook 05's own starts get notebook 05's run (none published here), any other start none
+    assert mod.full_runs(tmp_path / "run" / "models" / "tensorized_bw") == []
+    assert mod.full_runs(tmp_path / "run" / "models" / "tensorized_aa") == []
+    heal = {"heal": {"plan": {"tokens": 1000}}, "after": {"perplexity_texts": {"brown-heldout": {"ppl": 200.0}}},
+            "blockwise": {"tokens": 128}}
+    (results / "05_heal.json").write_text(json.dumps(heal))
+    assert mod.full_runs(tmp_path / "run" / "models" / "tensorized_bw")[0]["ppl"] == 200.0
+    assert mod.full_runs(tmp_path / "run" / "models" / "tensorized") == []  # notebook 05 healed the block-wise start
+    assert mod.full_runs(tmp_path / "run" / "models" / "tensorized_aa") == []
 
 
 def test_the_step_can_train_on_rows_the_healing_does_not_start_on(tmp_path, tiny_llama_dir, monkeypatch):

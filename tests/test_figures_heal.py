@@ -314,17 +314,19 @@ def test_a_long_run_at_another_budget_is_judged_against_its_own_target_and_kept_
     assert "Targets on `brown-heldout`: <= 3x dense met, <= 1.5x dense met." in _long_run({**run, "target": 3.0}, "x")
     assert "<= 1.5x dense" in _long_run({k: v for k, v in run.items() if k != "target"}, "x")
     # its end paired with the recovery curve's healing of the same start, where that is published
-    from compactify.readme_heal import LONG_RUN_BESIDE, long_run_block
+    from compactify.readme_heal import long_run_block
 
     (tmp_path / "heal").mkdir()
     key = next(iter(LONG_RUN_KEEP))
+    run["meta"] = {**meta, "start": "/elsewhere/runs/default/recovery/keep0.7_asvd/start_bw"}  # where the run started
     (tmp_path / "heal" / LONG_RUN_FILES[key]).write_text(json.dumps(run))
     name = next(n for n, v in readme.LONG_RUNS.items() if v[0] == key)
     assert "recovery curve's healing" not in long_run_block(name, tmp_path)
-    file, keep, start = LONG_RUN_BESIDE[key]
-    curve = {"points": [{"keep": keep, "start": start, "tokens": 4096, "lr": 1e-3,
-                         "after": {t: _ppl(t, 0.3) for t in TEXTS}}]}
-    (tmp_path / "heal" / file).write_text(json.dumps(curve))
+    point = {"keep": 0.7, "start": "asvd_bw", "tokens": 4096, "lr": 1e-3, "source": "scripts/recovery_curve.py",
+             "after": {t: _ppl(t, 0.3) for t in TEXTS}}
+    (tmp_path / "heal" / "recovery_curve_bw.json").write_text(json.dumps({"points": [{**point, "keep": 0.5}]}))
+    assert "recovery curve's healing" not in long_run_block(name, tmp_path)  # another budget's point: not this start
+    (tmp_path / "heal" / "recovery_curve_bw.json").write_text(json.dumps({"points": [point]}))
     text = long_run_block(name, tmp_path)
     assert "Target on `brown-heldout`: <= 1.1x dense met." in text and "4,096 tokens in a schedule of their own, peak lr 0.001" in text
     assert f"`boolq-wiki` x{math.exp(-0.3):.2f} [{math.exp(-0.3):.2f}, {math.exp(-0.3):.2f}]." in text  # 0.3 nats lower

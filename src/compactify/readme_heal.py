@@ -48,9 +48,6 @@ HEAL_DATA = {"heal": "Brown", "wiki-vital": "Wikipedia vital-article leads",
 
 # A long run read against another of the same start before one step ({run key: (other run key, what it lacks)})
 LONG_RUN_VERSUS = {"tt_svd_bw": ("tt_svd", "the plain start's run")}
-# A long run of a recovery-curve start read against that start's healing on the curve: the same recipe for
-# fewer tokens in its own complete schedule, at its own peak rate ({run key: (results file, keep, start on the curve)})
-LONG_RUN_BESIDE = {"asvd_bw_keep0.7": ("recovery_curve_bw.json", 0.7, "asvd_bw")}
 
 
 def long_run_block(name: str, r: Path) -> str:
@@ -65,17 +62,20 @@ def long_run_block(name: str, r: Path) -> str:
         return f"(this long healing run has not been published: {how})"
     other = LONG_RUN_VERSUS.get(key)
     o = _j(Path(r) / "heal", LONG_RUN_FILES[other[0]]) if other else None
-    beside = _beside(h, Path(r), *LONG_RUN_BESIDE[key]) if key in LONG_RUN_BESIDE else ""
+    beside = _beside(h, Path(r))
     return _long_run(h, who) + ("" if o is None else " " + _versus(h, o, other[1])) + (" " + beside if beside else "")
 
 
-def _beside(h: dict, r: Path, file: str, keep: float, start: str) -> str:
-    """The long run's end paired with the recovery curve's healing of the same start (``file``'s point at
-    ``keep``, ``start``) over the same windows, on every held-out text both scored; "" where not published."""
-    c = _j(Path(r) / "heal", file)
-    p = next((p for p in c["points"] if p["keep"] == keep and p["start"] == start), None) if c else None
-    if p is None:
+def _beside(h: dict, r: Path) -> str:
+    """A long run of a recovery-curve start (``--start``): its end paired with the curve's healing of the
+    same start (:func:`recovery.curve_point`: the same recipe for fewer tokens in a schedule of their own,
+    at their own peak rate) over the same windows, on every held-out text both scored; "" otherwise."""
+    from .recovery import curve_point
+
+    found = curve_point(h["meta"].get("start", ""), r)
+    if found is None:
         return ""
+    file, p = found
     end = h["points"][-1]["perplexity"]
     cells = [f"`{t}` {_ratio(C.compare_nll(p['after'][t], end[t]))}" for t in end
              if "window_nll" in end[t] and "window_nll" in p["after"].get(t, {})]

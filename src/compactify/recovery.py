@@ -44,11 +44,11 @@ def with_blockwise(plain: Mapping, results: Path) -> dict:
                                                         for p in extra["points"]]}
 
 
-def full_run_of(start_dir: Path, results: Path) -> dict | None:
+def curve_point(start_dir: Path, results: Path) -> tuple[str, dict] | None:
     """The recovery curve's healing of a saved start (``<run>/recovery/keep<k>_<start>/start`` or
-    ``.../start_bw``, the folders ``scripts/recovery_curve.py`` writes) as ``{tokens, ppl, source}``
-    on the first held-out text, or None where the folder is not one of them or its point is not
-    published: the separate full run a long run of the same start is drawn beside."""
+    ``.../start_bw``, the folders ``scripts/recovery_curve.py`` writes) as ``(file name, point)``, or
+    None where the folder is not one of them or the script has not published a healing of it (a
+    point taken from notebook 05 healed notebook 03's start, not that folder's)."""
     start_dir = Path(start_dir)
     parent, leaf = start_dir.resolve().parent.name, start_dir.resolve().name
     if not parent.startswith("keep") or "_" not in parent or leaf not in ("start", "start" + SUFFIX):
@@ -63,8 +63,16 @@ def full_run_of(start_dir: Path, results: Path) -> dict | None:
     if not f.is_file():
         return None
     start += "" if leaf == "start" else SUFFIX
-    for p in read_json(f)["points"]:
-        if p["keep"] == keep and p["start"] == start and "after" in p:
-            first = next(iter(p["after"]))
-            return {"tokens": p["tokens"], "ppl": p["after"][first]["ppl"], "source": f"{name} ({keep:g} kept, {start})"}
-    return None
+    return next(((name, p) for p in read_json(f)["points"] if p["keep"] == keep and p["start"] == start
+                 and "after" in p and p.get("source") == "scripts/recovery_curve.py"), None)
+
+
+def full_run_of(start_dir: Path, results: Path) -> dict | None:
+    """:func:`curve_point` as ``{tokens, ppl, source}`` on the first held-out text: the separate full
+    run a long run of the same start is drawn beside."""
+    found = curve_point(start_dir, results)
+    if found is None:
+        return None
+    name, p = found
+    first = next(iter(p["after"]))
+    return {"tokens": p["tokens"], "ppl": p["after"][first]["ppl"], "source": f"{name} ({p['keep']:g} kept, {p['start']})"}

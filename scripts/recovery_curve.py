@@ -22,6 +22,10 @@ healing (points ``<start>_bw``, the step's seconds and perplexity recorded), wri
 ``recovery_curve.json`` (same windows); its 30% TT-SVD point is notebook 05's when notebook 05 ran
 the step. Without it, notebook 05's points are taken only from a notebook 05 that healed the plain
 starts.
+
+``--seed N`` measures the curve again at another seed (the starts' calibration draw, the block-wise
+step's rows and the healing's order), on the same plans and held-out windows, in
+``<run>/recovery_seed<N>/``; give it its own ``--out`` (notebook 05's points belong to its own seed only).
 """
 from __future__ import annotations
 
@@ -56,6 +60,10 @@ def main(argv=None) -> int:
     ap.add_argument("--figure", default=str(ROOT / "figures" / "recovery_curve.png"),
                     help="redrawn with the block-wise points beside the plain ones where both files exist")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="seed of the starts' calibration text, the block-wise step and the healing (default: the "
+                         "config's); the run directory's notebooks stay checked against the config's seed, so the "
+                         "plans and the dense reference are the reference run's. Another seed measures every point itself")
     args = ap.parse_args(argv)
 
     from compactify import compare as C, heal_study, run, sensitivity as S, tensorize_study as T
@@ -92,7 +100,10 @@ def main(argv=None) -> int:
     unknown = set(args.starts + args.check_starts) - {"tt_svd", "activation_aware", "asvd"}
     if unknown:
         ap.error(f"unknown start(s) {sorted(unknown)}: use tt_svd, activation_aware, asvd")
-    heal_cfg = copy.deepcopy(cfg)
+    seed = int(cfg["seed"]) if args.seed is None else args.seed
+    run_cfg = copy.deepcopy(cfg)    # the settings the points are made with: the config's, at --seed
+    run_cfg["seed"] = seed
+    heal_cfg = copy.deepcopy(run_cfg)
     if args.tokens:  # after the inputs were checked against the config they were made with
         heal_cfg["heal"].update(tokens=int(args.tokens), steps=None)
 
@@ -109,7 +120,7 @@ def main(argv=None) -> int:
     bw05 = heal05.get("blockwise")  # notebook 05 distilled its TT-SVD start block by block (not its second start)
     # notebook 05's healings are points of this curve only at the seed they were made with (--set seed=1
     # measures the curve again, every point its own)
-    same_seed = int(heal05["meta"].get("seed", 0)) == int(cfg["seed"])
+    same_seed = int(heal05["meta"].get("seed", 0)) == seed
     ref05 = [("tt_svd", heal05["after"])] if bool(bw05) == args.blockwise and same_seed else []
     if not args.blockwise and same_seed:
         ref05.append((improved, (heal05.get("improved") or {}).get("after")))
@@ -125,13 +136,14 @@ def main(argv=None) -> int:
                            "after_vs_dense": versus_dense(after["perplexity_texts"]),
                            **({"before": before, "before_vs_dense": versus_dense(before)} if before else {}),
                            **({"blockwise": _bw_record(bw05, versus_dense)} if args.blockwise else {})})
-    work = run_dir(cfg) / "recovery"
+    # another seed's starts and healings in their own folders (a healing resumes from its folder's checkpoint)
+    work = run_dir(cfg) / ("recovery" if seed == int(cfg["seed"]) else f"recovery_seed{seed}")
 
     def build(start: str, keep: float):
         plan = T.plans(choices, keep, len(dense.model.layers), cores, tc["leave_down_dense"])[0][tc["main_plan"]]
         if start == improved:
-            return T.improved_start(dense, tok, plan, _init(cfg, start, compare=True))[0]
-        return aa_init.tensorize_from_config(copy.deepcopy(dense), tok, plan, _init(cfg, start))
+            return T.improved_start(dense, tok, plan, _init(run_cfg, start, compare=True))[0]
+        return aa_init.tensorize_from_config(copy.deepcopy(dense), tok, plan, _init(run_cfg, start))
 
     sweeps, checks = done.get("lr_sweeps", {}), done.get("rate_checks", {})
 
@@ -142,7 +154,7 @@ def main(argv=None) -> int:
         save_results(out, {"plan": tc["main_plan"], "dense": dense_ppl, "points": points, "lr_sweeps": sweeps,
                            "rate_checks": checks,
                            **({"vs_plain": recovery.paired_points(plain, points)} if plain is not None else {})},
-                     cfg, device="cpu")
+                     run_cfg, device="cpu")
 
     for start in [s for s in args.starts if s not in lrs]:
         if start not in sweeps:
@@ -151,7 +163,7 @@ def main(argv=None) -> int:
                          "to measure one")
             start_dir = save_model_dir(build(start, tc["main_keep_ratio"]), tok, work / f"sweep_{start}" / "start")
             sweeps[start] = {"keep": tc["main_keep_ratio"], **heal_study.lr_sweep(
-                start_dir, work / f"sweep_{start}", cfg, args.sweep, args.sweep_tokens, heldout)}
+                start_dir, work / f"sweep_{start}", run_cfg, args.sweep, args.sweep_tokens, heldout)}
             write()
         lrs[start] = sweeps[start]["best"]
         print(f"{start}: peak rate {lrs[start]:g} (best of {', '.join(sweeps[start]['lrs'])} at "
@@ -161,7 +173,7 @@ def main(argv=None) -> int:
             continue
         start_dir = save_model_dir(build(start, tc["main_keep_ratio"]), tok, work / f"check_{start}" / "start")
         checks[start] = {"keep": tc["main_keep_ratio"], "rate_used": lrs.get(start), **heal_study.lr_sweep(
-            start_dir, work / f"check_{start}", cfg, args.check_rates, args.sweep_tokens, heldout)}
+            start_dir, work / f"check_{start}", run_cfg, args.check_rates, args.sweep_tokens, heldout)}
         write()
         for lr, r in checks[start]["paired_vs_first"].items():
             print(f"{start} at {lr} vs {args.check_rates[0]:g} ({args.sweep_tokens:,} tokens): brown-heldout "
@@ -177,7 +189,7 @@ def main(argv=None) -> int:
             del model
             extra = {}
             if args.blockwise:  # notebook 05's step on this start; healing starts from its result
-                rec = blockwise.start_from_config(start_dir, work / f"keep{keep:g}_{start}" / "start_bw", cfg)
+                rec = blockwise.start_from_config(start_dir, work / f"keep{keep:g}_{start}" / "start_bw", run_cfg)
                 start_dir = Path(rec["model_dir"])
                 rec["perplexity"] = heldout_perplexities(load_model(start_dir)[0], tok, heldout, cfg)
                 extra["blockwise"] = _bw_record(rec, versus_dense)

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     from compactify import compare as C
     from dataclasses import replace
 
-    from compactify.blockwise import settings_from, start_from_config
+    from compactify.blockwise import equal_time_tokens, settings_from, start_from_config
     from compactify.config import load_config, parse_overrides, run_dir
     from compactify.heal_study import lr_sweep, notebook_03_05
     from compactify.models import load_model
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
                                                     f"{name}+blockwise healed at lr {k}") for t in v["perplexity"]}
                                for k, v in runs.items()}
         if not args.no_control:  # the plain start at notebook 05's (measured) rate for the same seconds
-            extra = round(rec["seconds"] * runs[best]["tokens_per_s"] / per_step) * per_step
+            extra = equal_time_tokens(rec["seconds"], runs[best]["tokens_per_s"], tokens, per_step) - tokens
             ctrl = lr_sweep(start_dir, work / "control", cfg, [lr], tokens + extra, heldout)["lrs"][f"{lr:g}"]
             r["equal_time_control"] = {"tokens": tokens + extra, "extra_tokens": extra, "lr": lr, **ctrl}
             r["vs_equal_time"] = {k: {t: C.compare_nll(ctrl["perplexity"][t], v["perplexity"][t],

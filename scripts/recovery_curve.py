@@ -26,6 +26,10 @@ starts.
 ``--seed N`` measures the curve again at another seed (the starts' calibration draw, the block-wise
 step's rows and the healing's order), on the same plans and held-out windows, in
 ``<run>/recovery_seed<N>/``; give it its own ``--out`` (notebook 05's points belong to its own seed only).
+
+``--blockwise --equal-time`` adds each block-wise point's control: its plain start healed at the
+same rate for the same seconds (the step's seconds converted to tokens at the healing's measured
+speed), paired with the block-wise point (``vs_equal_time``).
 """
 from __future__ import annotations
 
@@ -55,6 +59,10 @@ def main(argv=None) -> int:
     ap.add_argument("--blockwise", action="store_true",
                     help="distil each start block by block (heal.blockwise) before healing it; results to "
                          "recovery_curve_bw.json, paired with recovery_curve.json's plain healings")
+    ap.add_argument("--equal-time", action="store_true",
+                    help="with --blockwise: also heal each block-wise point's plain start for the same seconds (its "
+                         "healing's tokens plus what the step's seconds would have bought at that healing's speed) "
+                         "and pair the two (points measured by an earlier invocation get theirs too)")
     ap.add_argument("--out", default=None, help="default data/results/heal/recovery_curve.json "
                                                 "(--blockwise: recovery_curve_bw.json)")
     ap.add_argument("--figure", default=str(ROOT / "figures" / "recovery_curve.png"),
@@ -76,6 +84,8 @@ def main(argv=None) -> int:
     results = ROOT / "data" / "results" / "heal"
     args.out = args.out or str(results / ("recovery_curve_bw.json" if args.blockwise else "recovery_curve.json"))
     cfg = load_config(args.config, parse_overrides(args.set))
+    if args.equal_time and not args.blockwise:
+        ap.error("--equal-time is the control of the block-wise points: pass --blockwise too")
     if args.blockwise and not blockwise.settings_from(cfg):
         ap.error("--blockwise: this config has heal.blockwise: null; set it (configs/default.yaml has it)")
     tc, hc, cores = cfg["tensorize"], cfg["heal"], cfg["mpo"]["cores"]
@@ -208,6 +218,30 @@ def main(argv=None) -> int:
             print(f"keep {keep:g}, {start}: brown-heldout {before['brown-heldout']['ppl']:,.1f} -> "
                   f"{after['brown-heldout']['ppl']:,.1f} = x{r['ppl_ratio']:.2f} [{r['ppl_ratio_lo']:.2f}, "
                   f"{r['ppl_ratio_hi']:.2f}] dense", flush=True)
+            write()
+    if args.equal_time:  # the plain start healed for the seconds of the step and its healing together
+        per_step = int(hc["batch_per_rank"]) * int(hc["seq_len"]) * int(hc["nproc"])
+        for p in points:
+            start = p["start"].removesuffix(suffix)
+            if (p["source"] != "scripts/recovery_curve.py" or "blockwise" not in p or "equal_time_control" in p
+                    or p["keep"] not in args.keeps or start not in args.starts):
+                continue
+            folder = work / f"keep{p['keep']:g}_{start}"
+            tokens = blockwise.equal_time_tokens(p["blockwise"]["seconds"], p["heal"]["tokens_per_s"], p["tokens"],
+                                                 per_step)
+            ctrl_cfg = copy.deepcopy(heal_cfg)
+            ctrl_cfg["heal"].update(tokens=tokens, steps=None)
+            healed = heal_study.heal_start(folder / "start", folder / "heal_equal_time", ctrl_cfg, lr=p["lr"])
+            after = heldout_perplexities(load_model(Path(healed["healed_model"]))[0], tok, heldout, cfg)
+            p["equal_time_control"] = {"tokens": healed["plan"]["tokens"], "extra_tokens": tokens - p["tokens"],
+                                       "lr": p["lr"], "commit": git_commit(), "after": after,
+                                       "after_vs_dense": versus_dense(after), "heal": heal_study.speed_record(healed)}
+            p["vs_equal_time"] = {t: C.compare_nll(after[t], p["after"][t], f"{start} healed {tokens:,} tokens",
+                                                   f"{start}+blockwise healed {p['tokens']:,} tokens") for t in after}
+            r = p["vs_equal_time"]["brown-heldout"]
+            print(f"keep {p['keep']:g}, {start}: plain start healed {tokens:,} tokens (equal time) "
+                  f"{r['ppl_a']:,.1f}; block-wise {r['ppl_b']:,.1f} = x{r['ppl_ratio']:.3f} [{r['ppl_ratio_lo']:.3f}, "
+                  f"{r['ppl_ratio_hi']:.3f}]", flush=True)
             write()
     if args.blockwise:  # also when every point was measured before: the pairing with the plain healings refreshed
         write()

@@ -248,3 +248,15 @@ def test_the_step_can_train_on_rows_the_healing_does_not_start_on(tmp_path, tiny
     rows = packed_data(load_model(str(tiny_llama_dir))[1], "heal", 64, int(first["seed"]))
     assert torch.equal(seen["first"], rows) and torch.equal(seen["last"], rows[-4:])  # 256 tokens = 4 rows of 64
     assert not torch.equal(seen["first"].reshape(-1)[:256], seen["last"].reshape(-1))
+
+
+def test_the_equal_time_control_gets_the_steps_seconds_as_whole_healing_steps():
+    """The control of a block-wise start heals its plain start for the healing's tokens plus what the
+    step's seconds would have bought at the healing's measured speed, rounded to whole steps."""
+    from compactify.blockwise import equal_time_tokens
+
+    assert equal_time_tokens(400.0, 280.0, 114688, 1024) == 114688 + 109 * 1024   # 112,000 tokens -> 109.4 steps
+    assert equal_time_tokens(0.0, 280.0, 114688, 1024) == 114688
+    assert equal_time_tokens(1.9, 280.0, 4096, 1024) == 4096 + 1024                  # 532 tokens -> one step
+    with pytest.raises(ValueError, match="tokens/s"):
+        equal_time_tokens(400.0, 0.0, 114688, 1024)

@@ -148,6 +148,16 @@ def distill_blocks(dense, model, ids: torch.Tensor, cfg: BlockwiseConfig | None 
             "seconds": time.perf_counter() - t0, "blocks": record}
 
 
+def equal_time_tokens(step_seconds: float, tokens_per_s: float, tokens: int, per_step: int) -> int:
+    """Healing tokens of the equal-time control of a block-wise start: the ``tokens`` its healing
+    had, plus what the step's seconds would have bought at that healing's measured speed, in whole
+    optimizer steps of ``per_step`` tokens."""
+    if step_seconds < 0 or tokens_per_s <= 0 or tokens <= 0 or per_step <= 0:
+        raise ValueError(f"equal_time_tokens: seconds {step_seconds}, tokens/s {tokens_per_s}, tokens {tokens} and "
+                         f"tokens per step {per_step} must be positive (seconds may be 0).")
+    return int(tokens) + round(step_seconds * tokens_per_s / per_step) * int(per_step)
+
+
 def settings_from(cfg) -> BlockwiseConfig | None:
     """``heal.blockwise`` of a run config as a :class:`BlockwiseConfig` (None when off); the batch
     and window size are healing's (``heal.batch_per_rank``, ``heal.seq_len``)."""

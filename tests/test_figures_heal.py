@@ -338,3 +338,67 @@ def test_a_long_run_at_another_budget_is_judged_against_its_own_target_and_kept_
     (tmp_path / "heal" / LONG_RUN_FILES["asvd"]).write_text(json.dumps(run))
     report._heal_long(tmp_path, tmp_path / "figs")
     assert (tmp_path / "figs" / "heal_long_comparison.png").is_file()
+
+
+def _shifted(base: dict, shift: float) -> dict:
+    out = {}
+    for t, v in base.items():
+        w = [x + shift for x in v["window_nll"]]
+        out[t] = {**v, "window_nll": w, "nll": sum(w) / len(w), "ppl": math.exp(sum(w) / len(w))}
+    return out
+
+
+def test_the_block_wise_points_checks_pair_equal_time_controls_and_another_seed(tmp_path):
+    """recovery_checks: a block-wise point against its plain start healed for the same seconds, and
+    the points of recovery_curve_bw_seed1.json against seed 0's (same start and budget) with the
+    low-rank lead over the MPO at each seed; the figure draws the other seed as open markers."""
+    from compactify import recovery
+
+    rec = _recovery()
+    dense = rec["dense"]
+    heal = tmp_path / "heal"
+    heal.mkdir()
+    (heal / "recovery_curve.json").write_text(json.dumps(rec))
+
+    def point(start, shift, seed_shift=0.0, control=None):
+        after = _shifted({t: _ppl(t, 1.0) for t in TEXTS}, shift + seed_shift)
+        mid = {t: _ppl(t, 4.0) for t in TEXTS}
+        p = {"keep": 0.7, "start": start, "lr": 1e-3, "source": "scripts/recovery_curve.py", "commit": "bw12345",
+             "tokens": 4096, "after": after, "before": {t: _ppl(t, 8.0) for t in TEXTS},
+             "after_vs_dense": {t: compare_nll(dense[t], after[t]) for t in TEXTS},
+             "before_vs_dense": {t: compare_nll(dense[t], _ppl(t, 8.0)) for t in TEXTS},
+             "heal": {"tokens_per_s": 256.0},
+             "blockwise": {"settings": {"tokens": 512, "epochs": 4, "lr": 5e-3}, "tokens": 512, "seconds": 16.0,
+                           "perplexity": mid, "vs_dense": {t: compare_nll(dense[t], mid[t]) for t in TEXTS}}}
+        if control is not None:
+            c = _shifted({t: _ppl(t, 1.0) for t in TEXTS}, control)
+            p["equal_time_control"] = {"tokens": 8192, "extra_tokens": 4096, "lr": 1e-3, "commit": "ctl6789", "after": c}
+            p["vs_equal_time"] = {t: compare_nll(c[t], after[t]) for t in TEXTS}
+        return p
+
+    seed0 = [point("tt_svd_bw", 0.0, control=0.1), point("asvd_bw", -0.2)]
+    (heal / "recovery_curve_bw.json").write_text(json.dumps({"meta": rec["meta"], "dense": dense, "points": seed0}))
+    text = readme.recovery_checks(tmp_path)
+    assert "controls measured by commit ctl6789" in text and "seed" not in text.split("controls measured")[1]
+    row = next(r for r in text.splitlines() if r.startswith("| 70% | paper's MPO, block-wise first"))
+    assert "| 32, " in row and "8,192, " in row and f"x{math.exp(-0.1):.2f}" in row   # 16 s + 4,096 / 256 tok/s
+    meta1 = {**rec["meta"], "seed": 1}
+    seed1 = [point("tt_svd_bw", 0.0, 0.3), point("asvd_bw", -0.2, 0.05)]
+    (heal / "recovery_curve_bw_seed1.json").write_text(json.dumps({"meta": meta1, "dense": dense, "points": seed1}))
+    pairs = recovery.seed_pairs(seed0, recovery.seed_repeats(heal), "brown-heldout")
+    assert [(q["seed"], q["start"]) for q in pairs] == [(1, "asvd_bw"), (1, "tt_svd_bw")]
+    assert pairs[1]["vs_first"]["ppl_ratio"] == pytest.approx(math.exp(0.3))
+    assert pairs[0]["low_rank_vs_mpo"]["ppl_ratio"] == pytest.approx(math.exp(-0.2 + 0.05 - 0.3))
+    assert pairs[0]["low_rank_vs_mpo_first"]["ppl_ratio"] == pytest.approx(math.exp(-0.2))
+    text = readme.recovery_checks(tmp_path)
+    assert "recovery_curve_bw_seed1.json" in text and "| seed 1 |" in text
+    fig = recovery_figure(recovery.with_blockwise(rec, heal))
+    assert "seed 1 (open)" in {t.get_text() for t in fig.legends[0].get_texts()}
+    opened = [ln for ln in fig.axes[1].lines if ln.get_markerfacecolor() == "white" and len(ln.get_xdata())]
+    # five starts side by side 1.6 apart (the two block-wise ones at +1.6 and +3.2); the other seed 0.8 right of each
+    assert len(opened) == 2 and {round(float(ln.get_xdata()[0]) - 70, 1) for ln in opened} == {2.4, 4.0}
+    assert "has not been published" in readme.recovery_checks(tmp_path / "x")
+    for f in ("recovery_curve_bw.json", "recovery_curve_bw_seed1.json"):
+        (heal / f).write_text(json.dumps({"meta": rec["meta"], "dense": dense, "points": [point("tt_svd_bw", 0.0)]}))
+    (heal / "recovery_curve_bw_seed1.json").unlink()
+    assert "no check of the block-wise points" in readme.recovery_checks(tmp_path)

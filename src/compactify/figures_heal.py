@@ -108,19 +108,29 @@ def recovery_figure(r: Mapping, targets: Mapping[float, float] | None = None) ->
               (axes[2], "after_vs_dense", texts[-1], "after equal healing")]
     starts = [s for s in STARTS if any(p["start"] == s for p in r["points"])]
     tokens = sorted({p["tokens"] for p in r["points"]})
+
+    def bw_or(p, key, text):  # a block-wise point's healing starts where its step ended: that is its "before"
+        return p["blockwise"]["vs_dense"][text] if key == "before_vs_dense" and "blockwise" in p else p[key][text]
+
     for ax, key, text, title in panels:
         for k, s in enumerate(starts):
             pts = sorted((p for p in r["points"] if p["start"] == s and key in p), key=lambda p: p["keep"])
             x = [100 * p["keep"] + 1.6 * (k - (len(starts) - 1) / 2) for p in pts]  # side by side, not on top
-            # a block-wise point's healing starts where its block-wise step ended: that is its "before"
-            v = [p["blockwise"]["vs_dense"][text] if key == "before_vs_dense" and "blockwise" in p else p[key][text]
-                 for p in pts]
+            v = [bw_or(p, key, text) for p in pts]
             y = [c["ppl_ratio"] for c in v]
             err = [[c["ppl_ratio"] - c["ppl_ratio_lo"] for c in v], [c["ppl_ratio_hi"] - c["ppl_ratio"] for c in v]]
             label, color = STARTS[s]
             lr = {p["lr"] for p in pts}
             ax.errorbar(x, y, yerr=err, marker="o", ms=4, lw=1.3, capsize=2, color=color,
                         label=label + (f" (lr {lr.pop():.0e})" if len(lr) == 1 and key == "after_vs_dense" else ""))
+            # the same start and budget measured again at another seed: open markers just right of the first
+            rep = [(p, bw_or(p, key, text)) for p in r.get("repeats", []) if p["start"] == s and key in p]
+            if rep:
+                ax.errorbar([x0 + 0.8 for x0 in (100 * p["keep"] + 1.6 * (k - (len(starts) - 1) / 2) for p, _ in rep)],
+                            [c["ppl_ratio"] for _, c in rep],
+                            yerr=[[c["ppl_ratio"] - c["ppl_ratio_lo"] for _, c in rep],
+                                  [c["ppl_ratio_hi"] - c["ppl_ratio"] for _, c in rep]],
+                            marker="o", ms=4, mfc="white", ls="none", capsize=2, lw=1, color=color)
         ax.axhline(1, ls="--", lw=1, color="0.3")
         ax.text(29, 1, "dense", fontsize=7, color="0.3", va="bottom")
         ax.set_yscale("log")
@@ -132,6 +142,10 @@ def recovery_figure(r: Mapping, targets: Mapping[float, float] | None = None) ->
         ax.set_xlabel("block parameters kept (%)")
         ax.set_title(f"{title}: {text}", fontsize=9)
     axes[0].set_ylabel("perplexity / dense (paired, 95% CI)")
+    seeds = sorted({p["seed"] for p in r.get("repeats", [])})
+    if seeds:  # one legend entry for the open markers
+        axes[1].plot([], [], marker="o", ms=4, mfc="white", color="0.3", ls="none",
+                     label=f"seed {', '.join(map(str, seeds))} (open)")
     for keep, ratio in targets.items():
         axes[1].plot([100 * keep], [ratio], marker="*", ms=9, color="black", ls="none",
                      label="target (best start)" if keep == max(targets) else None)

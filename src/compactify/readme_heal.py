@@ -1,5 +1,5 @@
 """The README's blocks of the healing studies beyond notebook 05 (the long runs, the benchmarks along
-them, the loss study, the recovery curve and its speed frontier), and the small readers and
+them, the loss study, the healed speed frontier; the recovery curve's blocks are in :mod:`compactify.readme_recovery`), and the small readers and
 formatters every block shares. :mod:`compactify.readme` collects them into its ``BLOCKS``."""
 from __future__ import annotations
 
@@ -219,69 +219,6 @@ def _long_run(h: dict, who: str) -> str:
             + ", ".join(f"<= {t:g}x dense {verdict(t)}" for t in targets) + ". Log-log slope of "
             f"`{first}` perplexity against tokens over the last doubling ({half['tokens'] / 1e3:,.0f}k to "
             f"{pts[-1]['tokens'] / 1e3:,.0f}k, the schedule's low-rate end): {slope:.2f}.")
-
-
-def recovery(r: Path) -> str:
-    """``scripts/recovery_curve.py``: before and after equal healing at each budget and start, and
-    each start's healed perplexity paired against the paper's TT-SVD start's."""
-    from .figures_heal import STARTS
-
-    h = _j(Path(r) / "heal", "recovery_curve.json")
-    if h is None:
-        return "(the recovery curve has not been published: scripts/recovery_curve.py)"
-    texts = list(h["dense"])
-    pts = sorted(h["points"], key=lambda p: (-p["keep"], list(STARTS).index(p["start"])))
-    rows = ["| block params kept | start (peak lr) | before healing | healed | " +
-            " | ".join(f"healed / dense, {t}" for t in texts) + " | healed / TT-SVD start's, paired |",
-            "|---" * (5 + len(texts)) + "|"]
-    for p in pts:
-        ref = next((q for q in pts if q["keep"] == p["keep"] and q["start"] == "tt_svd"), None)
-        vs = "" if ref is None or ref is p else _ratio(C.compare_nll(ref["after"][texts[0]], p["after"][texts[0]]))
-        rows.append(f"| {100 * p['keep']:.0f}% | {STARTS[p['start']][0]} ({p['lr']:.0e}) | "
-                    f"{_ppl(p['before'][texts[0]]) if 'before' in p else '–'} | {_ppl(p['after'][texts[0]])} | "
-                    + " | ".join(_ratio(p["after_vs_dense"][t]) for t in texts) + f" | {vs} |")
-    made = sorted({(f"the reference run of {p['run_commit']} (its 05_heal.json)" if p.get("run_commit")
-                    else "the reference run (05_heal.json)") if p["source"] == "05_heal.json"
-                   else f"commit {p.get('commit', h['meta']['git_commit'])}" for p in pts})
-    tokens = sorted({p["tokens"] for p in pts})
-    return ("\n".join(rows) + f"\n\nPerplexities on `{texts[0]}` ({h['dense'][texts[0]]['tokens']:,} tokens, windows of "
-            f"{h['dense'][texts[0]]['seq_len']}; dense {h['dense'][texts[0]]['ppl']:.1f}); every model healed for "
-            f"{' / '.join(f'{t:,}' for t in tokens)} tokens of Brown; measured by: {', '.join(made)}; {footer(h['meta'])}.")
-
-
-def recovery_blockwise(r: Path) -> str:
-    """``scripts/recovery_curve.py --blockwise``: each start distilled block by block before the same
-    healing, its perplexity after the step and after healing, paired with dense and with the same
-    start's plain healing (``recovery_curve.json``)."""
-    from .figures_heal import STARTS
-    from .recovery import SUFFIX
-
-    h = _j(Path(r) / "heal", "recovery_curve_bw.json")
-    if h is None:
-        return "(the block-wise recovery curve has not been published: scripts/recovery_curve.py --blockwise)"
-    texts = list(h["dense"])
-    vs = {(v["keep"], v["start"] + SUFFIX): v["after"] for v in h.get("vs_plain", [])}
-    plain = _j(Path(r) / "heal", "recovery_curve.json")  # the low-rank peer healed plainly at the same budget
-    peer = {p["keep"]: p["after"][texts[0]] for p in (plain or {}).get("points", []) if p["start"] == "asvd"}
-    rows = ["| block params kept | start (peak lr) | before | after the block-wise step (s) | healed | "
-            f"healed / dense, {texts[0]} | " + " | ".join(f"healed / plain healing's, {t}" for t in texts)
-            + f" | healed / activation-aware SVD's (plain), {texts[0]} |", "|---" * (7 + len(texts)) + "|"]
-    for p in sorted(h["points"], key=lambda p: (-p["keep"], list(STARTS).index(p["start"]))):
-        bw, twin = p["blockwise"], vs.get((p["keep"], p["start"]), {})
-        low = _ratio(C.compare_nll(peer[p["keep"]], p["after"][texts[0]])) if p["keep"] in peer else "–"
-        rows.append(f"| {100 * p['keep']:.0f}% | {STARTS[p['start']][0]} ({p['lr']:.0e}) | "
-                    f"{_ppl(p['before'][texts[0]]) if 'before' in p else '–'} | "
-                    f"{_ppl(bw['perplexity'][texts[0]])} ({bw['seconds']:.0f}) | {_ppl(p['after'][texts[0]])} | "
-                    f"{_ratio(p['after_vs_dense'][texts[0]])} | "
-                    + " | ".join(_ratio(twin[t]) if t in twin else "–" for t in texts) + f" | {low} |")
-    made = sorted({f"the reference run of {p['run_commit']} (its 05_heal.json)" if p["source"] == "05_heal.json"
-                   else f"commit {p.get('commit', h['meta']['git_commit'])}" for p in h["points"]})
-    st = h["points"][0]["blockwise"]["settings"]
-    return ("\n".join(rows) + f"\n\nThe block-wise step: {st['tokens']:,} tokens of the healing text, {st['epochs']} "
-            f"passes, peak lr {st['lr']:g} per block; then {' / '.join(f'{t:,}' for t in sorted({p['tokens'] for p in h['points']}))} "
-            f"tokens of healing, as the plain points of the table above. Perplexities on `{texts[0]}` "
-            f"({h['dense'][texts[0]]['tokens']:,} tokens, windows of {h['dense'][texts[0]]['seq_len']}); paired over the "
-            f"same windows; measured by: {', '.join(made)}; {footer(h['meta'])}.")
 
 
 def slower_than_dense_below(h: Mapping) -> float:

@@ -34,14 +34,55 @@ def paired_points(plain: Sequence[Mapping], blockwise: Sequence[Mapping], suffix
 
 def with_blockwise(plain: Mapping, results: Path) -> dict:
     """The plain curve (``recovery_curve.json``, loaded) with the points of ``recovery_curve_bw.json``
-    beside it where that file exists (the figure draws both; each point keeps its own commit)."""
+    beside it where that file exists (the figure draws both; each point keeps its own commit), and
+    the block-wise points measured again at other seeds (:func:`seed_repeats`) under ``repeats``."""
     bw = Path(results) / "recovery_curve_bw.json"
-    if not bw.is_file():
-        return dict(plain)
-    extra = read_json(bw)
-    commit = extra["meta"].get("git_commit")
-    return {**plain, "points": list(plain["points"]) + [{**p, "commit": p.get("commit") or commit}
-                                                        for p in extra["points"]]}
+    out = dict(plain)
+    if bw.is_file():
+        extra = read_json(bw)
+        commit = extra["meta"].get("git_commit")
+        out["points"] = list(plain["points"]) + [{**p, "commit": p.get("commit") or commit} for p in extra["points"]]
+    repeats = seed_repeats(results)
+    if repeats:
+        out["repeats"] = repeats
+    return out
+
+
+def seed_repeats(results: Path) -> list[dict]:
+    """The block-wise points of ``recovery_curve_bw_seed<N>.json`` (``scripts/recovery_curve.py
+    --blockwise --seed N``), each with its ``seed``, sorted by seed, budget and start."""
+    out = []
+    for f in sorted(Path(results).glob("recovery_curve" + SUFFIX + "_seed*.json")):
+        d = read_json(f)
+        seed = int(d["meta"]["seed"])
+        out += [{**p, "seed": seed, "file": f.name} for p in d["points"]
+                if p.get("source") == "scripts/recovery_curve.py" and "after" in p]
+    return sorted(out, key=lambda p: (p["seed"], -p["keep"], p["start"]))
+
+
+def seed_pairs(points: Sequence[Mapping], repeats: Sequence[Mapping], text: str) -> list[dict]:
+    """Each repeated point beside the same start and budget at the curve's own seed, on ``text``:
+    the other seed's healed perplexity over the first's (paired over the same windows), and within
+    each seed the low-rank start's perplexity over the MPO's (``asvd<suffix>`` over ``tt_svd<suffix>``)."""
+    first = {(p["keep"], p["start"]): p for p in points if p.get("source") == "scripts/recovery_curve.py"}
+    by_seed = {}
+    for p in repeats:
+        by_seed.setdefault(p["seed"], {})[(p["keep"], p["start"])] = p
+    out = []
+    for seed, pts in sorted(by_seed.items()):
+        for (keep, start), p in sorted(pts.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+            q = first.get((keep, start))
+            row = {"seed": seed, "keep": keep, "start": start, "after": p["after"][text]["ppl"],
+                   "first": q["after"][text]["ppl"] if q else None,
+                   "vs_first": C.compare_nll(q["after"][text], p["after"][text]) if q else None}
+            if start.startswith("asvd"):
+                mpo = "tt_svd" + start[len("asvd"):]
+                if (keep, mpo) in pts:
+                    row["low_rank_vs_mpo"] = C.compare_nll(pts[(keep, mpo)]["after"][text], p["after"][text])
+                if (keep, mpo) in first and q:
+                    row["low_rank_vs_mpo_first"] = C.compare_nll(first[(keep, mpo)]["after"][text], q["after"][text])
+            out.append(row)
+    return out
 
 
 def curve_point(start_dir: Path, results: Path) -> tuple[str, dict] | None:

@@ -78,7 +78,7 @@ def recovery_checks(r: Path) -> str:
     (``--equal-time``: ``vs_equal_time``), and the points measured again at another seed
     (``recovery_curve_bw_seed<N>.json``), with the low-rank start's lead over the MPO at each seed."""
     from .figures_heal import STARTS
-    from .recovery import SUFFIX, seed_pairs, seed_repeats
+    from .recovery import seed_pairs, seed_repeats
 
     h = _j(Path(r) / "heal", "recovery_curve_bw.json")
     if h is None:
@@ -117,8 +117,8 @@ def recovery_checks(r: Path) -> str:
         out.append("\n".join(rows) + f"\n\nThe same plans, step and healing at another seed (its calibration draw, "
                    "the step's rows, the healing's order); perplexities on "
                    f"`{texts[0]}`, paired over the same windows (`{'`, `'.join(files)}`; {footer(meta)}). Low rank / MPO: "
-                   f"the activation-aware SVD{SUFFIX.replace('_', ' ')}'s perplexity over the paper's MPO's at the same "
-                   "seed and budget.")
+                   "the activation-aware SVD's perplexity over the paper's MPO's, both with the block-wise step, at the "
+                   "same seed and budget.")
     if not out:
         return ("(no check of the block-wise points has been published: scripts/recovery_curve.py --blockwise "
                 "--equal-time, or --seed 1)")

@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown start(s) {sorted(unknown)}: use tt_svd, activation_aware, asvd")
     seed = int(cfg["seed"]) if args.seed is None else args.seed
+    own_seed = seed == int(cfg["seed"])   # the seed the run directory's notebooks (05 included) were made with
     run_cfg = copy.deepcopy(cfg)    # the settings the points are made with: the config's, at --seed
     run_cfg["seed"] = seed
     heal_cfg = copy.deepcopy(run_cfg)
@@ -128,11 +129,10 @@ def main(argv=None) -> int:
     t03 = read_json(run.require(cfg, "tensorize"))
     befores = {"tt_svd": heal05["before"], improved: (t03.get("improved") or {}).get("evaluation")}
     bw05 = heal05.get("blockwise")  # notebook 05 distilled its TT-SVD start block by block (not its second start)
-    # notebook 05's healings are points of this curve only at the seed they were made with (--set seed=1
+    # notebook 05's healings are points of this curve only at the seed they were made with (--seed 1
     # measures the curve again, every point its own)
-    same_seed = int(heal05["meta"].get("seed", 0)) == seed
-    ref05 = [("tt_svd", heal05["after"])] if bool(bw05) == args.blockwise and same_seed else []
-    if not args.blockwise and same_seed:
+    ref05 = [("tt_svd", heal05["after"])] if bool(bw05) == args.blockwise and own_seed else []
+    if not args.blockwise and own_seed:
         ref05.append((improved, (heal05.get("improved") or {}).get("after")))
     suffix = recovery.SUFFIX if args.blockwise else ""
     for start, after in ref05:
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
                            **({"before": before, "before_vs_dense": versus_dense(before)} if before else {}),
                            **({"blockwise": _bw_record(bw05, versus_dense)} if args.blockwise else {})})
     # another seed's starts and healings in their own folders (a healing resumes from its folder's checkpoint)
-    work = run_dir(cfg) / ("recovery" if seed == int(cfg["seed"]) else f"recovery_seed{seed}")
+    work = run_dir(cfg) / ("recovery" if own_seed else f"recovery_seed{seed}")
 
     def build(start: str, keep: float):
         plan = T.plans(choices, keep, len(dense.model.layers), cores, tc["leave_down_dense"])[0][tc["main_plan"]]

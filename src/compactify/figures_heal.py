@@ -109,13 +109,16 @@ def recovery_figure(r: Mapping, targets: Mapping[float, float] | None = None) ->
     starts = [s for s in STARTS if any(p["start"] == s for p in r["points"])]
     tokens = sorted({p["tokens"] for p in r["points"]})
 
+    def at(keep, k):  # the starts side by side at each budget, not on top of each other
+        return 100 * keep + 1.6 * (k - (len(starts) - 1) / 2)
+
     def bw_or(p, key, text):  # a block-wise point's healing starts where its step ended: that is its "before"
         return p["blockwise"]["vs_dense"][text] if key == "before_vs_dense" and "blockwise" in p else p[key][text]
 
     for ax, key, text, title in panels:
         for k, s in enumerate(starts):
             pts = sorted((p for p in r["points"] if p["start"] == s and key in p), key=lambda p: p["keep"])
-            x = [100 * p["keep"] + 1.6 * (k - (len(starts) - 1) / 2) for p in pts]  # side by side, not on top
+            x = [at(p["keep"], k) for p in pts]
             v = [bw_or(p, key, text) for p in pts]
             y = [c["ppl_ratio"] for c in v]
             err = [[c["ppl_ratio"] - c["ppl_ratio_lo"] for c in v], [c["ppl_ratio_hi"] - c["ppl_ratio"] for c in v]]
@@ -126,7 +129,7 @@ def recovery_figure(r: Mapping, targets: Mapping[float, float] | None = None) ->
             # the same start and budget measured again at another seed: open markers just right of the first
             rep = [(p, bw_or(p, key, text)) for p in r.get("repeats", []) if p["start"] == s and key in p]
             if rep:
-                ax.errorbar([x0 + 0.8 for x0 in (100 * p["keep"] + 1.6 * (k - (len(starts) - 1) / 2) for p, _ in rep)],
+                ax.errorbar([at(p["keep"], k) + 0.8 for p, _ in rep],
                             [c["ppl_ratio"] for _, c in rep],
                             yerr=[[c["ppl_ratio"] - c["ppl_ratio_lo"] for _, c in rep],
                                   [c["ppl_ratio_hi"] - c["ppl_ratio"] for _, c in rep]],

@@ -1,6 +1,7 @@
 """The README's blocks of the healing studies beyond notebook 05 (the long runs, the benchmarks along
-them, the loss study, the healed speed frontier; the recovery curve's blocks are in :mod:`compactify.readme_recovery`), and the small readers and
-formatters every block shares. :mod:`compactify.readme` collects them into its ``BLOCKS``."""
+them, the loss study, the healed speed frontier), and the small readers and formatters every block
+shares; the recovery curve's blocks are in :mod:`compactify.readme_recovery`.
+:mod:`compactify.readme` collects them into its ``BLOCKS``."""
 from __future__ import annotations
 
 import math

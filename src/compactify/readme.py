@@ -22,6 +22,7 @@ from .figures import footer
 from .readme_heal import (LONG_RUNS, _j, _ppl, _ratio, healed_frontier, long_run_block, loss_study,  # noqa: F401
                           slower_than_dense_below, tasks_block)
 from .readme_recovery import recovery, recovery_blockwise, recovery_checks  # noqa: F401
+from .crossrun import readme_block as crossrun_block
 from .results import atomic_write_bytes
 
 
@@ -209,7 +210,7 @@ def decode_compiled(r: Path) -> str:
 BLOCKS: dict[str, Callable[[Path], str]] = {"headline": headline, "baseline": baseline, "claims": claims,
                                             "frontier": frontier, "speed": speed, "decode_compiled": decode_compiled,
                                             "recovery": recovery, "recovery_bw": recovery_blockwise,
-                                            "recovery_checks": recovery_checks,
+                                            "recovery_checks": recovery_checks, "crossrun": crossrun_block,
                                             "healed_frontier": healed_frontier, "loss_study": loss_study,
                                             **{n: partial(long_run_block, n) for n in LONG_RUNS},
                                             "long_run_tasks": partial(tasks_block, "long_run_tasks.json"),

@@ -1,0 +1,68 @@
+"""compactify.crossrun: two runs of the study paired record by record."""
+import math
+
+import pytest
+
+from compactify import crossrun as X
+from compactify.results import write_json
+
+
+def _ppl(nll, sha="abc"):
+    return {"ppl": math.exp(sum(nll) / len(nll)), "nll": sum(nll) / len(nll), "tokens": 255 * len(nll), "seq_len": 256,
+            "windows": len(nll), "text": "brown-heldout", "ids_sha": sha, "window_nll": list(nll)}
+
+
+def _task(scores):
+    return {"metric": "acc", "versions": 1, "chance": 0.25, "value": sum(scores) / len(scores),
+            "samples": {"doc_id": list(range(len(scores))), "score": list(scores), "prompt_hash": ["p"] * len(scores)}}
+
+
+def _run(root, nll, scores, sha="abc", plan=None):
+    root.mkdir()
+    base = {"perplexity": _ppl(nll, sha), "perplexity_texts": {"brown-heldout": _ppl(nll, sha)},
+            "tasks": {"lambada": _task(scores)}}
+    write_json(root / "00_baseline.json", {"meta": {"git_commit": "x"}, "baseline": base})
+    if plan is not None:
+        write_json(root / "03_tensorize.json", {"main": {"plan": plan}})
+    return root
+
+
+def test_pairs_every_shared_record_and_reports_the_shift(tmp_path):
+    nll = [3.0, 3.2, 2.9, 3.1, 3.3, 3.0, 2.8, 3.1]
+    a = _run(tmp_path / "a", nll, [1, 0, 1, 1, 0, 1, 1, 1], plan={"entries": {"1.q": 0.5}})
+    b = _run(tmp_path / "b", [x + 0.1 for x in nll], [1, 0, 1, 0, 0, 1, 1, 1], plan={"entries": {"1.q": 0.4}})
+    r = X.compare_runs(a, b, names=("bf16", "fp32"))
+    # "perplexity" beside "perplexity_texts" is the same record and is not counted twice
+    assert list(r["perplexity"]) == ["00_baseline.json:baseline/perplexity_texts/brown-heldout"]
+    row = r["headline"]["dense (notebook 00)"]["brown-heldout"]
+    assert row["ppl_ratio"] == pytest.approx(math.exp(0.1))
+    assert row["ppl_ratio_lo"] > 1  # every window moved the same way: the interval excludes 1
+    f = r["per_file"]["00_baseline.json"]
+    assert f["excluding_1"] == 1 and f["tasks"] == 1
+    assert f["task_diff_max"]["diff"] == pytest.approx(-12.5)
+    assert r["plan_same"] is False
+
+
+def test_identical_runs_agree_exactly(tmp_path):
+    nll = [3.0, 3.2, 2.9, 3.1]
+    a = _run(tmp_path / "a", nll, [1, 0, 1, 1], plan={"entries": {}})
+    b = _run(tmp_path / "b", nll, [1, 0, 1, 1], plan={"entries": {}})
+    r = X.compare_runs(a, b)
+    assert r["per_file"]["00_baseline.json"]["ratio_max"] == 1.0 and r["plan_same"] is True
+    assert r["unpaired"] == []
+
+
+def test_other_windows_are_listed_as_unpaired_not_compared(tmp_path):
+    a = _run(tmp_path / "a", [3.0, 3.1], [1, 0])
+    b = _run(tmp_path / "b", [3.0, 3.1], [1, 0], sha="other")
+    r = X.compare_runs(a, b)
+    assert r["perplexity"] == {} and len(r["unpaired"]) == 1
+    assert "ids_sha" in r["unpaired"][0]["why"]
+    assert r["plan_same"] is None  # neither run has a notebook 03 result
+
+
+def test_folders_without_shared_results_are_refused(tmp_path):
+    a = _run(tmp_path / "a", [3.0], [1])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="share no notebook result files"):
+        X.compare_runs(a, tmp_path / "empty")

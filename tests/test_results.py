@@ -80,3 +80,23 @@ def test_dirty_means_code_changed_not_that_a_run_wrote_its_outputs(tmp_path, mon
     assert R.git_commit() == clean
     (tmp_path / "src/code.py").write_text("1")
     assert R.git_commit() == clean + "+dirty"
+
+
+def test_results_say_which_cpu_path_made_them(monkeypatch):
+    """Two machines both named "AMD EPYC" here differ 2-3x in bf16 speed: the meta and the footer say which."""
+    import torch
+
+    from compactify.figures import footer
+    from compactify.perplexity import fast_bf16
+    from compactify.results import cpu_isa, device_info
+
+    isa = device_info("cpu")["cpu_isa"]
+    assert isa == cpu_isa()
+    assert (isa in ("AMX", "AVX512-BF16")) == fast_bf16(torch.device("cpu"))  # the study computes in bf16 exactly there
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert cpu_isa() == "AVX512-BF16"
+    meta = {"device": {"device": "cpu", "cpu": "AMD EPYC", "torch_threads": 2, "cpu_isa": "AVX2"}}
+    assert "(AMD EPYC, AVX2, 2 threads)" in footer(meta)
+    del meta["device"]["cpu_isa"]  # results made before the ISA was recorded keep their old footer
+    assert "(AMD EPYC, 2 threads)" in footer(meta)

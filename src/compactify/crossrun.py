@@ -100,7 +100,7 @@ def compare_runs(ref: Path, other: Path, names=("reference", "other"), seed: int
 
 def _meta_brief(m: Mapping) -> dict:
     dev = m.get("device") or {}
-    return {"device": dev.get("name") or dev.get("cpu") or dev.get("device"), "threads": dev.get("torch_threads"),
+    return {"device": dev.get("gpu") or dev.get("cpu") or dev.get("device"), "cpu_isa": dev.get("cpu_isa"), "threads": dev.get("torch_threads"),
             "commit": m.get("git_commit"), "timestamp": m.get("timestamp"), "torch": (m.get("versions") or {}).get("torch")}
 
 

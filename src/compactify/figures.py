@@ -48,7 +48,8 @@ def footer(meta: Mapping | None) -> str:
     if not meta:
         return ""
     dev = meta.get("device", {})
-    where = dev.get("gpu") or f"{dev.get('device', '?')} ({dev.get('cpu', '?')}, {dev.get('torch_threads', '?')} threads)"
+    isa = f"{dev['cpu_isa']}, " if dev.get("cpu_isa") else ""  # results made before it was recorded have none
+    where = dev.get("gpu") or f"{dev.get('device', '?')} ({dev.get('cpu', '?')}, {isa}{dev.get('torch_threads', '?')} threads)"
     return (f"model: {model_name(meta.get('model', '?'))} · device: {where} · config: {meta.get('config_name', '?')} · "
             f"seed {meta.get('seed', '?')} · {str(meta.get('timestamp', '?'))[:10]} · commit {meta.get('git_commit', '?')}")
 

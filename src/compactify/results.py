@@ -129,6 +129,24 @@ def git_commit() -> str | None:
         return None
 
 
+def cpu_isa() -> str:
+    """The CPU's fastest matmul path as torch sees it: ``AMX``, ``AVX512-BF16`` (native bf16, where the
+    study computes in bf16), else torch's capability (``AVX512``, ``AVX2``, ...; fp32 there)."""
+    import torch
+
+    try:  # private helpers of torch.cpu (compactify.perplexity.fast_bf16 uses the same)
+        if torch.cpu._is_amx_tile_supported():
+            return "AMX"
+        if torch.cpu._is_avx512_bf16_supported():
+            return "AVX512-BF16"
+    except AttributeError:
+        pass
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "unknown"
+
+
 def device_info(device: Any = None) -> dict:
     """What the numbers were measured on: CPU model and threads, or the CUDA device."""
     import torch
@@ -143,6 +161,7 @@ def device_info(device: Any = None) -> dict:
                     break
     except OSError:
         pass
+    info["cpu_isa"] = cpu_isa()  # two "AMD EPYC" machines here differ 2-3x in bf16 speed: the ISA says which
     dev = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     info["device"] = dev
     if dev.startswith("cuda") and torch.cuda.is_available():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import papermill as pm
 
-from compactify import readme, report
+from compactify import crossrun, readme, report
 from compactify.config import REPO_ROOT, load_config, parse_overrides, run_dir
 from compactify.results import write_json
 
@@ -36,6 +36,9 @@ def main() -> int:
 
     overrides = parse_overrides(args.set)
     cfg = load_config(args.config, overrides)  # validates before any notebook starts
+    note = crossrun.slow_machine_note(cfg, REPO_ROOT / "data" / "results")
+    if note:
+        print(note, flush=True)
     out_dir = run_dir(cfg) / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     notebooks = sorted((REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))

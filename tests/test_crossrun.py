@@ -66,3 +66,21 @@ def test_folders_without_shared_results_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="share no notebook result files"):
         X.compare_runs(a, tmp_path / "empty")
+
+
+def test_reproduce_warns_on_a_cpu_without_fast_bf16_with_the_measured_time(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = tmp_path / "results"
+    (res / "crossrun").mkdir(parents=True)
+    assert "no fast bf16" in X.slow_machine_note({"device": "auto"}, res)
+    write_json(res / "crossrun" / "avx2.json", {"names": ["AVX512-BF16", "AVX2"], "meta": {},
+                                                "compute": {"AVX512-BF16": "autocast-bf16", "AVX2": "fp32"},
+                                                "timings": {"config": "/x/configs/default.yaml", "total_seconds": 6000}})
+    note = X.slow_machine_note({"device": "cpu"}, res)
+    assert "default.yaml's notebooks took 100 minutes on a 2-core AVX2 machine" in note
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert X.slow_machine_note({"device": "cpu"}, res) is None  # the reference machine: nothing to say

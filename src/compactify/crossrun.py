@@ -200,3 +200,26 @@ def readme_block(results: Path) -> str:
                    + (f" Records not paired (other windows or documents): {len(d['unpaired'])}." if d["unpaired"] else ""))
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def slow_machine_note(cfg: Mapping, results: Path) -> str | None:
+    """For ``make reproduce``'s first lines: on a CPU without fast bf16 the study runs in fp32 and takes
+    longer than on the reference machine; say so, with the measured time of such a run where one is
+    published (``crossrun/*.json`` whose second run healed in fp32). None on CUDA or a fast-bf16 CPU."""
+    import torch
+
+    from .perplexity import fast_bf16
+    from .results import cpu_isa
+
+    dev = str(cfg.get("device") or "cpu")
+    if (dev == "auto" and torch.cuda.is_available()) or dev.startswith("cuda") or fast_bf16(torch.device("cpu")):
+        return None
+    note = (f"[run] this CPU ({cpu_isa()}) has no fast bf16 (AVX512-BF16 or AMX), so every step runs in fp32 and "
+            "takes longer than on the reference machine")
+    for f in sorted((Path(results) / "crossrun").glob("*.json")):
+        d = read_json(f)
+        t, other = d.get("timings") or {}, d["names"][1]
+        if d["compute"].get(other) == "fp32" and t.get("total_seconds"):
+            return (note + f": {Path(str(t.get('config'))).name}'s notebooks took {t['total_seconds'] / 60:.0f} minutes "
+                    f"on a 2-core {other} machine (data/results/crossrun/{f.name})")
+    return note

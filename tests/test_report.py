@@ -52,3 +52,14 @@ def test_committed_figures_hold_every_paper_artefact():
     missing += [f for f in ("tables.md", "claims.md") if not (figs / f).is_file()]
     assert not missing, f"figures/ lacks {missing}: run make figures"
     assert "| claim | paper |" in (figs / "claims.md").read_text()
+
+
+def test_depth_verdict_does_not_turn_on_the_sign_of_a_zero_correlation():
+    from compactify.report import depth_verdict
+
+    # the bf16 and fp32 runs of the same study: rho -0.008 and +0.004, first third +841%, last +17%
+    assert depth_verdict(-0.008, 841, 17) == depth_verdict(0.004, 841, 17)
+    assert depth_verdict(0.004, 841, 17).startswith("partly")
+    assert depth_verdict(-0.5, 841, 17) == "reproduced"
+    assert depth_verdict(0.5, 841, 17) == "not reproduced"  # deeper blocks clearly *more* sensitive
+    assert depth_verdict(-0.1, 20, 17) == "not reproduced"  # no trend and no early-block excess

@@ -152,7 +152,7 @@ def _pct(x: float) -> str:
 
 def readme_block(results: Path) -> str:
     """The README's cross-machine section: every published ``crossrun/*.json``, headline table first."""
-    files = sorted((Path(results) / "crossrun").glob("*.json"))
+    files = [f for f in sorted((Path(results) / "crossrun").glob("*.json")) if "names" in read_json(f)]  # compare_runs'
     if not files:
         return "(no second run has been compared with the reference run yet: `scripts/compare_runs.py`)"
     out = []
@@ -218,6 +218,8 @@ def slow_machine_note(cfg: Mapping, results: Path) -> str | None:
             "takes longer than on the reference machine")
     for f in sorted((Path(results) / "crossrun").glob("*.json")):
         d = read_json(f)
+        if "names" not in d:  # another check's file (scripts/nf4_scoring_check.py)
+            continue
         t, other = d.get("timings") or {}, d["names"][1]
         if d["compute"].get(other) == "fp32" and t.get("total_seconds"):
             return (note + f": {Path(str(t.get('config'))).name}'s notebooks took {t['total_seconds'] / 60:.0f} minutes "

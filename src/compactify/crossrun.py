@@ -56,7 +56,7 @@ def _plan(results: Path) -> dict | None:
     return read_json(p)["main"]["plan"] if p.exists() else None
 
 
-def _verdicts(results: Path) -> dict[str, str] | None:
+def _verdicts(results: Path) -> dict[str, str]:
     from .report import claims
     try:
         return {r["claim"]: r["verdict"] for r in claims(results)}
@@ -95,7 +95,7 @@ def compare_runs(ref: Path, other: Path, names=("reference", "other"), seed: int
             "unpaired": unpaired, "compute": compute, "headline": headline(ppl),
             "per_file": per_file(ppl, tasks),
             "plan_same": None if plan_a is None or plan_b is None else plan_a == plan_b,
-            "verdicts": {c: {names[0]: va.get(c), names[1]: (vb or {}).get(c)} for c in (va or {})}}
+            "verdicts": {c: {names[0]: va.get(c), names[1]: vb.get(c)} for c in va}}
 
 
 def _meta_brief(m: Mapping) -> dict:
@@ -111,10 +111,11 @@ def _compute(results: Path) -> str | None:
 
 
 def headline(ppl: Mapping[str, Mapping]) -> dict:
+    """The :data:`HEADLINE` records, ``{label: {text: comparison}}``."""
     out = {}
     for label, (name, prefix) in HEADLINE.items():
-        rows = {k.split(":", 1)[1][len(prefix) + 1:]: v for k, v in ppl.items()
-                if k.startswith(f"{name}:{prefix}/") and "/" not in k.split(":", 1)[1][len(prefix) + 1:]}
+        start = f"{name}:{prefix}/"
+        rows = {k[len(start):]: v for k, v in ppl.items() if k.startswith(start) and "/" not in k[len(start):]}
         if rows:
             out[label] = rows
     return out
@@ -152,12 +153,12 @@ def _pct(x: float) -> str:
 
 def readme_block(results: Path) -> str:
     """The README's cross-machine section: every published ``crossrun/*.json``, headline table first."""
-    files = [f for f in sorted((Path(results) / "crossrun").glob("*.json")) if "names" in read_json(f)]  # compare_runs'
-    if not files:
+    runs = [(f, d) for f in sorted((Path(results) / "crossrun").glob("*.json"))
+            if "names" in (d := read_json(f))]  # compare_runs' files, not other checks'
+    if not runs:
         return "(no second run has been compared with the reference run yet: `scripts/compare_runs.py`)"
     out = []
-    for f in files:
-        d = read_json(f)
+    for f, d in runs:
         a, b = d["names"]
         t = d.get("timings") or {}
         secs = t.get("seconds") or {}

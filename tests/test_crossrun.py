@@ -84,3 +84,27 @@ def test_reproduce_warns_on_a_cpu_without_fast_bf16_with_the_measured_time(tmp_p
     assert "default.yaml's notebooks took 100 minutes on a 2-core AVX2 machine" in note
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert X.slow_machine_note({"device": "cpu"}, res) is None  # the reference machine: nothing to say
+
+
+def test_points_another_machine_scored_twice_apart_are_found_and_circled(tmp_path):
+    from compactify.figures_frontier import frontier
+
+    res = tmp_path / "results"
+    (res / "crossrun").mkdir(parents=True)
+    points = [{"method": "asvd", "precision": p, "ratio": 0.5, "bytes_ratio": b, "ppl": v, "stage": "before healing"}
+              for p, b, v in (("fp16", 0.25, 900.0), ("nf4", 0.06, 1e5), ("fp16", 0.15, 4600.0))]
+    write_json(res / "07_frontier.json", {"meta": {"git_commit": "5fc88d4abc"}, "points": points})
+    rec = {f"07_frontier.json:points/{i}": {"ppl_ratio": r} for i, r in ((0, 1.01), (1, 0.0156), (2, 2.5))}
+    cross = {"names": ["AVX512-BF16", "AVX2"], "perplexity": rec,
+             "meta": {"07_frontier.json": {"AVX512-BF16": {"commit": "5fc88d4"}, "AVX2": {"commit": "9e9e507"}}}}
+    write_json(res / "crossrun" / "avx2.json", cross)
+    found = X.disagreements(res, "07_frontier.json")
+    assert set(found) == {"points/1", "points/2"} and found["points/1"]["other"] == "AVX2"
+    fig = frontier(points, {"ppl": 42.0}, flagged={int(k.split("/")[1]): v for k, v in found.items()})
+    rings = [ln for ax in fig.axes for ln in ax.lines if ln.get_markeredgecolor() == "#d62728"]
+    assert len(rings) == 3  # the fp16 point on both panels, the NF4 point on the bytes panel only
+    assert "scored 2-64x apart" in fig.texts[-1].get_text()
+    # a comparison made from another commit's results may index other points: it flags nothing
+    cross["meta"]["07_frontier.json"]["AVX512-BF16"]["commit"] = "0000000"
+    write_json(res / "crossrun" / "avx2.json", cross)
+    assert X.disagreements(res, "07_frontier.json") == {}

@@ -226,3 +226,31 @@ def slow_machine_note(cfg: Mapping, results: Path) -> str | None:
             return (note + f": {Path(str(t.get('config'))).name}'s notebooks took {t['total_seconds'] / 60:.0f} minutes "
                     f"on a 2-core {other} machine (data/results/crossrun/{f.name})")
     return note
+
+
+def disagreements(results: Path, file: str, factor: float = 2.0) -> dict[str, dict]:
+    """The perplexities of ``file`` (a published result, e.g. ``07_frontier.json``) that another
+    machine's run scored more than ``factor`` times higher or lower (point estimate of the paired
+    ratio), from every ``crossrun/*.json`` whose first run made the published ``file`` (same commit:
+    otherwise its record paths may point elsewhere). ``{path inside file: {"ratio", "other", "source"}}``,
+    e.g. ``{"points/5": ...}``; empty without such a comparison. A figure marks these points as
+    depending on the machine."""
+    results = Path(results)
+    published = results / file
+    if not published.exists():
+        return {}
+    commit = str(read_json(published)["meta"].get("git_commit") or "")[:7]
+    out: dict[str, dict] = {}
+    for f in sorted((results / "crossrun").glob("*.json")):
+        d = read_json(f)
+        if "names" not in d:
+            continue
+        a, b = d["names"]
+        made_by = str(((d.get("meta") or {}).get(file) or {}).get(a, {}).get("commit") or "")[:7]
+        if not commit or made_by != commit:
+            continue
+        for key, r in d["perplexity"].items():
+            name, _, path = key.partition(":")
+            if name == file and not (1 / factor <= r["ppl_ratio"] <= factor):
+                out[path] = {"ratio": r["ppl_ratio"], "other": b, "source": f"crossrun/{f.name}"}
+    return out

@@ -39,12 +39,14 @@ def _lines(ax, points: Sequence[Mapping], x: str, y: str, precision: str | None,
 
 
 def frontier(points: Sequence[Mapping], dense: Mapping, metric: str = "ppl",
-             metric_label: str = "held-out perplexity") -> plt.Figure:
+             metric_label: str = "held-out perplexity", flagged: Mapping[int, Mapping] | None = None) -> plt.Figure:
     """Quality vs size, one line per method: (left) against the fraction of block-matrix
     parameters kept, (right) against the bytes of the block matrices relative to fp32, where
     methods stored in fp16 (solid) meet the same methods with NF4-stored factors (dotted) and
     the dense 4-bit model. Before healing solid markers; after healing (if present) dashed.
-    Two legends: colour/marker = method, line style = precision (and stage)."""
+    Two legends: colour/marker = method, line style = precision (and stage). ``flagged``:
+    ``{index into points: {"ratio", "other", "source"}}`` (:func:`compactify.crossrun.disagreements`),
+    points another machine scored more than 2x apart, circled in red and named in the caption."""
     from matplotlib.lines import Line2D
 
     apply_style()
@@ -59,6 +61,12 @@ def frontier(points: Sequence[Mapping], dense: Mapping, metric: str = "ppl",
         if p["method"] == "dense" and p.get(metric) is not None:
             b.plot(p["bytes_ratio"], p[metric], marker="*", ms=11, color="#2ca02c" if p["precision"] == "nf4" else "k",
                    ls="none")
+    flagged = {i: f for i, f in (flagged or {}).items() if 0 <= i < len(points) and points[i].get(metric) is not None}
+    for i in flagged:
+        p = points[i]
+        for ax, x in ((a, "ratio"), (b, "bytes_ratio")):
+            if ax is b or p["precision"] == "fp16":  # the left panel shows the fp16 points only
+                ax.plot(p[x], p[metric], marker="o", ms=14, mfc="none", mec="#d62728", mew=1.3, ls="none", zorder=5)
     for ax in (a, b):
         if metric in dense:
             ax.axhline(dense[metric], color="k", ls="--", lw=1)
@@ -79,12 +87,21 @@ def frontier(points: Sequence[Mapping], dense: Mapping, metric: str = "ppl",
                      Line2D([], [], color="#2ca02c", marker="*", ms=9, ls="none", label="dense NF4")]
     if metric in dense:
         style_handles.append(Line2D([], [], color="k", ls="--", lw=1, label=f"dense fp32: {dense[metric]:.3g}"))
+    if flagged:
+        style_handles.append(Line2D([], [], marker="o", ms=9, mfc="none", mec="#d62728", mew=1.3, ls="none",
+                                    label="differs >2x on another CPU"))
     if len(stages) > 1:
         style_handles.append(Line2D([], [], color="0.3", ls="--", lw=1.4, label=f"dashed: {stages[1]}"))
     fig.suptitle(f"Compression-quality frontier: all block matrices compressed by one method ({stages[0]})",
                  fontsize=10)
-    caption(fig, "Plain SVD / MPO without healing reach perplexities of 1e6-1e10: the model is broken there, so the "
-                 "order of those points (non-monotone in size) is noise.", fontsize=7)
+    text = ("Plain SVD / MPO without healing reach perplexities of 1e6-1e10: the model is broken there, so the "
+            "order of those points (non-monotone in size) is noise.")
+    if flagged:
+        ratios = sorted(1 / f["ratio"] if f["ratio"] < 1 else f["ratio"] for f in flagged.values())
+        others = sorted({f"{f['other']} ({f['source']})" for f in flagged.values()})
+        text += (f"\nCircled: {len(flagged)} point{'s' if len(flagged) > 1 else ''} that the same study on {', '.join(others)} scored "
+                 f"{ratios[0]:.0f}-{ratios[-1]:.0f}x apart; which machine is right is open, so read them as unreliable.")
+    caption(fig, text, fontsize=7)
     fig.subplots_adjust(right=0.77)
     leg = fig.legend(handles=method_handles, loc="upper left", bbox_to_anchor=(0.78, 0.9), fontsize=7, title="method",
                      title_fontsize=7.5, alignment="left")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from . import crossrun
 from . import figures as F
 from . import paper as P
 from .aa_init import label
@@ -83,7 +84,9 @@ def _fig5(r: Path, out: Path) -> None:
 
 def _frontier(r: Path, out: Path) -> None:
     d = load(r, "07_frontier.json")
-    F.save(F.frontier(d["points"], d["dense"]), out, "frontier", d["meta"])
+    flagged = {int(k.split("/")[1]): v for k, v in crossrun.disagreements(r, "07_frontier.json").items()
+               if k.startswith("points/")}  # points another machine's run scored >2x apart
+    F.save(F.frontier(d["points"], d["dense"], flagged=flagged), out, "frontier", d["meta"])
     for keep in d["settings"]["errors_at"]:
         F.save(F.matrix_errors(d["matrices"], keep), out, f"frontier_matrix_errors_{int(round(100 * keep))}", d["meta"])
 

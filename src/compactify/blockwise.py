@@ -40,7 +40,8 @@ from .models import blocks
 class BlockwiseConfig:
     tokens: int = 32768      # calibration tokens (whole windows of seq_len), from the healing data
     epochs: int = 4          # passes over them per block
-    lr: float = 5e-3         # AdamW peak learning rate per block (cosine to zero, no warmup)
+    lr: float = 5e-3         # AdamW peak learning rate per block (cosine to zero)
+    warmup: float = 0.0      # fraction of each block's steps with a linear warm-up to lr (0: none, the reference run's)
     batch_size: int = 4      # windows per step
     seq_len: int = 256
     # which rows of the (shuffled) healing data: "first" (the rows healing then starts on: its first
@@ -50,9 +51,11 @@ class BlockwiseConfig:
 
     def check(self) -> "BlockwiseConfig":
         bad = [f"{k}={v!r}" for k, v in asdict(self).items()
-               if k != "rows" and not (isinstance(v, (int, float)) and v > 0)]
+               if k not in ("rows", "warmup") and not (isinstance(v, (int, float)) and v > 0)]
         if bad:
             raise ValueError(f"blockwise settings must be positive numbers; got {', '.join(bad)}.")
+        if not (isinstance(self.warmup, (int, float)) and 0 <= self.warmup < 1):
+            raise ValueError(f"blockwise.warmup={self.warmup!r}: give a fraction of the steps in [0, 1), e.g. 0.05.")
         if self.rows not in ("first", "last"):
             raise ValueError(f"blockwise.rows={self.rows!r}: give 'first' or 'last' (rows of the healing data).")
         if self.tokens < self.seq_len:
@@ -67,8 +70,11 @@ def relative_error(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((y - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12)).mean()
 
 
-def _cosine(step: int, total: int, lr: float) -> float:
-    return lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
+def _cosine(step: int, total: int, lr: float, warmup: int = 0) -> float:
+    """``lr`` after a linear warm-up of ``warmup`` steps, then cosine to zero at ``total``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
 def distill_blocks(dense, model, ids: torch.Tensor, cfg: BlockwiseConfig | None = None, autocast=None,
@@ -113,10 +119,11 @@ def distill_blocks(dense, model, ids: torch.Tensor, cfg: BlockwiseConfig | None 
                 p.requires_grad_(True)
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
             total, step, first, losses = cfg.epochs * len(batches), 0, None, []
+            warm = round(cfg.warmup * total)
             for _ in range(cfg.epochs):
                 for i in torch.randperm(len(batches), generator=gen).tolist():
                     for g in opt.param_groups:
-                        g["lr"] = _cosine(step, total, cfg.lr)
+                        g["lr"] = _cosine(step, total, cfg.lr, warm)
                     h, kw = comp_in[i]
                     with amp:
                         y = run_block(layers_c[b], h, kw)
@@ -165,7 +172,7 @@ def settings_from(cfg) -> BlockwiseConfig | None:
     bw = hc.get("blockwise")
     if not bw:
         return None
-    allowed = ("tokens", "epochs", "lr")
+    allowed = ("tokens", "epochs", "lr", "warmup")
     if not isinstance(bw, dict) or set(bw) - set(allowed):
         raise ValueError(f"heal.blockwise is {bw!r}: give null (off) or a mapping of {', '.join(allowed)}, "
                          "e.g. {tokens: 32768, epochs: 4, lr: 5.0e-3}.")
@@ -195,7 +202,8 @@ def start_from_config(start_dir, dest, cfg, device="cpu", progress: bool = True,
     hc, start_dir, dest = cfg["heal"], Path(start_dir), Path(dest)
     weights = start_dir / "model.safetensors"
     stamp = [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else None
-    settings = {k: v for k, v in asdict(bw).items() if k != "rows" or v != "first"}  # (keys made before rows existed)
+    # (keys made before rows and warmup existed: their defaults are left out, so those starts are reused)
+    settings = {k: v for k, v in asdict(bw).items() if (k, v) not in (("rows", "first"), ("warmup", 0.0))}
     key = {"start": str(start_dir), "start_file": stamp, "settings": settings, "data": hc["data"],
            "model": str(cfg["model"]), "seed": int(cfg["seed"])}
     sidecar = dest / "blockwise.json"

@@ -260,3 +260,19 @@ def test_the_equal_time_control_gets_the_steps_seconds_as_whole_healing_steps():
     assert equal_time_tokens(1.9, 280.0, 4096, 1024) == 4096 + 1024                  # 532 tokens -> one step
     with pytest.raises(ValueError, match="tokens/s"):
         equal_time_tokens(400.0, 0.0, 114688, 1024)
+
+
+def test_the_warm_up_ramps_the_rate_then_decays_it_and_bad_fractions_are_refused():
+    from compactify.blockwise import _cosine
+    from compactify.config import load_config
+
+    lrs = [_cosine(s, 100, 1e-2, warmup=5) for s in range(100)]
+    assert lrs[:5] == pytest.approx([2e-3, 4e-3, 6e-3, 8e-3, 1e-2])  # linear up to the peak in 5 steps
+    assert lrs[5] == pytest.approx(1e-2) and all(a >= b for a, b in zip(lrs[5:], lrs[6:]))  # then cosine down
+    assert [_cosine(s, 100, 1e-2) for s in range(3)][0] == pytest.approx(1e-2)  # no warm-up: the reference schedule
+    for bad in (1.0, -0.1, "5%"):
+        with pytest.raises(ValueError, match="blockwise.warmup"):
+            blockwise.BlockwiseConfig(warmup=bad).check()
+    cfg = load_config(None, {})  # a measurement's setting (scripts/blockwise_warmup.py), not yet a config key
+    cfg["heal"]["blockwise"]["warmup"] = 0.05
+    assert blockwise.settings_from(cfg).warmup == 0.05

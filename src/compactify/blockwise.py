@@ -41,13 +41,13 @@ class BlockwiseConfig:
     tokens: int = 32768      # calibration tokens (whole windows of seq_len), from the healing data
     epochs: int = 4          # passes over them per block
     lr: float = 5e-3         # AdamW peak learning rate per block (cosine to zero)
-    warmup: float = 0.0      # fraction of each block's steps with a linear warm-up to lr (0: none, the reference run's)
     batch_size: int = 4      # windows per step
     seq_len: int = 256
     # which rows of the (shuffled) healing data: "first" (the rows healing then starts on: its first
     # tokens/(batch x seq_len) steps revisit text the blocks were fitted to) or "last" (rows a healing
     # of under one epoch never reaches)
     rows: str = "first"
+    warmup: float = 0.0      # fraction of each block's steps with a linear warm-up to lr (0: none, the reference run's)
 
     def check(self) -> "BlockwiseConfig":
         bad = [f"{k}={v!r}" for k, v in asdict(self).items()

@@ -63,7 +63,8 @@ def main(argv=None) -> int:
         print(f"warm-up {key}: block-wise step -> {dest}", flush=True)
         rec = start_from_config(start_dir, dest, cfg_w)
         ppl = heldout_perplexities(load_compressed(dest), tok, heldout, cfg)
-        r = {"distill_seconds": rec["seconds"], "reused": rec["reused"], "perplexity": ppl}
+        r = {"distill_seconds": rec["seconds"], "reused": rec["reused"], "perplexity": ppl,
+             "blocks": rec["blocks"]}  # per block: relative error at the first step, the last epoch, along the model
         print(f"  {'reused, ' if rec['reused'] else ''}{rec['seconds']:.0f} s: "
               + ", ".join(f"{t} {p['ppl']:,.1f}" for t, p in ppl.items()), flush=True)
         if w == 0 and rec["reused"] and t05.get("blockwise") and not args.no_heal:
@@ -78,10 +79,18 @@ def main(argv=None) -> int:
         first = out["warmups"][f"{args.warmups[0]:g}"]
         if key != f"{args.warmups[0]:g}":
             r["start_vs_first"] = {t: C.compare_nll(first["perplexity"][t], p, "first", key) for t, p in ppl.items()}
+            ratios = sorted(b["sequential"] / a["sequential"] for a, b in zip(first["blocks"], rec["blocks"])
+                            if a["sequential"] > 0)  # (a block left dense has no error)
+            r["block_error_vs_first"] = {"blocks": len(ratios), "lower": sum(x < 1 for x in ratios),
+                                         "median": ratios[len(ratios) // 2], "min": ratios[0], "max": ratios[-1]}
             if "healed" in r and "healed" in first:
                 r["healed_vs_first"] = {t: C.compare_nll(first["healed"]["perplexity"][t], p, "first", key)
                                         for t, p in r["healed"]["perplexity"].items()}
         save_results(args.out, out, cfg, device=cfg["device"])
+        if "block_error_vs_first" in r:
+            e = r["block_error_vs_first"]
+            print(f"  error left by each block, against the first: lower in {e['lower']} of {e['blocks']}, median "
+                  f"x{e['median']:.3f} (x{e['min']:.3f}-x{e['max']:.3f})", flush=True)
         for name in ("start_vs_first", "healed_vs_first"):
             for t, p in (r.get(name) or {}).items():
                 print(f"  {name}: {t} {p['ppl_a']:,.1f} -> {p['ppl_b']:,.1f} = x{p['ppl_ratio']:.3f} "

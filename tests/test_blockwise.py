@@ -276,3 +276,18 @@ def test_the_warm_up_ramps_the_rate_then_decays_it_and_bad_fractions_are_refused
     cfg = load_config(None, {})  # a measurement's setting (scripts/blockwise_warmup.py), not yet a config key
     cfg["heal"]["blockwise"]["warmup"] = 0.05
     assert blockwise.settings_from(cfg).warmup == 0.05
+
+
+def test_blockwise_warmup_script_refuses_bad_fractions_and_a_config_without_the_step(tmp_path):
+    import importlib.util
+
+    from compactify.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("blockwise_warmup", REPO_ROOT / "scripts" / "blockwise_warmup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit, match=r"--warmups \[0.0, 1.5\]: give fractions"):
+        mod.main(["--warmups", "0", "1.5", "--set", f"run_dir={tmp_path}"])
+    with pytest.raises(SystemExit, match="heal.blockwise is off"):
+        mod.main(["--set", f"run_dir={tmp_path}", "heal.blockwise=null"])
+    assert not (tmp_path / "models").exists()  # refused before any work

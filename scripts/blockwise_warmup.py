@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. run_dir=...")
     args = ap.parse_args(argv)
 
+    import copy
+
     from compactify import compare as C
     from compactify.blockwise import start_from_config
     from compactify.config import load_config, parse_overrides, run_dir
@@ -55,9 +57,10 @@ def main(argv=None) -> int:
     start_dir = root / "models" / "tensorized"
     out = {"start": str(start_dir), "blockwise": dict(hc["blockwise"]), "heal_lr": lr, "heal_tokens": tokens,
            "warmups": {}}
+    ref = f"{args.warmups[0]:g}"   # the warm-up every other one is paired with
     for w in args.warmups:
         key = f"{w:g}"
-        cfg_w = load_config(args.config, parse_overrides(args.set))
+        cfg_w = copy.deepcopy(cfg)
         cfg_w["heal"]["blockwise"] = {**dict(hc["blockwise"]), "warmup": float(w)}
         dest = root / "models" / ("tensorized_bw" if w == 0 else f"tensorized_bw_warmup{key}")
         print(f"warm-up {key}: block-wise step -> {dest}", flush=True)
@@ -76,8 +79,8 @@ def main(argv=None) -> int:
             print(f"  healed {tokens:,} tokens: " + ", ".join(f"{t} {p['ppl']:,.1f}" for t, p in run["perplexity"].items()),
                   flush=True)
         out["warmups"][key] = r
-        first = out["warmups"][f"{args.warmups[0]:g}"]
-        if key != f"{args.warmups[0]:g}":
+        first = out["warmups"][ref]
+        if key != ref:
             r["start_vs_first"] = {t: C.compare_nll(first["perplexity"][t], p, "first", key) for t, p in ppl.items()}
             ratios = sorted(b["sequential"] / a["sequential"] for a, b in zip(first["blocks"], rec["blocks"])
                             if a["sequential"] > 0)  # (a block left dense has no error)

@@ -92,9 +92,12 @@ def test_points_another_machine_scored_twice_apart_are_found_and_circled(tmp_pat
     res = tmp_path / "results"
     (res / "crossrun").mkdir(parents=True)
     points = [{"method": "asvd", "precision": p, "ratio": 0.5, "bytes_ratio": b, "ppl": v, "stage": "before healing"}
-              for p, b, v in (("fp16", 0.25, 900.0), ("nf4", 0.06, 1e5), ("fp16", 0.15, 4600.0))]
+              for p, b, v in (("fp16", 0.25, 900.0), ("nf4", 0.06, 1e5), ("fp16", 0.15, 4600.0), ("nf4", 0.05, 7e6))]
     write_json(res / "07_frontier.json", {"meta": {"git_commit": "5fc88d4abc"}, "points": points})
-    rec = {f"07_frontier.json:points/{i}": {"ppl_ratio": r} for i, r in ((0, 1.01), (1, 0.0156), (2, 2.5))}
+    # point 3 is 0.34x apart but its interval reaches 1.3: not flagged (the frontier's MPO point)
+    rec = {f"07_frontier.json:points/{i}": {"ppl_ratio": r, "ppl_ratio_lo": lo, "ppl_ratio_hi": hi}
+           for i, r, lo, hi in ((0, 1.01, 0.99, 1.03), (1, 0.0156, 0.0099, 0.025), (2, 2.5, 2.1, 3.0),
+                                (3, 0.34, 0.06, 1.3))}
     cross = {"names": ["AVX512-BF16", "AVX2"], "perplexity": rec,
              "meta": {"07_frontier.json": {"AVX512-BF16": {"commit": "5fc88d4"}, "AVX2": {"commit": "9e9e507"}}}}
     write_json(res / "crossrun" / "avx2.json", cross)

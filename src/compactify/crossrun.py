@@ -151,10 +151,15 @@ def _pct(x: float) -> str:
     return f"{100 * (x - 1):+.1f}%"
 
 
+def comparisons(results: Path) -> list[tuple[Path, dict]]:
+    """Every ``crossrun/*.json`` that :func:`compare_runs` wrote, as ``(path, data)``; other checks'
+    files there (``scripts/nf4_scoring_check.py``) are left out."""
+    return [(f, d) for f in sorted((Path(results) / "crossrun").glob("*.json")) if "names" in (d := read_json(f))]
+
+
 def readme_block(results: Path) -> str:
     """The README's cross-machine section: every published ``crossrun/*.json``, headline table first."""
-    runs = [(f, d) for f in sorted((Path(results) / "crossrun").glob("*.json"))
-            if "names" in (d := read_json(f))]  # compare_runs' files, not other checks'
+    runs = comparisons(results)
     if not runs:
         return "(no second run has been compared with the reference run yet: `scripts/compare_runs.py`)"
     out = []
@@ -217,10 +222,7 @@ def slow_machine_note(cfg: Mapping, results: Path) -> str | None:
         return None
     note = (f"[run] this CPU ({cpu_isa()}) has no fast bf16 (AVX512-BF16 or AMX), so every step runs in fp32 and "
             "takes longer than on the reference machine")
-    for f in sorted((Path(results) / "crossrun").glob("*.json")):
-        d = read_json(f)
-        if "names" not in d:  # another check's file (scripts/nf4_scoring_check.py)
-            continue
+    for f, d in comparisons(results):
         t, other = d.get("timings") or {}, d["names"][1]
         if d["compute"].get(other) == "fp32" and t.get("total_seconds"):
             return (note + f": {Path(str(t.get('config'))).name}'s notebooks took {t['total_seconds'] / 60:.0f} minutes "
@@ -230,27 +232,25 @@ def slow_machine_note(cfg: Mapping, results: Path) -> str | None:
 
 def disagreements(results: Path, file: str, factor: float = 2.0) -> dict[str, dict]:
     """The perplexities of ``file`` (a published result, e.g. ``07_frontier.json``) that another
-    machine's run scored more than ``factor`` times higher or lower (point estimate of the paired
-    ratio), from every ``crossrun/*.json`` whose first run made the published ``file`` (same commit:
-    otherwise its record paths may point elsewhere). ``{path inside file: {"ratio", "other", "source"}}``,
-    e.g. ``{"points/5": ...}``; empty without such a comparison. A figure marks these points as
-    depending on the machine."""
+    machine's run scored more than ``factor`` times higher or lower, the whole paired 95% interval
+    of the ratio beyond ``factor``, from every ``crossrun/*.json`` whose first run made the published
+    ``file`` (same commit: otherwise its record paths may point elsewhere). ``{path inside file:
+    {"ratio", "lo", "hi", "other", "source"}}``, e.g. ``{"points/5": ...}``; empty without such a
+    comparison. A figure marks these points as depending on the machine."""
     results = Path(results)
     published = results / file
     if not published.exists():
         return {}
     commit = str(read_json(published)["meta"].get("git_commit") or "")[:7]
     out: dict[str, dict] = {}
-    for f in sorted((results / "crossrun").glob("*.json")):
-        d = read_json(f)
-        if "names" not in d:
-            continue
+    for f, d in comparisons(results):
         a, b = d["names"]
         made_by = str(((d.get("meta") or {}).get(file) or {}).get(a, {}).get("commit") or "")[:7]
         if not commit or made_by != commit:
             continue
         for key, r in d["perplexity"].items():
             name, _, path = key.partition(":")
-            if name == file and not (1 / factor <= r["ppl_ratio"] <= factor):
-                out[path] = {"ratio": r["ppl_ratio"], "other": b, "source": f"crossrun/{f.name}"}
+            if name == file and (r["ppl_ratio_hi"] < 1 / factor or r["ppl_ratio_lo"] > factor):
+                out[path] = {"ratio": r["ppl_ratio"], "lo": r["ppl_ratio_lo"], "hi": r["ppl_ratio_hi"], "other": b,
+                             "source": f"crossrun/{f.name}"}
     return out

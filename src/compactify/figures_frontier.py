@@ -46,7 +46,8 @@ def frontier(points: Sequence[Mapping], dense: Mapping, metric: str = "ppl",
     the dense 4-bit model. Before healing solid markers; after healing (if present) dashed.
     Two legends: colour/marker = method, line style = precision (and stage). ``flagged``:
     ``{index into points: {"ratio", "other", "source"}}`` (:func:`compactify.crossrun.disagreements`),
-    points another machine scored more than 2x apart, circled in red and named in the caption."""
+    points another machine scored more than 2x apart (the whole paired interval), circled in red
+    and named in the caption."""
     from matplotlib.lines import Line2D
 
     apply_style()
@@ -89,7 +90,7 @@ def frontier(points: Sequence[Mapping], dense: Mapping, metric: str = "ppl",
         style_handles.append(Line2D([], [], color="k", ls="--", lw=1, label=f"dense fp32: {dense[metric]:.3g}"))
     if flagged:
         style_handles.append(Line2D([], [], marker="o", ms=9, mfc="none", mec="#d62728", mew=1.3, ls="none",
-                                    label="differs >2x on another CPU"))
+                                    label="another CPU: >2x apart"))
     if len(stages) > 1:
         style_handles.append(Line2D([], [], color="0.3", ls="--", lw=1.4, label=f"dashed: {stages[1]}"))
     fig.suptitle(f"Compression-quality frontier: all block matrices compressed by one method ({stages[0]})",
@@ -99,8 +100,9 @@ def frontier(points: Sequence[Mapping], dense: Mapping, metric: str = "ppl",
     if flagged:
         ratios = sorted(1 / f["ratio"] if f["ratio"] < 1 else f["ratio"] for f in flagged.values())
         others = sorted({f"{f['other']} ({f['source']})" for f in flagged.values()})
-        text += (f"\nCircled: {len(flagged)} point{'s' if len(flagged) > 1 else ''} that the same study on {', '.join(others)} scored "
-                 f"{ratios[0]:.0f}-{ratios[-1]:.0f}x apart; which machine is right is open, so read them as unreliable.")
+        text += (f"\nCircled: {len(flagged)} point{'s' if len(flagged) > 1 else ''} that the same study on "
+                 f"{', '.join(others)} scored {ratios[0]:.0f}-{ratios[-1]:.0f}x apart (paired 95% intervals all beyond "
+                 "2x); which machine is right is open, so read them as unreliable.")
     caption(fig, text, fontsize=7)
     fig.subplots_adjust(right=0.77)
     leg = fig.legend(handles=method_handles, loc="upper left", bbox_to_anchor=(0.78, 0.9), fontsize=7, title="method",
